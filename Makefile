@@ -1,0 +1,40 @@
+# The README's two commands: `make report` (the main job) and `make test` (the tests).
+# Both create .venv/ on first use; nothing needs to be installed beforehand but Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines get the CPU build of torch that lies on disk; an unpinned torch would pull CUDA.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+# No GPU here: Triton kernels run only under the interpreter, which must be set before import.
+export TRITON_INTERPRET ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
+
+.PHONY: report test lab data venv lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[notebooks,dev]"
+	$(PY) -m ipykernel install --prefix $(VENV) --name seerlib --display-name "seerlib (.venv)" >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+data: venv
+	$(PY) -m seerlib.data fetch
+
+test: data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+report: data
+	$(PY) -m seerlib.report $(REPORT_ARGS)
+
+lab: data
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: venv
+	$(VENV)/bin/ruff check seerlib kernels tests bench
+
+clean:
+	rm -rf reports/*.ipynb reports/*.html

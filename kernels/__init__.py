@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `seerlib.kernels` (never a top-level `kernels` module)."""

@@ -1,0 +1,283 @@
+"""Exact pure-PyTorch attention: the oracle every fast path in seerlib is tested against.
+
+Shapes (everywhere in seerlib):
+    q: (B, Hq, S, d); k, v: (B, Hkv, S, d) with Hq a multiple of Hkv (GQA: query head h reads
+    kv head h // (Hq // Hkv)). Block maps and masks: (B, Hq, nb, nb) with nb = ceil(S / block_size);
+    the last block may be partial.
+
+Everything is computed in float32 (float64 inputs stay float64) in chunks of query rows, so that
+S = 8192 with 9 heads fits in a few GB on a CPU. This module imports nothing else of ours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attention",
+    "pooled_attention",
+    "block_sparse_attention",
+    "mask_to_index",
+    "index_to_mask",
+    "num_blocks",
+    "check_qkv",
+    "check_block_mask",
+    "check_block_size",
+]
+
+# Query rows per chunk are sized so one chunk's score matrix holds about this many elements.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """ceil(seq_len / block_size): the number of blocks, the last one possibly partial."""
+    return -(-seq_len // block_size)
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    return block_size
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Validate q (B, Hq, S, d), k and v (B, Hkv, S, d); return (B, Hq, Hkv, S, d)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (B, H, S, d); got {t.dim()}-D with shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    B, Hq, S, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Sk, dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch size {Bk}; q has {B}")
+    if Sk != S:
+        raise ValueError(f"k has sequence length {Sk}; q has {S} (prefill attention needs equal lengths)")
+    if dk != d:
+        raise ValueError(f"k has head dim {dk}; q has {d}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k has {Hkv} heads; q's {Hq} heads need a divisor of {Hq}")
+    if S == 0:
+        raise ValueError("sequence length is 0; need at least one token")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    return B, Hq, Hkv, S, d
+
+
+def check_block_mask(block_mask: torch.Tensor, B: int, Hq: int, nb: int) -> None:
+    """Validate a boolean block mask of shape (B, Hq, nb, nb)."""
+    if not isinstance(block_mask, torch.Tensor):
+        raise ValueError(f"block_mask must be a torch.Tensor; got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be torch.bool; got {block_mask.dtype}")
+    if tuple(block_mask.shape) != (B, Hq, nb, nb):
+        raise ValueError(
+            f"block_mask has shape {tuple(block_mask.shape)}; expected (B, Hq, nb, nb) = "
+            f"{(B, Hq, nb, nb)}"
+        )
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(B: int, Hq: int, S: int, multiple: int) -> int:
+    rows = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * S))
+    rows = max(multiple, rows // multiple * multiple)
+    return min(rows, S + (-S) % multiple)
+
+
+def _scores(q, k, r0, r1, scale, group):
+    """Scaled scores of query rows [r0, r1) against all keys: (B, Hq, r1 - r0, S)."""
+    B, Hq, _, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dt = _compute_dtype(q)
+    qc = q[:, :, r0:r1].to(dt).reshape(B, Hkv, group, r1 - r0, d)  # (B, Hkv, G, R, d)
+    kc = k.to(dt).unsqueeze(2)  # (B, Hkv, 1, S, d)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hkv, G, R, S)
+    return s.reshape(B, Hq, r1 - r0, S)
+
+
+def _apply_v(p, v, group):
+    """p (B, Hq, R, S) @ v (B, Hkv, S, d) -> (B, Hq, R, d) without repeating v."""
+    B, Hq, R, S = p.shape
+    Hkv, d = v.shape[1], v.shape[3]
+    out = torch.matmul(p.reshape(B, Hkv, group, R, S), v.to(p.dtype).unsqueeze(2))
+    return out.reshape(B, Hq, R, d)
+
+
+def _causal(r0: int, r1: int, S: int, device) -> torch.Tensor:
+    rows = torch.arange(r0, r1, device=device).unsqueeze(1)
+    return torch.arange(S, device=device).unsqueeze(0) <= rows  # (R, S)
+
+
+def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where rows of all -inf give zeros, never NaN."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _resolve_scale(scale, d):
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention.
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d), Hq a multiple of Hkv.
+        causal: mask keys after each query.
+        scale: score scale; 1 / sqrt(d) by default.
+    Returns:
+        out: (B, Hq, S, d) in q's dtype.
+    """
+    return pooled_attention(q, k, v, None, causal=causal, scale=scale)[0]
+
+
+def pooled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int | None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention plus its block max-pooled attention map (the distillation target).
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d).
+        block_size: tile size b of the pooled map (None: skip the map).
+        causal: causal attention; tiles above the block diagonal are then 0.
+        scale: score scale; 1 / sqrt(d) by default.
+    Returns:
+        out: (B, Hq, S, d) in q's dtype.
+        pooled: (B, Hq, nb, nb) float32, nb = ceil(S / b): pooled[b, h, i, j] is the largest softmax
+            probability inside tile (i, j) of the attention map (not row-normalized).
+    """
+    B, Hq, Hkv, S, d = check_qkv(q, k, v)
+    if block_size is not None:
+        check_block_size(block_size)
+    group = Hq // Hkv
+    scale = _resolve_scale(scale, d)
+    b = block_size or 1
+    nb = num_blocks(S, b)
+    out = torch.empty_like(q)
+    pooled = (
+        torch.zeros(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
+        if block_size is not None
+        else None
+    )
+    rows = _chunk_rows(B, Hq, S, b)
+    for r0 in range(0, S, rows):
+        r1 = min(S, r0 + rows)
+        s = _scores(q, k, r0, r1, scale, group)
+        if causal:
+            s = s.masked_fill(~_causal(r0, r1, S, q.device), float("-inf"))
+        p = _safe_softmax(s)  # (B, Hq, R, S)
+        out[:, :, r0:r1] = _apply_v(p, v, group).to(q.dtype)
+        if pooled is not None:
+            pad_k, pad_q = nb * b - S, (-(r1 - r0)) % b
+            tiles = torch.nn.functional.pad(p, (0, pad_k, 0, pad_q))  # zeros never win a max
+            R = tiles.shape[2]
+            # (B, Hq, R, nb*b) -> (B, Hq, R/b, b, nb, b) -> max over both b
+            tiles = tiles.reshape(B, Hq, R // b, b, nb, b).amax(dim=(3, 5))
+            pooled[:, :, r0 // b : r0 // b + R // b] = tiles.float()
+    return out, pooled
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention restricted to the kept (query block, key block) tiles.
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d).
+        block_mask: (B, Hq, nb, nb) bool, True = tile computed. Causality still holds inside kept
+            tiles; kept tiles above the diagonal contribute nothing.
+        block_size: tile size b.
+        scale: score scale; 1 / sqrt(d) by default.
+    Returns:
+        out: (B, Hq, S, d) in q's dtype; a query row whose kept keys are all masked gives zeros.
+    """
+    B, Hq, Hkv, S, d = check_qkv(q, k, v)
+    b = check_block_size(block_size)
+    nb = num_blocks(S, b)
+    check_block_mask(block_mask, B, Hq, nb)
+    group = Hq // Hkv
+    scale = _resolve_scale(scale, d)
+    out = torch.empty_like(q)
+    key_block = torch.arange(S, device=q.device) // b  # (S,)
+    rows = _chunk_rows(B, Hq, S, 1)
+    for r0 in range(0, S, rows):
+        r1 = min(S, r0 + rows)
+        s = _scores(q, k, r0, r1, scale, group)
+        qb = torch.arange(r0, r1, device=q.device) // b
+        keep = block_mask[:, :, qb][..., key_block]  # (B, Hq, R, S)
+        keep = keep & _causal(r0, r1, S, q.device)
+        p = _safe_softmax(s.masked_fill(~keep, float("-inf")))
+        out[:, :, r0:r1] = _apply_v(p, v, group).to(q.dtype)
+    return out
+
+
+def mask_to_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept key blocks of each query block, as the sparse kernel reads them.
+
+    Args:
+        block_mask: (B, H, nb, nb) bool.
+    Returns:
+        counts: (B, H, nb) int32, the number of kept key blocks per query block.
+        indices: (B, H, nb, nb) int32, the kept key-block indices in ascending order, then -1.
+    """
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+        raise ValueError(f"block_mask must be a torch.bool tensor; got {got}")
+    if block_mask.dim() != 4 or block_mask.shape[-1] != block_mask.shape[-2]:
+        raise ValueError(f"block_mask must be (B, H, nb, nb); got shape {tuple(block_mask.shape)}")
+    nb = block_mask.shape[-1]
+    counts = block_mask.sum(dim=-1, dtype=torch.int32)
+    cols = torch.arange(nb, device=block_mask.device, dtype=torch.int32)
+    # Kept columns sort first (key 0..nb-1), dropped ones after (key nb + j); stable and ascending.
+    key = torch.where(block_mask, cols, cols + nb)
+    indices = key.sort(dim=-1).values
+    indices = torch.where(indices < nb, indices, torch.full_like(indices, -1))
+    return counts, indices
+
+
+def index_to_mask(counts: torch.Tensor, indices: torch.Tensor, nb: int | None = None) -> torch.Tensor:
+    """Inverse of `mask_to_index`: (counts (B, H, nq), indices (B, H, nq, m)) -> (B, H, nq, nb) bool."""
+    if counts.dim() != 3 or indices.dim() != 4 or indices.shape[:3] != counts.shape:
+        raise ValueError(
+            f"counts must be (B, H, nq) and indices (B, H, nq, m) with matching leading dims; got "
+            f"{tuple(counts.shape)} and {tuple(indices.shape)}"
+        )
+    nb = indices.shape[2] if nb is None else nb
+    m = indices.shape[-1]
+    valid = torch.arange(m, device=indices.device) < counts.unsqueeze(-1).long()
+    if bool(((indices < 0) | (indices >= nb))[valid].any()):
+        raise ValueError(f"indices hold block numbers outside [0, {nb}) among the first counts entries")
+    mask = torch.zeros(*counts.shape, nb + 1, dtype=torch.bool, device=indices.device)
+    idx = torch.where(valid, indices.long(), torch.full_like(indices.long(), nb))
+    mask.scatter_(-1, idx, True)
+    return mask[..., :nb]
