@@ -1,0 +1,149 @@
+"""Per-layer Q, K and V from a transformers model, taken with hooks (no copy of modeling code).
+
+Two mechanisms, both reusable by the integration:
+- `pre_rope_hooks`: forward hooks on each attention layer's q_proj / k_proj / v_proj give Q, K and V
+  before RoPE, reshaped to (B, H, S, d).
+- `attention_override`: routes every attention layer through a function of ours, registered in
+  transformers' AttentionInterface; it sees the post-RoPE Q and K and the un-repeated K/V heads.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LayerQKV", "attention_layers", "pre_rope_hooks", "attention_override", "capture_qkv"]
+
+_names = itertools.count()
+
+
+@dataclass
+class LayerQKV:
+    """One layer's projections, each (B, H, S, d); k and v have the kv head count."""
+
+    q_pre: torch.Tensor
+    k_pre: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules (those with q/k/v projections and a layer_idx), in layer order."""
+    layers = [m for m in model.modules()
+              if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "layer_idx"))]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention modules with q_proj/k_proj/v_proj "
+                         "and layer_idx; expected a transformers Llama-family model")
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def _heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
+    B, S, _ = out.shape
+    return out.view(B, S, -1, head_dim).transpose(1, 2)  # (B, S, H*d) -> (B, H, S, d)
+
+
+@contextmanager
+def pre_rope_hooks(model: nn.Module, store: dict, layers: Iterable[int] | None = None):
+    """While active, every forward writes store[layer_idx] = {"q_pre", "k_pre", "v"}, (B, H, S, d).
+
+    Tensors are stored as produced (not detached), so a caller may backpropagate through them.
+    """
+    wanted = None if layers is None else set(layers)
+    handles = []
+    for attn in attention_layers(model):
+        if wanted is not None and attn.layer_idx not in wanted:
+            continue
+        for proj, key in ((attn.q_proj, "q_pre"), (attn.k_proj, "k_pre"), (attn.v_proj, "v")):
+            def hook(mod, args, out, key=key, attn=attn):
+                store.setdefault(attn.layer_idx, {})[key] = _heads(out, attn.head_dim)
+            handles.append(proj.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _delegate(impl: str) -> Callable:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl in ("sdpa", "eager", None):
+        # eager is model-specific in transformers; SDPA computes the same function.
+        return sdpa_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+@contextmanager
+def attention_override(model: nn.Module, fn: Callable):
+    """Route every attention layer of `model` through `fn` while the context is active.
+
+    `fn(module, query, key, value, attention_mask, *, scaling, dropout, default, **kwargs)` gets
+    query (B, Hq, S, d) and key/value (B, Hkv, S_kv, d) after RoPE (and after the KV cache update),
+    the transformers attention mask, and `default`, the attention function the model used before
+    (call it to compute dense attention). It returns (out (B, S, Hq, d), weights or None), like any
+    transformers attention function. The model's previous implementation is restored on exit.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = model.config._attn_implementation
+    default = _delegate(previous)
+    name = f"seerlib_{next(_names)}"
+
+    def wrapped(module, query, key, value, attention_mask, **kwargs):
+        return fn(module, query, key, value, attention_mask, default=default, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register(name, wrapped)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)  # our functions take SDPA-style masks
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+        for registry in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+            registry._global_mapping.pop(name, None)
+
+
+@torch.no_grad()
+def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Iterable[int] | None = None,
+                attention_mask: torch.Tensor | None = None) -> dict[int, LayerQKV]:
+    """Run `model` on `input_ids` and return each requested layer's Q, K, V.
+
+    Args:
+        model: a transformers Llama-family causal LM.
+        input_ids: (B, S) token ids.
+        layers: layer indices to keep (all by default).
+        attention_mask: optional (B, S) padding mask, passed to the model.
+    Returns:
+        {layer_idx: LayerQKV} with q_pre, k_pre (before RoPE), q, k (after RoPE) and v, each
+        (B, H, S, d), detached, in the model's dtype.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, S); got shape {tuple(input_ids.shape)}")
+    n_layers = len(attention_layers(model))
+    keep = list(range(n_layers)) if layers is None else sorted(set(layers))
+    bad = [i for i in keep if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
+    pre: dict = {}
+    post: dict = {}
+
+    def record(module, query, key, value, attention_mask, *, default, **kwargs):
+        if module.layer_idx in keep:
+            post[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+        return default(module, query, key, value, attention_mask, **kwargs)
+
+    with pre_rope_hooks(model, pre, keep), attention_override(model, record):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return {
+        i: LayerQKV(q_pre=pre[i]["q_pre"].detach(), k_pre=pre[i]["k_pre"].detach(),
+                    q=post[i][0], k=post[i][1], v=post[i][2])
+        for i in keep
+    }
