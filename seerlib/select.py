@@ -1,0 +1,107 @@
+"""Block selection: gate logits (or any block score map) -> boolean block mask (B, H, nb, nb).
+
+Two rules (SEERATTENTION.md §5):
+- density ρ: per query-block row keep the top k = max(1, int((1 - sqrt(1 - ρ)) * nb)) causal key
+  blocks (at most the row's i + 1 causal blocks), so the kept share of the causal triangle is ≈ ρ.
+- threshold τ: keep the blocks whose softmax over the row's key blocks exceeds τ.
+
+Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, whole rows
+with `dense_last_rows`) are always kept; under a density they count toward the row's k. Blocks above
+the diagonal are never kept. `achieved_density(mask)` reports the kept share of the causal blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["achieved_density", "causal_block_mask", "density_to_k", "select_blocks"]
+
+
+def density_to_k(density: float, nb: int) -> int:
+    """Blocks kept per row for a target density: max(1, int((1 - sqrt(1 - density)) * nb))."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1]; got {density}")
+    return max(1, int((1.0 - math.sqrt(1.0 - density)) * nb))
+
+
+def causal_block_mask(nb: int, device=None) -> torch.Tensor:
+    """(nb, nb) bool, True on and below the block diagonal."""
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+def achieved_density(block_mask: torch.Tensor) -> float:
+    """Kept share of the causal blocks of a (..., nb, nb) bool mask, over all batches and heads."""
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        raise ValueError("block_mask must be a torch.bool tensor of shape (..., nb, nb)")
+    nb = block_mask.shape[-1]
+    causal = causal_block_mask(nb, block_mask.device)
+    n_mats = block_mask.numel() // (nb * nb)
+    return float((block_mask & causal).sum()) / (n_mats * nb * (nb + 1) / 2)
+
+
+def select_blocks(
+    logits: torch.Tensor,
+    density: float | None = None,
+    threshold: float | None = None,
+    keep_diagonal: bool = True,
+    keep_sink: bool = False,
+    dense_last_rows: int = 0,
+) -> torch.Tensor:
+    """Choose the (query block, key block) tiles to compute.
+
+    Args:
+        logits: (B, H, nb, nb) block scores, higher = more important (gate logits; any monotone
+            score such as a pooled attention map works for `density`). Entries above the diagonal
+            are ignored.
+        density: target kept share of the causal blocks, in (0, 1]; top-k per row.
+        threshold: keep blocks whose softmax over the row's causal key blocks exceeds it.
+            Exactly one of density / threshold.
+        keep_diagonal: always keep block (i, i), so no row is empty.
+        keep_sink: always keep block (i, 0).
+        dense_last_rows: keep every causal block of the last this-many query-block rows.
+    Returns:
+        block_mask: (B, H, nb, nb) bool, False above the diagonal. Use `achieved_density(mask)`
+        for the kept share of causal blocks.
+    """
+    if (density is None) == (threshold is None):
+        raise ValueError(
+            f"give exactly one of density or threshold; got density={density}, "
+            f"threshold={threshold}"
+        )
+    if (
+        not isinstance(logits, torch.Tensor)
+        or logits.dim() != 4
+        or logits.shape[-1] != logits.shape[-2]
+    ):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a (B, H, nb, nb) tensor; got {shape}")
+    if dense_last_rows < 0:
+        raise ValueError(f"dense_last_rows must be >= 0; got {dense_last_rows}")
+    nb = logits.shape[-1]
+    device = logits.device
+    causal = causal_block_mask(nb, device)
+    forced = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    if keep_diagonal:
+        forced |= torch.eye(nb, dtype=torch.bool, device=device)
+    if keep_sink:
+        forced[:, 0] = True
+    if dense_last_rows:
+        forced[max(0, nb - dense_last_rows) :] = True
+    forced &= causal
+
+    scores = logits.float().masked_fill(~causal, float("-inf"))
+    if density is not None:
+        k = density_to_k(density, nb)
+        # forced blocks rank first, then by score; masked (-inf) blocks never beat a causal one
+        rank = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+        rank = torch.nan_to_num(rank, nan=float("-inf"))
+        top = rank.topk(min(k, nb), dim=-1).indices  # (B, H, nb, k)
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        # a row i has only i + 1 causal blocks; topk may have picked masked ones there
+        mask &= causal
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        mask = (probs > threshold) & causal
+    return mask | forced
