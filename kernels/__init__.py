@@ -1,1 +1,24 @@
-"""Triton kernels, installed as `seerlib.kernels` (never a top-level `kernels` module)."""
+"""Triton kernels, installed as `seerlib.kernels` (never a top-level `kernels` module).
+
+`pooled_attention` (FlashAttention forward + block max-pooled map, also plain `attention`) and
+`block_sparse_attention` (causal attention over a CSR list of kept key blocks). Both take CUDA
+bf16/fp16 tensors, or CPU float32 under TRITON_INTERPRET=1; the library calls them through
+`seerlib.ops`, which picks them or the reference.
+"""
+
+from .block_sparse_attention import (
+    BlockIndex,
+    block_sparse_attention,
+    build_block_index,
+    choose_rows_per_tile,
+)
+from .pooled_attention import attention, pooled_attention
+
+__all__ = [
+    "attention",
+    "pooled_attention",
+    "block_sparse_attention",
+    "BlockIndex",
+    "build_block_index",
+    "choose_rows_per_tile",
+]

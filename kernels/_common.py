@@ -1,0 +1,103 @@
+"""Shared pieces of the two attention kernels: input checks, the online-softmax step, launch config.
+
+Imports only torch, triton and the oracle's validation helpers (`seerlib.reference`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from seerlib.reference import check_block_size, check_qkv
+
+LOG2E = 1.4426950408889634
+# Key block numbers and the row-half bits share one int32 index entry: block | (bits << 24).
+ENTRY_BITS_SHIFT = 24
+ENTRY_BLOCK_MASK = (1 << ENTRY_BITS_SHIFT) - 1
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_inputs(q, k, v, block_size=None):
+    """Validate q (B, Hq, S, d), k, v (B, Hkv, S, d) for the kernels; return (B, Hq, Hkv, S, d)."""
+    B, Hq, Hkv, S, d = check_qkv(q, k, v)
+    if block_size is not None:
+        check_block_size(block_size)
+        if block_size not in (16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 16, 32, 64, 128 for the kernels; got {block_size}")
+    if d not in (16, 32, 64, 128):
+        raise ValueError(f"head dim must be one of 16, 32, 64, 128 for the kernels; got {d}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if interpreting():
+        if q.device.type != "cpu":
+            raise ValueError(f"TRITON_INTERPRET=1 runs kernels on CPU tensors; got {q.device}")
+        if q.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the interpreter path takes float32 or float16; got {q.dtype}")
+    else:
+        if q.device.type != "cuda":
+            raise ValueError(
+                f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {q.device}. "
+                "seerlib.ops dispatches to the reference on CPU."
+            )
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"the Triton kernels take bfloat16 or float16 on GPU; got {q.dtype} "
+                "(seerlib.ops runs other dtypes through the reference)"
+            )
+    return B, Hq, Hkv, S, d
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_out(out, like: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """An output buffer given by the caller (tests poison it) or a new one shaped like `like`."""
+    if out is None:
+        return torch.empty_like(like)
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be {tuple(like.shape)} {like.dtype} on {like.device}; got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if out.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim")
+    return out
+
+
+def resolve_scale(scale, d: int) -> float:
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def default_launch(block_m: int, d: int) -> dict:
+    """num_warps / num_stages measured best on an H100 (bench/NOTES.md); ignored by the interpreter."""
+    if block_m >= 128:
+        return {"num_warps": 8, "num_stages": 3 if d <= 64 else 2}
+    return {"num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc, SAFE: tl.constexpr):
+    """One online-softmax update with scores `s` already in the log2 domain.
+
+    SAFE handles rows whose scores are all -inf so far (masked rows): they keep m = -inf,
+    l = 0 and acc = 0 instead of producing NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SAFE:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc

@@ -1,0 +1,131 @@
+"""The one dispatch point for attention: Triton kernels on CUDA, the exact reference elsewhere.
+
+Everything else in seerlib calls these three functions and never picks an implementation by hand.
+
+Backends:
+    "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16, else the reference.
+    "triton": always the kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads).
+    "reference": always `seerlib.reference`.
+Choose per call (`backend=`), for a block of code (`with use_backend("reference"): ...`), or for
+the process (environment variable SEERLIB_BACKEND). Precedence: argument, context, environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "attention",
+    "pooled_attention",
+    "block_sparse_attention",
+    "use_backend",
+    "get_backend",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("seerlib_backend", default=None)
+
+
+def _check_backend(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return name
+
+
+def get_backend(backend: str | None = None) -> str:
+    """The backend in force: the argument, else the innermost `use_backend`, else SEERLIB_BACKEND,
+    else "auto"."""
+    if backend is not None:
+        return _check_backend(backend)
+    ctx = _backend.get()
+    if ctx is not None:
+        return ctx
+    return _check_backend(os.environ.get("SEERLIB_BACKEND", "auto") or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: run the attention ops inside it through `backend`."""
+    token = _backend.set(_check_backend(backend))
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def _use_kernels(q: torch.Tensor, backend: str | None) -> bool:
+    name = get_backend(backend)
+    if name == "reference":
+        return False
+    if name == "triton":
+        return True
+    return (
+        isinstance(q, torch.Tensor)
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def _kernels():
+    from seerlib import kernels  # imported on first use: triton stays unloaded on CPU paths
+
+    return kernels
+
+
+def attention(q, k, v, causal: bool = True, scale: float | None = None, *, backend: str | None = None):
+    """Exact softmax attention. q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d)."""
+    if _use_kernels(q, backend):
+        return _kernels().attention(q, k, v, causal=causal, scale=scale)
+    return reference.attention(q, k, v, causal=causal, scale=scale)
+
+
+def pooled_attention(
+    q, k, v, block_size: int, causal: bool = True, scale: float | None = None, *,
+    backend: str | None = None,
+):
+    """Attention plus its block max-pooled map.
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d); block_size: tile size b.
+    Returns:
+        out (B, Hq, S, d) in q's dtype, pooled (B, Hq, nb, nb) float32 (largest softmax
+        probability of each tile, 0 above the diagonal when causal).
+    """
+    if _use_kernels(q, backend):
+        return _kernels().pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
+    return reference.pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
+
+
+def block_sparse_attention(
+    q, k, v, block_mask_or_index, block_size: int, scale: float | None = None, *,
+    backend: str | None = None,
+):
+    """Causal attention over kept (query block, key block) tiles.
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d).
+        block_mask_or_index: bool mask (B, Hq, nb, nb), or `mask_to_index`'s (counts, indices), or
+            (kernel path) a `seerlib.kernels.BlockIndex` built once and reused.
+        block_size: tile size b.
+    Returns:
+        out (B, Hq, S, d); a row with nothing kept is zeros.
+    """
+    if _use_kernels(q, backend):
+        return _kernels().block_sparse_attention(q, k, v, block_mask_or_index, block_size, scale=scale)
+    mask = block_mask_or_index
+    if isinstance(mask, (tuple, list)) and len(mask) == 2:
+        counts, indices = mask
+        mask = reference.index_to_mask(counts, indices, reference.num_blocks(q.shape[2], block_size))
+    elif not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            "the reference backend takes a bool block mask or (counts, indices); got "
+            f"{type(mask).__name__}"
+        )
+    return reference.block_sparse_attention(q, k, v, mask, block_size, scale=scale)

@@ -1,0 +1,196 @@
+"""The Triton kernels against the exact reference.
+
+On a machine without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
+set here before torch/triton load) in float32; with a GPU they run in bfloat16 on CUDA.
+
+Tolerances: float32 under the interpreter matches the reference to about 1e-6 (same arithmetic,
+another summation order): atol = rtol = 2e-5 for outputs and 1e-5 absolute for pooled
+probabilities. bfloat16 on GPU: relative Frobenius error below 2e-2 (bf16 operands, fp32 sums).
+Every output buffer is filled with NaN first, so an element the kernel forgot fails the test.
+"""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seerlib import reference as ref  # noqa: E402
+from seerlib.kernels import (  # noqa: E402
+    BlockIndex,
+    attention,
+    block_sparse_attention,
+    build_block_index,
+    pooled_attention,
+)
+from seerlib.reference import mask_to_index, num_blocks  # noqa: E402
+
+ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def _qkv(B, Hq, Hkv, S, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, S, d, generator=g) for h in (Hq, Hkv, Hkv))
+    return [t.to(DEVICE, DTYPE) for t in (q, k, v)]
+
+
+def _assert_close(out, expected):
+    assert not torch.isnan(out).any(), "NaN left in the output: an element was never written"
+    if ON_GPU:
+        err = (out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
+        assert err < 2e-2, f"relative error {err:.2e}"
+    else:
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def _poisoned(shape, dtype=DTYPE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _random_mask(B, H, nb, density, seed, keep_diag=False):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, H, nb, nb, generator=g) < density
+    if keep_diag:
+        mask |= torch.eye(nb, dtype=torch.bool)
+    return mask.to(DEVICE)
+
+
+# S x block x d x GQA group: every combination the issue names, 24 cases.
+SHAPES = list(itertools.product((64, 97, 200), (32, 64), (64, 128), (1, 3)))
+
+
+@pytest.mark.parametrize("S,b,d,group", SHAPES)
+def test_pooled_attention_matches_reference(S, b, d, group):
+    B, Hkv = 1, 2
+    Hq = Hkv * group
+    q, k, v = _qkv(B, Hq, Hkv, S, d, seed=S + b + d + group)
+    nb = num_blocks(S, b)
+    out, pooled = _poisoned((B, Hq, S, d)), _poisoned((B, Hq, nb, nb), torch.float32)
+    got_out, got_pooled = pooled_attention(q, k, v, b, out=out, pooled_out=pooled)
+    assert got_out is out and got_pooled is pooled
+    exp_out, exp_pooled = ref.pooled_attention(q, k, v, b)
+    _assert_close(out, exp_out)
+    assert not torch.isnan(pooled).any()
+    torch.testing.assert_close(pooled, exp_pooled, atol=1e-5 if not ON_GPU else 2e-2, rtol=0)
+    above = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).triu(1)
+    assert (pooled[..., above] == 0).all()
+
+
+@pytest.mark.parametrize("S,b,rows_per_tile", [(97, 32, 1), (97, 32, 2), (200, 64, 1), (131, 16, 8)])
+def test_pooled_attention_tile_heights_and_noncausal(S, b, rows_per_tile):
+    q, k, v = _qkv(1, 2, 1, S, 64, seed=S)
+    nb = num_blocks(S, b)
+    for causal in (True, False):
+        out, pooled = _poisoned((1, 2, S, 64)), _poisoned((1, 2, nb, nb), torch.float32)
+        pooled_attention(q, k, v, b, causal=causal, scale=0.3, out=out, pooled_out=pooled,
+                         rows_per_tile=rows_per_tile)
+        exp_out, exp_pooled = ref.pooled_attention(q, k, v, b, causal=causal, scale=0.3)
+        _assert_close(out, exp_out)
+        torch.testing.assert_close(pooled, exp_pooled, atol=1e-5 if not ON_GPU else 2e-2, rtol=0)
+
+
+def test_pooled_attention_without_map_and_dense_attention():
+    q, k, v = _qkv(2, 3, 3, 97, 64, seed=1)
+    out, pooled = pooled_attention(q, k, v, None)
+    assert pooled is None
+    _assert_close(out, ref.attention(q, k, v))
+    for causal in (True, False):
+        buf = _poisoned(q.shape)
+        attention(q, k, v, causal=causal, out=buf)
+        _assert_close(buf, ref.attention(q, k, v, causal=causal))
+
+
+# The same 24 shapes, each with a density and a tile height (query blocks per program) in turn,
+# so every density meets both GQA ratios and both head dims.
+DENSITIES = (0.0, 0.15, 0.5, 1.0)
+SPARSE_CASES = [
+    (S, b, d, group, DENSITIES[i % 4], (1, 2, None)[i % 3])
+    for i, (S, b, d, group) in enumerate(SHAPES)
+]
+
+
+@pytest.mark.parametrize("S,b,d,group,density,rows_per_tile", SPARSE_CASES)
+def test_block_sparse_attention_matches_reference(S, b, d, group, density, rows_per_tile):
+    B, Hkv = 2, 1
+    Hq = Hkv * group
+    q, k, v = _qkv(B, Hq, Hkv, S, d, seed=S * d + group)
+    nb = num_blocks(S, b)
+    mask = _random_mask(B, Hq, nb, density, seed=S + b)
+    out = _poisoned((B, Hq, S, d))
+    block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=rows_per_tile)
+    _assert_close(out, ref.block_sparse_attention(q, k, v, mask, b))
+
+
+def test_block_sparse_empty_rows_are_zero():
+    q, k, v = _qkv(1, 2, 2, 97, 64, seed=3)
+    nb = num_blocks(97, 32)
+    mask = torch.zeros(1, 2, nb, nb, dtype=torch.bool, device=DEVICE)
+    mask[0, 0, 2, 1] = True  # one kept tile; everything else empty, including the diagonal
+    mask[0, 1] = torch.ones(nb, nb, dtype=torch.bool).triu(1)  # only tiles above the diagonal
+    for rows_per_tile in (1, 2, 4):
+        out = _poisoned(q.shape)
+        block_sparse_attention(q, k, v, mask, 32, out=out, rows_per_tile=rows_per_tile)
+        expected = ref.block_sparse_attention(q, k, v, mask, 32)
+        _assert_close(out, expected)
+        assert (out[0, 1] == 0).all()
+        assert (out[0, 0, :64] == 0).all() and (out[0, 0, 96:] == 0).all()
+
+
+def test_block_sparse_accepts_index_and_reuses_block_index():
+    S, b = 200, 32
+    q, k, v = _qkv(1, 6, 2, S, 64, seed=4)
+    nb = num_blocks(S, b)
+    mask = _random_mask(1, 6, nb, 0.4, seed=5, keep_diag=True)
+    expected = ref.block_sparse_attention(q, k, v, mask, b)
+    counts, indices = mask_to_index(mask)
+    _assert_close(block_sparse_attention(q, k, v, (counts, indices), b), expected)
+    index = build_block_index(mask, 1, 6, S, b, rows_per_tile=4)
+    assert isinstance(index, BlockIndex) and index.rows_per_tile == 4
+    _assert_close(block_sparse_attention(q, k, v, index, b, scale=None), expected)
+    with pytest.raises(ValueError, match="BlockIndex was built"):
+        block_sparse_attention(q, k, v, index, 64)
+
+
+def test_block_sparse_non_contiguous_inputs():
+    # (B, S, H, d) storage seen through a transpose, as model captures hand it over.
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 97, 3, 64, generator=g).to(DEVICE, DTYPE).transpose(1, 2)
+    k = torch.randn(1, 97, 1, 64, generator=g).to(DEVICE, DTYPE).transpose(1, 2)
+    v = torch.randn(1, 97, 1, 64, generator=g).to(DEVICE, DTYPE).transpose(1, 2)
+    mask = _random_mask(1, 3, num_blocks(97, 64), 0.6, seed=7)
+    _assert_close(block_sparse_attention(q, k, v, mask, 64), ref.block_sparse_attention(q, k, v, mask, 64))
+    _assert_close(pooled_attention(q, k, v, 64)[1], ref.pooled_attention(q, k, v, 64)[1])
+
+
+def test_inputs_are_validated():
+    q, k, v = _qkv(1, 4, 2, 64, 64, seed=8)
+    nb = num_blocks(64, 32)
+    mask = torch.ones(1, 4, nb, nb, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="block_mask has shape"):
+        block_sparse_attention(q, k, v, mask[:, :2], 32)
+    with pytest.raises(ValueError, match="torch.bool"):
+        block_sparse_attention(q, k, v, mask.int(), 32)
+    with pytest.raises(ValueError, match="need a divisor"):
+        pooled_attention(q, k[:, :1].expand(1, 3, 64, 64), v[:, :1].expand(1, 3, 64, 64), 32)
+    with pytest.raises(ValueError, match="block_size"):
+        pooled_attention(q, k, v, 48)
+    with pytest.raises(ValueError, match="head dim"):
+        pooled_attention(q[..., :48], k[..., :48], v[..., :48], 32)
+    with pytest.raises(ValueError, match="share a dtype"):
+        block_sparse_attention(q, k.double(), v, mask, 32)
+    with pytest.raises(ValueError, match="out must be"):
+        pooled_attention(q, k, v, 32, out=torch.empty(1, 4, 63, 64, dtype=DTYPE, device=DEVICE))
+    with pytest.raises(ValueError, match="pooled_out must be"):
+        pooled_attention(q, k, v, 32, pooled_out=torch.empty(1, 4, nb, nb, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(ValueError, match="block index must be"):
+        block_sparse_attention(q, k, v, (torch.ones(1, 4, nb + 1, dtype=torch.int32), torch.zeros(1, 4, nb, nb, dtype=torch.int32)), 32)
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="float32 or float16"):
+            pooled_attention(q.double(), k.double(), v.double(), 32)

@@ -1,0 +1,69 @@
+"""seerlib.ops: the dispatch point picks kernels or the reference, and both agree."""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seerlib import ops, reference  # noqa: E402
+from seerlib.reference import mask_to_index, num_blocks  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _qkv(S=97, d=64, Hq=4, Hkv=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, h, S, d, generator=g) for h in (Hq, Hkv, Hkv)]
+
+
+def test_auto_uses_reference_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
+    q = torch.randn(1, 1, 4, 8)
+    assert ops.get_backend() == "auto"
+    assert not ops._use_kernels(q, None)
+    assert ops._use_kernels(q, "triton")
+
+
+def test_backend_precedence_and_validation(monkeypatch):
+    monkeypatch.setenv("SEERLIB_BACKEND", "reference")
+    assert ops.get_backend() == "reference"
+    with ops.use_backend("triton"):
+        assert ops.get_backend() == "triton"
+        assert ops.get_backend("auto") == "auto"
+    assert ops.get_backend() == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.get_backend("cuda")
+    monkeypatch.setenv("SEERLIB_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.get_backend()
+
+
+def test_reference_backend_matches_reference():
+    q, k, v = _qkv()
+    nb = num_blocks(97, 32)
+    mask = torch.rand(1, 4, nb, nb, generator=torch.Generator().manual_seed(1)) < 0.5
+    torch.testing.assert_close(ops.attention(q, k, v), reference.attention(q, k, v))
+    out, pooled = ops.pooled_attention(q, k, v, 32)
+    exp_out, exp_pooled = reference.pooled_attention(q, k, v, 32)
+    torch.testing.assert_close(pooled, exp_pooled)
+    expected = reference.block_sparse_attention(q, k, v, mask, 32)
+    torch.testing.assert_close(ops.block_sparse_attention(q, k, v, mask, 32), expected)
+    torch.testing.assert_close(ops.block_sparse_attention(q, k, v, mask_to_index(mask), 32), expected)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="forcing the kernels on CPU needs TRITON_INTERPRET=1")
+def test_forced_triton_backend_matches_reference():
+    q, k, v = _qkv(S=64, seed=2)
+    nb = num_blocks(64, 32)
+    mask = torch.rand(1, 4, nb, nb, generator=torch.Generator().manual_seed(3)) < 0.6
+    with ops.use_backend("triton"):
+        out = ops.block_sparse_attention(q, k, v, mask, 32)
+        dense = ops.attention(q, k, v, causal=False)
+        _, pooled = ops.pooled_attention(q, k, v, 32)
+    torch.testing.assert_close(out, reference.block_sparse_attention(q, k, v, mask, 32), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dense, reference.attention(q, k, v, causal=False), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pooled, reference.pooled_attention(q, k, v, 32)[1], atol=1e-5, rtol=0)
