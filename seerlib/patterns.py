@@ -10,8 +10,7 @@ a mask really keeps with `seerlib.select.achieved_density(mask)`.
   (StreamingLLM-like), static.
 - `oracle(weights, density)`: the top-k blocks of the ground truth itself (an upper bound).
 - `vertical_slash(q, k, density, block_size)`: MInference-like, per head: vertical lines (key
-  blocks)
-  and slash lines (block diagonals) ranked by the attention of the last query block.
+  blocks) and slash lines (block diagonals) ranked by the attention of the last query block.
 """
 
 from __future__ import annotations
