@@ -31,7 +31,9 @@ def check_inputs(q, k, v, block_size=None):
     if block_size is not None:
         check_block_size(block_size)
         if block_size not in (16, 32, 64, 128):
-            raise ValueError(f"block_size must be one of 16, 32, 64, 128 for the kernels; got {block_size}")
+            raise ValueError(
+                f"block_size must be one of 16, 32, 64, 128 for the kernels; got {block_size}"
+            )
     if d not in (16, 32, 64, 128):
         raise ValueError(f"head dim must be one of 16, 32, 64, 128 for the kernels; got {d}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -44,7 +46,8 @@ def check_inputs(q, k, v, block_size=None):
     else:
         if q.device.type != "cuda":
             raise ValueError(
-                f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {q.device}. "
+                "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got "
+                f"{q.device}. "
                 "seerlib.ops dispatches to the reference on CPU."
             )
         if q.dtype not in (torch.bfloat16, torch.float16):
@@ -78,9 +81,10 @@ def resolve_scale(scale, d: int) -> float:
 
 
 def default_launch(block_m: int, d: int) -> dict:
-    """num_warps / num_stages measured best on an H100 (bench/NOTES.md); ignored by the interpreter."""
+    """num_warps / num_stages measured best on an H100 (bench/NOTES.md); the interpreter ignores
+    them."""
     if block_m >= 128:
-        return {"num_warps": 8, "num_stages": 3 if d <= 64 else 2}
+        return {"num_warps": 8, "num_stages": 3}
     return {"num_warps": 4, "num_stages": 3}
 
 

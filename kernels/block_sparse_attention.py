@@ -12,12 +12,13 @@ At S = 32768, Hq = 32, d = 128, bf16, 0% sparsity: 8.8 TFLOP of useful work (abo
 and by everything that keeps them from running (softmax, index loads, masks).
 
 Design (bench/NOTES.md has the measurements):
-- A program owns BLOCK_M = QPT * b query rows, i.e. QPT consecutive query blocks (QPT 1, 2 or 4), and
-  walks the union of their kept lists, one b-wide key block per step. Each list entry carries the
-  key block and QPT bits saying which of the program's query blocks keep it; rows of a query block
-  that did not keep the key block are masked. QPT = 1 wastes nothing; QPT = 2 with b = 64 gives
-  128-row tiles (twice the reuse of each K/V tile, a full-size wgmma) at the price of computing
-  rows of the union that one half did not keep. `choose_rows_per_tile` picks it from the mask.
+- A program owns BLOCK_M = QPT * b query rows, i.e. QPT consecutive query blocks (QPT 1, 2 or 4),
+  and walks the union of their kept lists, one b-wide key block per step. Each list entry carries
+  the key block and QPT bits saying which of the program's query blocks keep it; rows of a query
+  block that did not keep the key block are masked. QPT = 1 wastes nothing; QPT = 2 with b = 64
+  gives 128-row tiles (twice the reuse of each K/V tile, a full-size wgmma) at the price of
+  computing rows of the union that one half did not keep. `choose_rows_per_tile` picks it from the
+  mask.
 - Entries are split: those strictly before the program's first query block need no causal mask
   (loop 1, no boundary checks: those key blocks are always complete); the last <= QPT entries
   touch the diagonal and the partial last key block (loop 2, masked, done last).
@@ -50,6 +51,10 @@ from ._common import (
 
 __all__ = ["block_sparse_attention", "BlockIndex", "build_block_index", "choose_rows_per_tile"]
 
+# The same constants as seen from inside @triton.jit (compiled Triton reads only constexpr globals).
+_SHIFT = tl.constexpr(ENTRY_BITS_SHIFT)
+_BLOCK_MASK = tl.constexpr(ENTRY_BLOCK_MASK)
+
 
 @triton.jit
 def _block_sparse_fwd(
@@ -63,13 +68,28 @@ def _block_sparse_fwd(
     HEAD_D: tl.constexpr,
     BLOCK: tl.constexpr,
     QPT: tl.constexpr,
+    KV_MAJOR: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK * QPT
-    pid_bh = tl.program_id(0)
-    t = N_TILES - 1 - tl.program_id(1)  # heaviest tiles first
-    z = pid_bh // H
-    h = pid_bh % H
-    kvh = h // GROUP
+    if KV_MAJOR:
+        # One kv head's programs run together (its K/V, 2*S*d*2 bytes, stays in L2): within it,
+        # the heaviest tiles first, and the GROUP query heads of one tile side by side.
+        pid = tl.program_id(0)
+        per_kv = GROUP * N_TILES
+        zkv = pid // per_kv
+        r = pid % per_kv
+        t = N_TILES - 1 - r // GROUP
+        hkv = H // GROUP
+        z = zkv // hkv
+        kvh = zkv % hkv
+        h = kvh * GROUP + r % GROUP
+        pid_bh = z * H + h
+    else:
+        pid_bh = tl.program_id(0)
+        t = N_TILES - 1 - tl.program_id(1)  # heaviest tiles first
+        z = pid_bh // H
+        h = pid_bh % H
+        kvh = h // GROUP
 
     q_base = Q + z.to(tl.int64) * sqz + h.to(tl.int64) * sqh
     k_base = K + z.to(tl.int64) * skz + kvh.to(tl.int64) * skh
@@ -95,26 +115,27 @@ def _block_sparse_fwd(
     # Loop 1: key blocks strictly before this tile's first query block; complete, no causal mask.
     for n in tl.range(0, n_full):
         e = tl.load(e_base + n)
-        cols = (e & ENTRY_BLOCK_MASK) * BLOCK + offs_n
+        cols = (e & _BLOCK_MASK) * BLOCK + offs_n
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
         s = tl.dot(q, kT) * qk_scale
         if QPT > 1:
-            keep = ((e >> ENTRY_BITS_SHIFT) >> row_blk) & 1
+            keep = ((e >> _SHIFT) >> row_blk) & 1
             s = tl.where(keep[:, None] != 0, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, QPT > 1)
 
     # Loop 2: the key blocks that meet the diagonal (and the partial last block); masked, last.
     for n in tl.range(n_full, count):
         e = tl.load(e_base + n)
-        cols = (e & ENTRY_BLOCK_MASK) * BLOCK + offs_n
+        cols = (e & _BLOCK_MASK) * BLOCK + offs_n
         col_ok = cols < S
-        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
+                     other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
         keep = offs_m[:, None] >= cols[None, :]
         if QPT > 1:
-            bits = ((e >> ENTRY_BITS_SHIFT) >> row_blk) & 1
+            bits = ((e >> _SHIFT) >> row_blk) & 1
             keep = keep & (bits[:, None] != 0)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, True)
@@ -131,8 +152,8 @@ class BlockIndex:
 
     counts: (B, H, n_tiles) int32, entries per tile. n_full: (B, H, n_tiles) int32, entries before
     the tile's first query block (no causal mask). entries: (B, H, n_tiles, L) int32, ascending key
-    blocks, each `block | (bits << 24)` where bit r says query block `tile * rows_per_tile + r` keeps
-    it. Only key blocks on or below the block diagonal appear.
+    blocks, each `block | (bits << 24)` where bit r says query block `tile * rows_per_tile + r`
+    keeps it. Only key blocks on or below the block diagonal appear.
     """
 
     counts: torch.Tensor
@@ -155,13 +176,17 @@ def _as_mask(block_mask_or_index, B, H, nb):
         counts, indices = block_mask_or_index
         if not (isinstance(counts, torch.Tensor) and isinstance(indices, torch.Tensor)):
             raise ValueError("a block index must be the (counts, indices) tensors of mask_to_index")
-        if tuple(counts.shape) != (B, H, nb) or indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, nb):
+        if (tuple(counts.shape) != (B, H, nb) or indices.dim() != 4
+                or tuple(indices.shape[:3]) != (B, H, nb)):
             raise ValueError(
-                f"block index must be counts (B, H, nb) = {(B, H, nb)} and indices (B, H, nb, m); got "
-                f"{tuple(counts.shape)} and {tuple(indices.shape)}"
+                f"block index must be counts (B, H, nb) = {(B, H, nb)} and indices (B, H, nb, m); "
+                f"got {tuple(counts.shape)} and {tuple(indices.shape)}"
             )
-        if counts.dtype not in (torch.int32, torch.int64) or indices.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"counts and indices must be int32 or int64; got {counts.dtype}, {indices.dtype}")
+        ints = (torch.int32, torch.int64)
+        if counts.dtype not in ints or indices.dtype not in ints:
+            raise ValueError(
+                f"counts and indices must be int32 or int64; got {counts.dtype}, {indices.dtype}"
+            )
         return index_to_mask(counts, indices, nb)
     raise ValueError(
         "block_mask_or_index must be a bool mask (B, H, nb, nb), a (counts, indices) pair from "
@@ -171,7 +196,7 @@ def _as_mask(block_mask_or_index, B, H, nb):
 
 def choose_rows_per_tile(block_mask: torch.Tensor, block_size: int, max_waste: float = 1.3) -> int:
     """Query blocks per program: the largest tile up to 128 rows whose union of kept lists computes
-    at most `max_waste` times the rows the mask asks for (1 where tiles of b rows are already 128)."""
+    at most `max_waste` times the rows the mask asks for (1 where b-row tiles are already 128)."""
     nb = block_mask.shape[-1]
     causal = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril_()
     m = block_mask & causal
@@ -238,6 +263,7 @@ def block_sparse_attention(
     rows_per_tile: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    kv_major: bool = True,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -249,6 +275,7 @@ def block_sparse_attention(
         scale: score scale, 1/sqrt(d) by default.
         out: optional (B, Hq, S, d) buffer to write into.
         rows_per_tile, num_warps, num_stages: launch overrides (benchmarks, tests).
+        kv_major: launch order; True runs one kv head's programs together (L2 reuse of its K/V).
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
@@ -280,7 +307,7 @@ def block_sparse_attention(
     if num_stages is not None:
         launch["num_stages"] = num_stages
     qk_scale = resolve_scale(scale, d) * LOG2E
-    grid = (B * Hq, n_tiles)
+    grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
     _block_sparse_fwd[grid](
         q, k, v, out, index.counts, index.n_full, index.entries,
         qk_scale,
@@ -289,7 +316,7 @@ def block_sparse_attention(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
-        HEAD_D=d, BLOCK=block_size, QPT=qpt,
+        HEAD_D=d, BLOCK=block_size, QPT=qpt, KV_MAJOR=bool(kv_major),
         **launch,
     )
     return out

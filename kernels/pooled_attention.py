@@ -103,7 +103,8 @@ def _pooled_fwd(
     for j in tl.range(lo, hi):
         cols = j * BLOCK + offs_n
         col_ok = cols < S
-        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
+                     other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
         if CAUSAL:
@@ -162,7 +163,8 @@ def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_
     if pooled is not None:
         per_kv_head = B * group * nb * s_pad * 4
         kv_chunk = max(1, min(Hkv, SCRATCH_BYTES // max(1, per_kv_head)))
-        scratch = torch.empty(B * group * kv_chunk * nb * s_pad, dtype=torch.float32, device=q.device)
+        scratch = torch.empty(B * group * kv_chunk * nb * s_pad, dtype=torch.float32,
+                              device=q.device)
     else:
         kv_chunk = Hkv
         scratch = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -251,7 +253,8 @@ def attention(
 ) -> torch.Tensor:
     """Plain (dense) FlashAttention forward: the pooled kernel with the map switched off.
 
-    Args/Returns as `seerlib.reference.attention`: q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d).
+    Args/Returns as `seerlib.reference.attention`:
+    q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d).
     """
     return pooled_attention(q, k, v, None, causal, scale, out=out, rows_per_tile=2,
                             num_warps=num_warps, num_stages=num_stages)[0]

@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "reference")
-_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("seerlib_backend", default=None)
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "seerlib_backend", default=None
+)
 
 
 def _check_backend(name) -> str:
@@ -66,20 +68,30 @@ def _use_kernels(q: torch.Tensor, backend: str | None) -> bool:
         return False
     if name == "triton":
         return True
-    return (
-        isinstance(q, torch.Tensor)
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-    )
+    return isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def _kernels():
-    from seerlib import kernels  # imported on first use: triton stays unloaded on CPU paths
+    """The kernel module, imported on first use (triton stays unloaded on CPU paths).
 
-    return kernels
+    Submodules are imported by name: under an editable install run from outside the repo,
+    setuptools can resolve `seerlib.kernels` as a namespace package whose __init__ never ran.
+    """
+    import types
+
+    from seerlib.kernels.block_sparse_attention import block_sparse_attention
+    from seerlib.kernels.pooled_attention import attention, pooled_attention
+
+    return types.SimpleNamespace(
+        attention=attention,
+        pooled_attention=pooled_attention,
+        block_sparse_attention=block_sparse_attention,
+    )
 
 
-def attention(q, k, v, causal: bool = True, scale: float | None = None, *, backend: str | None = None):
+def attention(
+    q, k, v, causal: bool = True, scale: float | None = None, *, backend: str | None = None
+):
     """Exact softmax attention. q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d)."""
     if _use_kernels(q, backend):
         return _kernels().attention(q, k, v, causal=causal, scale=scale)
@@ -87,7 +99,13 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None, *, backe
 
 
 def pooled_attention(
-    q, k, v, block_size: int, causal: bool = True, scale: float | None = None, *,
+    q,
+    k,
+    v,
+    block_size: int,
+    causal: bool = True,
+    scale: float | None = None,
+    *,
     backend: str | None = None,
 ):
     """Attention plus its block max-pooled map.
@@ -104,7 +122,13 @@ def pooled_attention(
 
 
 def block_sparse_attention(
-    q, k, v, block_mask_or_index, block_size: int, scale: float | None = None, *,
+    q,
+    k,
+    v,
+    block_mask_or_index,
+    block_size: int,
+    scale: float | None = None,
+    *,
     backend: str | None = None,
 ):
     """Causal attention over kept (query block, key block) tiles.
@@ -118,11 +142,15 @@ def block_sparse_attention(
         out (B, Hq, S, d); a row with nothing kept is zeros.
     """
     if _use_kernels(q, backend):
-        return _kernels().block_sparse_attention(q, k, v, block_mask_or_index, block_size, scale=scale)
+        return _kernels().block_sparse_attention(
+            q, k, v, block_mask_or_index, block_size, scale=scale
+        )
     mask = block_mask_or_index
     if isinstance(mask, (tuple, list)) and len(mask) == 2:
         counts, indices = mask
-        mask = reference.index_to_mask(counts, indices, reference.num_blocks(q.shape[2], block_size))
+        mask = reference.index_to_mask(
+            counts, indices, reference.num_blocks(q.shape[2], block_size)
+        )
     elif not isinstance(mask, torch.Tensor):
         raise ValueError(
             "the reference backend takes a bool block mask or (counts, indices); got "

@@ -19,15 +19,14 @@ import itertools  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from seerlib import reference as ref  # noqa: E402
-from seerlib.kernels import (  # noqa: E402
+from seerlib.kernels.block_sparse_attention import (  # noqa: E402
     BlockIndex,
-    attention,
     block_sparse_attention,
     build_block_index,
-    pooled_attention,
 )
+from seerlib.kernels.pooled_attention import attention, pooled_attention  # noqa: E402
+
+from seerlib import reference as ref  # noqa: E402
 from seerlib.reference import mask_to_index, num_blocks  # noqa: E402
 
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()
@@ -83,14 +82,25 @@ def test_pooled_attention_matches_reference(S, b, d, group):
     assert (pooled[..., above] == 0).all()
 
 
-@pytest.mark.parametrize("S,b,rows_per_tile", [(97, 32, 1), (97, 32, 2), (200, 64, 1), (131, 16, 8)])
+@pytest.mark.parametrize(
+    "S,b,rows_per_tile", [(97, 32, 1), (97, 32, 2), (200, 64, 1), (131, 16, 8)]
+)
 def test_pooled_attention_tile_heights_and_noncausal(S, b, rows_per_tile):
     q, k, v = _qkv(1, 2, 1, S, 64, seed=S)
     nb = num_blocks(S, b)
     for causal in (True, False):
         out, pooled = _poisoned((1, 2, S, 64)), _poisoned((1, 2, nb, nb), torch.float32)
-        pooled_attention(q, k, v, b, causal=causal, scale=0.3, out=out, pooled_out=pooled,
-                         rows_per_tile=rows_per_tile)
+        pooled_attention(
+            q,
+            k,
+            v,
+            b,
+            causal=causal,
+            scale=0.3,
+            out=out,
+            pooled_out=pooled,
+            rows_per_tile=rows_per_tile,
+        )
         exp_out, exp_pooled = ref.pooled_attention(q, k, v, b, causal=causal, scale=0.3)
         _assert_close(out, exp_out)
         torch.testing.assert_close(pooled, exp_pooled, atol=1e-5 if not ON_GPU else 2e-2, rtol=0)
@@ -165,7 +175,9 @@ def test_block_sparse_non_contiguous_inputs():
     k = torch.randn(1, 97, 1, 64, generator=g).to(DEVICE, DTYPE).transpose(1, 2)
     v = torch.randn(1, 97, 1, 64, generator=g).to(DEVICE, DTYPE).transpose(1, 2)
     mask = _random_mask(1, 3, num_blocks(97, 64), 0.6, seed=7)
-    _assert_close(block_sparse_attention(q, k, v, mask, 64), ref.block_sparse_attention(q, k, v, mask, 64))
+    _assert_close(
+        block_sparse_attention(q, k, v, mask, 64), ref.block_sparse_attention(q, k, v, mask, 64)
+    )
     _assert_close(pooled_attention(q, k, v, 64)[1], ref.pooled_attention(q, k, v, 64)[1])
 
 
@@ -188,9 +200,20 @@ def test_inputs_are_validated():
     with pytest.raises(ValueError, match="out must be"):
         pooled_attention(q, k, v, 32, out=torch.empty(1, 4, 63, 64, dtype=DTYPE, device=DEVICE))
     with pytest.raises(ValueError, match="pooled_out must be"):
-        pooled_attention(q, k, v, 32, pooled_out=torch.empty(1, 4, nb, nb, device=DEVICE, dtype=torch.float64))
+        pooled_attention(
+            q, k, v, 32, pooled_out=torch.empty(1, 4, nb, nb, device=DEVICE, dtype=torch.float64)
+        )
     with pytest.raises(ValueError, match="block index must be"):
-        block_sparse_attention(q, k, v, (torch.ones(1, 4, nb + 1, dtype=torch.int32), torch.zeros(1, 4, nb, nb, dtype=torch.int32)), 32)
+        block_sparse_attention(
+            q,
+            k,
+            v,
+            (
+                torch.ones(1, 4, nb + 1, dtype=torch.int32),
+                torch.zeros(1, 4, nb, nb, dtype=torch.int32),
+            ),
+            32,
+        )
     if not ON_GPU:
         with pytest.raises(ValueError, match="float32 or float16"):
             pooled_attention(q.double(), k.double(), v.double(), 32)

@@ -52,7 +52,9 @@ def test_reference_backend_matches_reference():
     torch.testing.assert_close(pooled, exp_pooled)
     expected = reference.block_sparse_attention(q, k, v, mask, 32)
     torch.testing.assert_close(ops.block_sparse_attention(q, k, v, mask, 32), expected)
-    torch.testing.assert_close(ops.block_sparse_attention(q, k, v, mask_to_index(mask), 32), expected)
+    torch.testing.assert_close(
+        ops.block_sparse_attention(q, k, v, mask_to_index(mask), 32), expected
+    )
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="forcing the kernels on CPU needs TRITON_INTERPRET=1")
@@ -64,6 +66,12 @@ def test_forced_triton_backend_matches_reference():
         out = ops.block_sparse_attention(q, k, v, mask, 32)
         dense = ops.attention(q, k, v, causal=False)
         _, pooled = ops.pooled_attention(q, k, v, 32)
-    torch.testing.assert_close(out, reference.block_sparse_attention(q, k, v, mask, 32), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(dense, reference.attention(q, k, v, causal=False), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(pooled, reference.pooled_attention(q, k, v, 32)[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out, reference.block_sparse_attention(q, k, v, mask, 32), atol=2e-5, rtol=2e-5
+    )
+    torch.testing.assert_close(
+        dense, reference.attention(q, k, v, causal=False), atol=2e-5, rtol=2e-5
+    )
+    torch.testing.assert_close(
+        pooled, reference.pooled_attention(q, k, v, 32)[1], atol=1e-5, rtol=0
+    )

@@ -1,0 +1,677 @@
+"""GPU benchmark of seerlib's attention kernels against SDPA (flash, cuDNN) and FlexAttention.
+
+One process: for each sequence length it draws random bf16 inputs (B=1, Hq=32, Hkv=8, d=128),
+checks every provider against the exact reference (or SDPA) on the first kv-head group, then times
+them with `triton.testing.do_bench` (median) on random masks (diagonal kept) and a structured
+sink + local-window pattern at each block sparsity. `sparsity` is the dropped share of the causal
+blocks (the realized one is recorded). FLOPs: 4 * B * Hq * S^2 * d / 2 for causal dense, times the
+kept share for sparse providers.
+
+Usage (on the GPU machine, from the repo root):
+    python bench/bench_attention.py --seq-lens 8192 32768 65536 --out bench/results
+    python bench/bench_attention.py --tune --seq-lens 32768          # launch-config sweep
+Writes <out>/<gpu>-<date>.json (a list of records) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+
+# Submodules by name: robust to an editable install that sees seerlib.kernels as a namespace.
+from seerlib.kernels.block_sparse_attention import block_sparse_attention, build_block_index
+from seerlib.kernels.pooled_attention import attention, pooled_attention
+from triton.testing import do_bench
+
+from seerlib import reference as ref
+
+
+@dataclass(frozen=True)
+class Config:
+    batch: int = 1
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 64
+    dtype: torch.dtype = torch.bfloat16
+    seq_lens: tuple = (8192, 32768, 65536, 131072)
+    sparsities: tuple = (0.0, 0.5, 0.7, 0.9, 0.95)
+    patterns: tuple = ("random", "sink_window")
+    providers: tuple = ("seer", "seer_pooled", "seer_dense", "sdpa_flash", "sdpa_cudnn", "flex")
+    sdpa_max_seq: int = 131072
+    ref_check_max_seq: int = 65536  # longer: the sparse reference check runs at 90% random only
+    check: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+def causal_flops(cfg: Config, S: int) -> float:
+    return 4.0 * cfg.batch * cfg.q_heads * S * S * cfg.head_dim / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+
+
+def random_mask(B, H, nb, sparsity, device, seed=0):
+    """Keep the diagonal and each lower block with the probability that gives `sparsity`."""
+    causal = nb * (nb + 1) / 2
+    off = nb * (nb - 1) / 2
+    p = 1.0 if off == 0 else min(1.0, max(0.0, ((1 - sparsity) * causal - nb) / off))
+    g = torch.Generator(device=device).manual_seed(seed)
+    mask = torch.rand(B, H, nb, nb, device=device, generator=g) < p
+    mask &= torch.ones(nb, nb, dtype=torch.bool, device=device).tril_(-1)
+    mask |= torch.eye(nb, dtype=torch.bool, device=device)
+    return mask
+
+
+def sink_window_mask(B, H, nb, sparsity, device):
+    """Block 0 (sink) plus the w most recent blocks, w chosen so the kept share is near 1 - s."""
+    i = torch.arange(nb, dtype=torch.float64)
+    causal = nb * (nb + 1) / 2
+    best, best_err = nb, float("inf")
+    for w in range(1, nb + 1):
+        kept = torch.minimum(i + 1, torch.full_like(i, w) + (i - w + 1 > 0).double()).sum().item()
+        err = abs(kept / causal - (1 - sparsity))
+        if err < best_err:
+            best, best_err = w, err
+    qi = torch.arange(nb, device=device).view(nb, 1)
+    kj = torch.arange(nb, device=device).view(1, nb)
+    m = ((kj <= qi) & (kj > qi - best)) | ((kj == 0) & (qi >= 0))
+    return m.expand(B, H, nb, nb).contiguous()
+
+
+def realized_sparsity(mask):
+    nb = mask.shape[-1]
+    kept = (mask & torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril_()).sum().item()
+    return 1.0 - kept / (mask.shape[0] * mask.shape[1] * nb * (nb + 1) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# providers
+
+
+def flex_setup():
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def make(mask, S, b):
+        nb = mask.shape[-1]
+        strict = mask & torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril_(-1)
+        full_counts, full_idx = ref.mask_to_index(strict)
+        diag = torch.diagonal(mask, dim1=-2, dim2=-1)  # (B, H, nb)
+        part_counts = diag.to(torch.int32)
+        part_idx = torch.zeros(*mask.shape, dtype=torch.int32, device=mask.device)
+        part_idx[..., 0] = torch.arange(nb, device=mask.device, dtype=torch.int32)
+        return BlockMask.from_kv_blocks(
+            part_counts,
+            part_idx,
+            full_counts,
+            full_idx.clamp_min(0).contiguous(),
+            BLOCK_SIZE=b,
+            mask_mod=causal,
+            seq_lengths=(S, S),
+        )
+
+    def run(q, k, v, block_mask, b):
+        opts = {"BLOCK_M": 64, "BLOCK_N": 64} if b == 64 else None
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=opts)
+
+    return make, run
+
+
+def sdpa(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    with sdpa_kernel(be):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def sdpa_fn(q, k, v, backend):
+    """A callable for SDPA; falls back to repeated K/V (built outside the timing) if GQA fails."""
+    try:
+        sdpa(q, k, v, backend)
+        return lambda: sdpa(q, k, v, backend), "enable_gqa"
+    except RuntimeError:
+        g = q.shape[1] // k.shape[1]
+        kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+
+        def run():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        run()
+        return run, "repeated_kv"
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def bench(fn, ms_hint=None):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return ms, peak
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+class Recorder:
+    def __init__(self, cfg: Config):
+        self.cfg, self.records, self.checks = cfg, [], []
+
+    def add(self, **kw):
+        rec = {**self.cfg.meta, "block_size": self.cfg.block_size, **kw}
+        self.records.append(rec)
+        print(
+            f"{rec['provider']:>12} S={rec['seq_len']:>6} {rec.get('pattern', ''):>11} "
+            f"sp={rec['sparsity']:.3f} {rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s "
+            f"mem {rec.get('peak_mem_mb', 0):8.0f} MB",
+            flush=True,
+        )
+
+    def check(self, name, S, err, limit):
+        ok = err <= limit and math.isfinite(err)
+        self.checks.append({"check": name, "seq_len": S, "rel_err": err, "limit": limit, "ok": ok})
+        print(f"check {name:<34} S={S:>6} rel_err={err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+
+
+def run_seq(cfg: Config, S: int, rec: Recorder, flex):
+    B, Hq, Hkv, d, b = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
+    dev = "cuda"
+    torch.manual_seed(S)
+    q = torch.randn(B, Hq, S, d, device=dev, dtype=cfg.dtype)
+    k = torch.randn(B, Hkv, S, d, device=dev, dtype=cfg.dtype)
+    v = torch.randn(B, Hkv, S, d, device=dev, dtype=cfg.dtype)
+    nb = ref.num_blocks(S, b)
+    flops = causal_flops(cfg, S)
+    G = Hq // Hkv
+    dense_ms = {}
+
+    # ---- dense providers
+    if "seer_dense" in cfg.providers:
+        fn = lambda: attention(q, k, v)  # noqa: E731
+        if cfg.check:
+            rec.check(
+                "seer_dense vs reference (group 0)",
+                S,
+                rel_err(
+                    attention(q[:, :G], k[:, :1], v[:, :1]),
+                    ref.attention(q[:, :G], k[:, :1], v[:, :1]),
+                ),
+                2e-2,
+            )
+        ms, mem = bench(fn)
+        rec.add(
+            provider="seer_dense",
+            seq_len=S,
+            sparsity=0.0,
+            pattern="dense",
+            ms=ms,
+            tflops=flops / ms / 1e9,
+            peak_mem_mb=mem,
+        )
+        dense_ms["seer_dense"] = ms
+    if "seer_pooled" in cfg.providers:
+        fn = lambda: pooled_attention(q, k, v, b)  # noqa: E731
+        if cfg.check:
+            qs, ks, vs = q[:, :G], k[:, :1], v[:, :1]
+            o, p = pooled_attention(qs, ks, vs, b)
+            ro, rp = ref.pooled_attention(qs, ks, vs, b)
+            rec.check("seer_pooled out vs reference", S, rel_err(o, ro), 2e-2)
+            rec.check("seer_pooled map vs reference", S, rel_err(p, rp), 2e-2)
+            del o, p, ro, rp
+        ms, mem = bench(fn)
+        rec.add(
+            provider="seer_pooled",
+            seq_len=S,
+            sparsity=0.0,
+            pattern="dense",
+            ms=ms,
+            tflops=flops / ms / 1e9,
+            peak_mem_mb=mem,
+        )
+        dense_ms["seer_pooled"] = ms
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        if name not in cfg.providers or S > cfg.sdpa_max_seq:
+            continue
+        try:
+            fn, how = sdpa_fn(q, k, v, name.split("_")[1])
+        except RuntimeError as e:
+            print(f"{name} unavailable at S={S}: {e}", flush=True)
+            continue
+        if cfg.check:
+            qs, ks, vs = q[:, :G], k[:, :1], v[:, :1]
+            rec.check(
+                f"{name} vs seer_dense (group 0)",
+                S,
+                rel_err(fn()[:, :G], attention(qs, ks, vs)),
+                2e-2,
+            )
+        ms, mem = bench(fn)
+        rec.add(
+            provider=name,
+            seq_len=S,
+            sparsity=0.0,
+            pattern="dense",
+            ms=ms,
+            tflops=flops / ms / 1e9,
+            peak_mem_mb=mem,
+            gqa=how,
+        )
+        dense_ms[name] = ms
+
+    # ---- sparse providers
+    for pattern in cfg.patterns:
+        for sp in cfg.sparsities:
+            if pattern != "random" and sp == 0.0:
+                continue  # every pattern is the full causal mask at sparsity 0
+            if pattern == "random":
+                mask = random_mask(B, Hq, nb, sp, dev, seed=S + int(sp * 100))
+            else:
+                mask = sink_window_mask(B, Hq, nb, sp, dev)
+            real = realized_sparsity(mask)
+            kept = 1.0 - real
+            if "seer" in cfg.providers:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                index = build_block_index(mask, B, Hq, S, b)
+                torch.cuda.synchronize()
+                index_ms = (time.perf_counter() - t0) * 1e3
+                fn = lambda index=index: block_sparse_attention(q, k, v, index, b)  # noqa: E731
+                ref_check = S <= cfg.ref_check_max_seq or (pattern == "random" and sp == 0.9)
+                if cfg.check and ref_check:
+                    ms_ = mask[:, :G]
+                    got = block_sparse_attention(
+                        q[:, :G], k[:, :1], v[:, :1], ms_, b, rows_per_tile=index.rows_per_tile
+                    )
+                    rec.check(
+                        f"seer {pattern} {sp} vs reference",
+                        S,
+                        rel_err(
+                            got, ref.block_sparse_attention(q[:, :G], k[:, :1], v[:, :1], ms_, b)
+                        ),
+                        2e-2,
+                    )
+                ms, mem = bench(fn)
+                extra = {
+                    f"vs_{p}": dense_ms[p] / ms
+                    for p in ("sdpa_flash", "sdpa_cudnn")
+                    if p in dense_ms
+                }
+                rec.add(
+                    provider="seer",
+                    seq_len=S,
+                    sparsity=real,
+                    target_sparsity=sp,
+                    pattern=pattern,
+                    ms=ms,
+                    tflops=flops * kept / ms / 1e9,
+                    peak_mem_mb=mem,
+                    index_ms=index_ms,
+                    rows_per_tile=index.rows_per_tile,
+                    **extra,
+                )
+                seer_ms = ms
+                del index
+            if flex is not None and "flex" in cfg.providers:
+                make, run = flex
+                try:
+                    bm = make(mask, S, b)
+                    fn = lambda bm=bm: run(q, k, v, bm, b)  # noqa: E731, B023
+                    if cfg.check and "seer" in cfg.providers:
+                        out_f = fn()
+                        out_s = block_sparse_attention(q, k, v, mask, b)
+                        rec.check(f"flex {pattern} {sp} vs seer", S, rel_err(out_f, out_s), 2e-2)
+                        del out_f, out_s
+                    ms, mem = bench(fn)
+                    extra = {"seer_speedup": ms / seer_ms} if "seer" in cfg.providers else {}
+                    rec.add(
+                        provider="flex",
+                        seq_len=S,
+                        sparsity=real,
+                        target_sparsity=sp,
+                        pattern=pattern,
+                        ms=ms,
+                        tflops=flops * kept / ms / 1e9,
+                        peak_mem_mb=mem,
+                        **extra,
+                    )
+                    del bm
+                except Exception as e:  # noqa: BLE001
+                    print(
+                        f"flex failed at S={S} {pattern} {sp}: {type(e).__name__}: {e}", flush=True
+                    )
+            del mask
+    torch.cuda.empty_cache()
+
+
+def tune(cfg: Config, S: int, out_path: str, kernels=("seer", "pooled")):
+    """Time launch variants of both kernels at one length; sparsity 0 and 0.9 random."""
+    B, Hq, Hkv, d, b = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, S, d, device="cuda", dtype=cfg.dtype)
+    k = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
+    v = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
+    nb = ref.num_blocks(S, b)
+    flops = causal_flops(cfg, S)
+    rows = []
+    for sp in (0.0, 0.9) if "seer" in kernels else ():
+        mask = random_mask(B, Hq, nb, sp, "cuda", seed=1)
+        kept = 1 - realized_sparsity(mask)
+        for qpt, warps, stages, kvm in (
+            (1, 4, 3, False),
+            (1, 4, 3, True),
+            (1, 4, 4, True),
+            (1, 8, 2, True),
+            (2, 8, 3, False),
+            (2, 8, 3, True),
+            (2, 8, 4, True),
+        ):
+            index = build_block_index(mask, B, Hq, S, b, rows_per_tile=qpt)
+            if True:
+                try:
+                    fn = lambda index=index, warps=warps, stages=stages, kvm=kvm: (  # noqa: E731
+                        block_sparse_attention(
+                            q, k, v, index, b, num_warps=warps, num_stages=stages, kv_major=kvm
+                        )
+                    )
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                except Exception as e:  # noqa: BLE001
+                    print(f"seer qpt={qpt} w={warps} s={stages} failed: {e}")
+                    continue
+                row = {
+                    "kernel": "seer",
+                    "sparsity": sp,
+                    "rows_per_tile": qpt,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                    "kv_major": kvm,
+                    "ms": ms,
+                    "tflops": flops * kept / ms / 1e9,
+                }
+                rows.append(row)
+                print(row, flush=True)
+    for qpt in (1, 2) if "pooled" in kernels else ():
+        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            try:
+                kw = {"rows_per_tile": qpt, "num_warps": warps, "num_stages": stages}
+                fn = lambda kw=kw: pooled_attention(q, k, v, b, **kw)  # noqa: E731
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                fn2 = lambda kw=kw: pooled_attention(q, k, v, None, **kw)  # noqa: E731
+                ms2 = do_bench(fn2, warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                print(f"pooled qpt={qpt} w={warps} s={stages} failed: {e}")
+                continue
+            row = {
+                "kernel": "pooled",
+                "rows_per_tile": qpt,
+                "num_warps": warps,
+                "num_stages": stages,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "dense_ms": ms2,
+                "dense_tflops": flops / ms2 / 1e9,
+            }
+            rows.append(row)
+            print(row, flush=True)
+    with open(out_path, "w") as f:
+        json.dump({**cfg.meta, "seq_len": S, "rows": rows}, f, indent=1)
+
+
+def targets(records, seer0, S=32768):
+    """The issue's targets (H100, S = 32768, block 64) read off the records, as table lines."""
+
+    def one(provider, **kw):
+        for r in records:
+            if (
+                r["provider"] == provider
+                and r["seq_len"] == kw.get("seq_len", S)
+                and all(r.get(k) == v for k, v in kw.items() if k != "seq_len")
+            ):
+                return r
+        return None
+
+    s90, f90 = (
+        one("seer", pattern="random", target_sparsity=0.9),
+        one("flex", pattern="random", target_sparsity=0.9),
+    )
+    flash, pooled = one("sdpa_flash"), one("seer_pooled")
+    pooled_long = [r for r in records if r["provider"] == "seer_pooled" and r["seq_len"] >= 131072]
+    rows = []
+    if s90 and flash:
+        x = flash["ms"] / s90["ms"]
+        rows.append(
+            "| 90% sparsity (random): >= 9x SDPA flash | "
+            f"{s90['ms']:.3f} ms vs {flash['ms']:.3f} ms: "
+            f"{x:.2f}x | {'met' if x >= 9 else 'missed'} |"
+        )
+    if s90 and f90:
+        x = f90["ms"] / s90["ms"]
+        rows.append(
+            f"| 90% sparsity (random): faster than Flex, same mask | {s90['ms']:.3f} ms vs "
+            f"{f90['ms']:.3f} ms: {x:.2f}x | {'met' if x > 1 else 'missed'} |"
+        )
+    if S in seer0:
+        t = seer0[S]["tflops"]
+        rows.append(
+            f"| 0% sparsity: >= 450 TFLOP/s | {t:.1f} TFLOP/s ({seer0[S]['ms']:.3f} ms) | "
+            f"{'met' if t >= 450 else 'missed'} |"
+        )
+    if pooled and S in seer0:
+        x = pooled["ms"] / seer0[S]["ms"]
+        rows.append(
+            "| pooled_attention <= 1.25x our dense run | "
+            f"{pooled['ms']:.3f} ms / {seer0[S]['ms']:.3f} ms = "
+            f"{x:.3f}x | {'met' if x <= 1.25 else 'missed'} |"
+        )
+    if pooled_long:
+        r = pooled_long[-1]
+        rows.append(
+            "| pooled_attention runs at 131072 tokens | "
+            f"{r['ms']:.1f} ms, peak {r['peak_mem_mb']:.0f} MB | met |"
+        )
+    if not rows:
+        return []
+    return [
+        f"## Targets (S = {S}, block 64)",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def write_table(cfg: Config, records, checks, path):
+    lines = [
+        f"# Attention benchmark: {cfg.meta['gpu']}, {cfg.meta['date']}",
+        "",
+        f"torch {cfg.meta['torch']}, triton {cfg.meta['triton']}; B={cfg.batch}, Hq={cfg.q_heads}, "
+        f"Hkv={cfg.kv_heads}, d={cfg.head_dim}, bf16, causal, block {cfg.block_size}. "
+        "Median of `triton.testing.do_bench`. TFLOP/s count the kept share of 4·B·Hq·S²·d/2.",
+        f"Rerun: `{cfg.meta['command']}`",
+        "",
+    ]
+    seer0 = {
+        r["seq_len"]: r
+        for r in records
+        if r["provider"] == "seer" and r.get("target_sparsity") == 0.0
+    }
+    lines += targets(records, seer0)
+    lines += [
+        "## Dense (sparsity 0)",
+        "",
+        "| S | provider | ms | TFLOP/s | peak MB | time / seer at sparsity 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r["pattern"] == "dense":
+            s0 = seer0.get(r["seq_len"])
+            ratio = f"{r['ms'] / s0['ms']:.3f}" if s0 else "-"
+            lines.append(
+                f"| {r['seq_len']} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+                f"{r['peak_mem_mb']:.0f} | {ratio} |"
+            )
+    lines += [
+        "",
+        "## Block-sparse",
+        "",
+        "| S | pattern | sparsity | seer ms | seer TFLOP/s | flex ms | flex TFLOP/s | seer vs flex "
+        "| seer vs sdpa_flash | seer vs sdpa_cudnn |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    flex = {
+        (r["seq_len"], r["pattern"], r["target_sparsity"]): r
+        for r in records
+        if r["provider"] == "flex"
+    }
+    for r in records:
+        if r["provider"] != "seer":
+            continue
+        f = flex.get((r["seq_len"], r["pattern"], r["target_sparsity"]))
+        fx = (
+            f"| {f['ms']:.3f} | {f['tflops']:.1f} | {f['ms'] / r['ms']:.2f}× "
+            if f
+            else "| - | - | - "
+        )
+        vs = lambda key, r=r: f"{r[key]:.2f}×" if key in r else "-"  # noqa: E731
+        lines.append(
+            f"| {r['seq_len']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ms']:.3f} | "
+            f"{r['tflops']:.1f} {fx}| {vs('vs_sdpa_flash')} | {vs('vs_sdpa_cudnn')} |"
+        )
+    if checks:
+        lines += [
+            "",
+            "## Checks (relative Frobenius error, first kv-head group)",
+            "",
+            "| check | S | rel err | ok |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['check']} | {c['seq_len']} | {c['rel_err']:.2e} | {c['ok']} |" for c in checks
+        ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def merge(paths, out_dir, tag=""):
+    records, checks = [], []
+    for p in paths:
+        with open(p) as f:
+            records += json.load(f)
+        cp = p[: -len(".json")] + "-checks.json"
+        if os.path.exists(cp):
+            with open(cp) as f:
+                checks += json.load(f)
+    meta = {k: records[0][k] for k in ("gpu", "torch", "triton", "date")}
+    cmds = sorted({r["command"] for r in records})
+    meta["command"] = "`; `".join(cmds)
+    cfg = Config(meta=meta)
+    stem = os.path.join(out_dir, f"{meta['gpu']}-{meta['date']}{tag}")
+    records.sort(
+        key=lambda r: (
+            r["seq_len"],
+            r["provider"] != "seer",
+            r.get("pattern", ""),
+            r.get("target_sparsity", 0),
+        )
+    )
+    with open(stem + ".json", "w") as f:
+        json.dump(records, f, indent=1)
+    with open(stem + "-checks.json", "w") as f:
+        json.dump(checks, f, indent=1)
+    write_table(cfg, records, checks, stem + ".md")
+    print(open(stem + ".md").read())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=list(Config.seq_lens))
+    ap.add_argument("--sparsities", type=float, nargs="+", default=list(Config.sparsities))
+    ap.add_argument("--patterns", nargs="+", default=list(Config.patterns))
+    ap.add_argument("--providers", nargs="+", default=list(Config.providers))
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="", help="suffix for the result file names")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument(
+        "--tune",
+        nargs="*",
+        choices=("seer", "pooled"),
+        default=None,
+        help="time launch variants of these kernels instead of the sweep",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine result files of earlier runs into --out/<gpu>-<date>.{json,md}",
+    )
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.tag)
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
+    date = datetime.date.today().isoformat()
+    meta = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": date,
+        "command": "python bench/bench_attention.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    cfg = Config(
+        seq_lens=tuple(args.seq_lens),
+        sparsities=tuple(args.sparsities),
+        patterns=tuple(args.patterns),
+        providers=tuple(args.providers),
+        check=not args.no_check,
+        meta=meta,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{gpu}-{date}{args.tag}")
+    if args.tune is not None:
+        for S in cfg.seq_lens:
+            tune(cfg, S, f"{stem}-tune-{S}.json", tuple(args.tune) or ("seer", "pooled"))
+        return
+    flex = flex_setup() if "flex" in cfg.providers else None
+    rec = Recorder(cfg)
+    try:
+        for S in cfg.seq_lens:
+            run_seq(cfg, S, rec, flex)
+    finally:
+        with open(stem + ".json", "w") as f:
+            json.dump(rec.records, f, indent=1)
+        with open(stem + "-checks.json", "w") as f:
+            json.dump(rec.checks, f, indent=1)
+        write_table(cfg, rec.records, rec.checks, stem + ".md")
+    print(open(stem + ".md").read())
+
+
+if __name__ == "__main__":
+    main()
