@@ -508,6 +508,59 @@ def targets(records, seer0, S=32768):
     ]
 
 
+def shapes(cfg: Config, S: int, out_path: str):
+    """Other head dims and block sizes at one length: default launch and a few alternatives at
+    sparsity 0 and 0.9 (random), the pooled kernel, and the index build (torch vs triton)."""
+    B, Hq, Hkv = cfg.batch, cfg.q_heads, cfg.kv_heads
+    rows = []
+    for d, b in ((128, 64), (64, 64), (128, 32), (128, 128), (64, 32), (64, 128)):
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, S, d, device="cuda", dtype=cfg.dtype)
+        k = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
+        v = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
+        nb = ref.num_blocks(S, b)
+        flops = 4.0 * B * Hq * S * S * d / 2
+        for sp in (0.0, 0.9):
+            mask = random_mask(B, Hq, nb, sp, "cuda", seed=2)
+            kept = 1 - realized_sparsity(mask)
+            for method in ("torch", "triton"):
+                build_block_index(mask, B, Hq, S, b, method=method)
+                ms = do_bench(
+                    lambda m=method, mask=mask: build_block_index(mask, B, Hq, S, b, method=m),  # noqa: B023
+                    warmup=5, rep=50, return_mode="median",
+                )
+                rows.append({"kind": "index", "d": d, "b": b, "sparsity": sp, "method": method,
+                             "ms": ms})
+                print(rows[-1], flush=True)
+            index = build_block_index(mask, B, Hq, S, b)
+            if cfg.check:
+                qs, ks, vs, ms_ = q[:, :4], k[:, :1], v[:, :1], mask[:, :4]
+                err = rel_err(block_sparse_attention(qs, ks, vs, ms_, b),
+                              ref.block_sparse_attention(qs, ks, vs, ms_, b))
+                rows.append({"kind": "check", "d": d, "b": b, "sparsity": sp, "rel_err": err})
+                print(rows[-1], flush=True)
+            for warps, stages in ((None, None), (4, 3), (8, 3), (4, 2), (8, 2)):
+                try:
+                    ms = do_bench(
+                        lambda w=warps, s=stages, index=index: block_sparse_attention(
+                            q, k, v, index, b, num_warps=w, num_stages=s),  # noqa: B023
+                        warmup=25, rep=100, return_mode="median",
+                    )
+                except Exception as e:  # noqa: BLE001
+                    print(f"d={d} b={b} w={warps} s={stages} failed: {type(e).__name__}: {e}")
+                    continue
+                rows.append({"kind": "seer", "d": d, "b": b, "sparsity": sp,
+                             "rows_per_tile": index.rows_per_tile, "num_warps": warps,
+                             "num_stages": stages, "ms": ms, "tflops": flops * kept / ms / 1e9})
+                print(rows[-1], flush=True)
+        ms = do_bench(lambda: pooled_attention(q, k, v, b), warmup=25, rep=100,  # noqa: B023
+                      return_mode="median")
+        rows.append({"kind": "pooled", "d": d, "b": b, "ms": ms, "tflops": flops / ms / 1e9})
+        print(rows[-1], flush=True)
+        with open(out_path, "w") as f:
+            json.dump({**cfg.meta, "seq_len": S, "rows": rows}, f, indent=1)
+
+
 def write_table(cfg: Config, records, checks, path):
     lines = [
         f"# Attention benchmark: {cfg.meta['gpu']}, {cfg.meta['date']}",
@@ -627,6 +680,11 @@ def main(argv=None):
         help="time launch variants of these kernels instead of the sweep",
     )
     ap.add_argument(
+        "--shapes",
+        action="store_true",
+        help="time other head dims / block sizes and the index build instead of the sweep",
+    )
+    ap.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -655,6 +713,10 @@ def main(argv=None):
     )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{gpu}-{date}{args.tag}")
+    if args.shapes:
+        for S in cfg.seq_lens:
+            shapes(cfg, S, f"{stem}-shapes-{S}.json")
+        return
     if args.tune is not None:
         for S in cfg.seq_lens:
             tune(cfg, S, f"{stem}-tune-{S}.json", tuple(args.tune) or ("seer", "pooled"))

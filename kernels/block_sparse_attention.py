@@ -194,7 +194,12 @@ def _as_mask(block_mask_or_index, B, H, nb):
     )
 
 
-def choose_rows_per_tile(block_mask: torch.Tensor, block_size: int, max_waste: float = 1.3) -> int:
+_MAX_WASTE = 1.3
+
+
+def choose_rows_per_tile(
+    block_mask: torch.Tensor, block_size: int, max_waste: float = _MAX_WASTE
+) -> int:
     """Query blocks per program: the largest tile up to 128 rows whose union of kept lists computes
     at most `max_waste` times the rows the mask asks for (1 where b-row tiles are already 128)."""
     nb = block_mask.shape[-1]
@@ -211,20 +216,108 @@ def choose_rows_per_tile(block_mask: torch.Tensor, block_size: int, max_waste: f
     return 1
 
 
+@triton.jit
+def _index_pass(
+    MASK, COUNTS, NFULL, ROWS, ENTRIES,
+    smz, smh, smi,
+    H, NB, N_TILES, L,
+    QPT: tl.constexpr,
+    NB_P2: tl.constexpr,
+    WRITE: tl.constexpr,
+):
+    """One program per (batch*head, tile): union of the tile's QPT mask rows (on or below the
+    diagonal), its row bits, count, n_full and the summed per-row counts; with WRITE, the
+    compacted entries (cumsum positions, ascending)."""
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    z = pid_bh // H
+    h = pid_bh % H
+    cols = tl.arange(0, NB_P2)
+    base = MASK + z.to(tl.int64) * smz + h.to(tl.int64) * smh
+    bits = tl.zeros([NB_P2], dtype=tl.int32)
+    rows_kept = 0
+    for r in tl.static_range(QPT):
+        i = t * QPT + r
+        ok = (cols < NB) & (cols <= i) & (i < NB)
+        row = (tl.load(base + i.to(tl.int64) * smi + cols, mask=ok, other=0) != 0).to(tl.int32)
+        bits = bits | (row << r)
+        rows_kept += tl.sum(row, 0)
+    keep = (bits != 0).to(tl.int32)
+    meta = pid_bh.to(tl.int64) * N_TILES + t
+    count = tl.sum(keep, 0)
+    if WRITE:
+        pos = tl.cumsum(keep, 0) - 1
+        tl.store(ENTRIES + meta * L + pos, cols | (bits << _SHIFT), mask=keep != 0)
+    else:
+        tl.store(COUNTS + meta, count)
+        tl.store(NFULL + meta, tl.sum(tl.where(cols < t * QPT, keep, 0), 0))
+        tl.store(ROWS + meta, rows_kept)
+
+
+def _index_counts(mask_u8, batch, heads, nb, qpt):
+    n_tiles = -(-nb // qpt)
+    counts, n_full, rows = (
+        torch.empty(batch, heads, n_tiles, dtype=torch.int32, device=mask_u8.device)
+        for _ in range(3)
+    )
+    _index_pass[(batch * heads, n_tiles)](
+        mask_u8, counts, n_full, rows, counts,
+        mask_u8.stride(0), mask_u8.stride(1), mask_u8.stride(2),
+        heads, nb, n_tiles, 1,
+        QPT=qpt, NB_P2=triton.next_power_of_2(nb), WRITE=False,
+    )
+    return counts, n_full, rows
+
+
+def _build_block_index_triton(mask, batch, heads, seq_len, block_size, rows_per_tile):
+    nb = mask.shape[-1]
+    m8 = mask.contiguous().view(torch.uint8)
+    qpt = max(1, 128 // block_size) if rows_per_tile is None else rows_per_tile
+    while True:
+        counts, n_full, rows = _index_counts(m8, batch, heads, nb, qpt)
+        used, need, longest = torch.stack(
+            [counts.sum(dtype=torch.int64), rows.sum(dtype=torch.int64),
+             counts.max().to(torch.int64)]
+        ).tolist()
+        if rows_per_tile is not None or qpt == 1 or used * qpt <= _MAX_WASTE * need:
+            break
+        qpt //= 2
+    n_tiles = counts.shape[-1]
+    L = max(1, longest)
+    entries = torch.zeros(batch, heads, n_tiles, L, dtype=torch.int32, device=mask.device)
+    _index_pass[(batch * heads, n_tiles)](
+        m8, counts, n_full, rows, entries,
+        m8.stride(0), m8.stride(1), m8.stride(2),
+        heads, nb, n_tiles, L,
+        QPT=qpt, NB_P2=triton.next_power_of_2(nb), WRITE=True,
+    )
+    return BlockIndex(counts=counts, n_full=n_full, entries=entries, block_size=block_size,
+                      rows_per_tile=qpt, seq_len=seq_len)
+
+
 def build_block_index(
     block_mask_or_index, batch: int, heads: int, seq_len: int, block_size: int,
-    rows_per_tile: int | None = None,
+    rows_per_tile: int | None = None, method: str = "auto",
 ) -> BlockIndex:
     """Turn a bool mask (B, H, nb, nb) or mask_to_index's (counts, indices) into a BlockIndex.
 
     Blocks above the diagonal are dropped (they contribute nothing under the causal mask).
-    rows_per_tile (query blocks per program, 1, 2 or 4) defaults to `choose_rows_per_tile`.
+    rows_per_tile (query blocks per program, 1, 2 or 4) defaults to `choose_rows_per_tile`'s rule.
+    method: "triton" (a small kernel, two passes over the mask; the default on CUDA) or "torch"
+    (sort-based; the default on CPU and the oracle for the kernel's tests).
     """
     nb = num_blocks(seq_len, block_size)
     mask = _as_mask(block_mask_or_index, batch, heads, nb)
-    qpt = choose_rows_per_tile(mask, block_size) if rows_per_tile is None else int(rows_per_tile)
-    if qpt not in (1, 2, 4, 8):
+    if rows_per_tile is not None and int(rows_per_tile) not in (1, 2, 4, 8):
         raise ValueError(f"rows_per_tile must be 1, 2, 4 or 8; got {rows_per_tile}")
+    if method not in ("auto", "triton", "torch"):
+        raise ValueError(f"method must be 'auto', 'triton' or 'torch'; got {method!r}")
+    if method == "auto":
+        method = "triton" if mask.is_cuda else "torch"
+    if method == "triton":
+        rpt = None if rows_per_tile is None else int(rows_per_tile)
+        return _build_block_index_triton(mask, batch, heads, seq_len, block_size, rpt)
+    qpt = choose_rows_per_tile(mask, block_size) if rows_per_tile is None else int(rows_per_tile)
     dev = mask.device
     causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril_()
     m = mask & causal  # (B, H, nb, nb)

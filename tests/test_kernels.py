@@ -217,3 +217,37 @@ def test_inputs_are_validated():
     if not ON_GPU:
         with pytest.raises(ValueError, match="float32 or float16"):
             pooled_attention(q.double(), k.double(), v.double(), 32)
+
+
+@pytest.mark.parametrize(
+    "S,b,density,rows_per_tile",
+    [
+        (200, 32, 0.3, None),
+        (97, 32, 1.0, None),
+        (1000, 64, 0.9, None),
+        (1000, 64, 0.15, None),
+        (64, 16, 0.5, 8),
+        (300, 128, 0.5, None),
+        (300, 64, 0.0, 2),
+    ],
+)
+def test_index_kernel_matches_torch_builder(S, b, density, rows_per_tile):
+    nb = num_blocks(S, b)
+    mask = _random_mask(2, 2, nb, density, seed=S + b)
+    a = build_block_index(mask, 2, 2, S, b, rows_per_tile, method="torch")
+    c = build_block_index(mask, 2, 2, S, b, rows_per_tile, method="triton")
+    assert a.rows_per_tile == c.rows_per_tile
+    assert torch.equal(a.counts, c.counts) and torch.equal(a.n_full, c.n_full)
+    assert a.entries.shape == c.entries.shape
+    valid = torch.arange(a.entries.shape[-1], device=DEVICE) < a.counts.unsqueeze(-1)
+    assert torch.equal(a.entries[valid], c.entries[valid])
+
+
+def test_kv_major_and_head_major_launch_orders_agree():
+    q, k, v = _qkv(2, 6, 2, 200, 64, seed=9)
+    mask = _random_mask(2, 6, num_blocks(200, 32), 0.4, seed=10)
+    expected = ref.block_sparse_attention(q, k, v, mask, 32)
+    for kv_major in (True, False):
+        out = _poisoned(q.shape)
+        block_sparse_attention(q, k, v, mask, 32, out=out, kv_major=kv_major)
+        _assert_close(out, expected)
