@@ -55,8 +55,10 @@ REPORTS = ROOT / "reports"
 # 2-core CPU, same code paths as the defaults.
 SMALL_PARAMETERS: dict[str, dict] = {
     "01_attention_maps": {"SEQ_LEN": 192, "LAYER": 10, "BLOCK_SIZE": 32},
-    "02_gate_vs_truth": {"SEQ_LEN": 256, "BLOCK_SIZE": 32},
-    "03_train_gate": {"STEPS": 4, "SEQ_LEN": 256, "BLOCK_SIZE": 32},
+    "02_gate_vs_truth": {"SEQ_LEN": 256, "LAYER": 10},
+    "03_train_gate": {"STEPS": 4, "SEQ_LEN": 256, "BLOCK_SIZE": 32, "TRAIN_WINDOWS": 2,
+                      "EVAL_WINDOWS": 1, "EVAL_EVERY": 2, "WARMUP": 1,
+                      "OUT": "reports/gates/nb03_small.safetensors"},
     "04_sparsity_vs_quality": {"SEQ_LEN": 256, "N_WINDOWS": 1, "DENSITIES": [0.3, 1.0],
                                "PASSKEY_LEN": 256, "PASSKEY_DEPTHS": [0.5]},
     "05_kernel_speed": {"CHECK_SEQ_LEN": 97},
@@ -278,8 +280,12 @@ def _git_commit() -> str:
 def write_index(results: Sequence[NotebookResult], out_dir: Path = REPORTS,
                 title: str = "seerlib reports") -> Path:
     """`out_dir/index.html`: one row per notebook (link, status, time, parameters, key figures)."""
-    from seerlib import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("seerlib")
+    except PackageNotFoundError:
+        __version__ = "unknown"
     esc = html.escape
     rows = []
     for r in results:

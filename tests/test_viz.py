@@ -93,3 +93,76 @@ def test_renderer_bundle_has_json_and_html_without_plotlyjs():
     html = bundle["text/html"]
     assert "Plotly.newPlot" in html and len(html) < 50_000  # plotly.js is not inlined per figure
     assert "mathjax" not in html.lower()
+
+
+def test_gate_comparison_and_panel_on_a_tiny_model():
+    from seerlib.capture import capture_qkv
+    from seerlib.distill import tiny_model
+    from seerlib.gate import GateSet
+
+    model = tiny_model()
+    ids = torch.randint(0, 211, (1, 100), generator=torch.Generator().manual_seed(0))
+    gc = viz.GateComparison(capture_qkv(model, ids), GateSet.from_config(model.config,
+                                                                         block_size=16))
+    d = gc.layer(1)
+    assert d["mass"].shape == d["truth"].shape == d["pred"].shape == (1, 4, 7, 7)
+    torch.testing.assert_close(d["truth"].sum(-1), torch.ones(1, 4, 7))
+    mask, orc = gc.masks(1, density=0.5)
+    assert mask.sum() == orc.sum()  # same k per row
+    sc = gc.scores(density=0.5)
+    assert set(sc) == {"recall", "oracle_recall", "kl", "density"}
+    assert sc["recall"].shape == (2, 4)
+    assert (sc["recall"] <= sc["oracle_recall"] + 1e-6).all()  # the oracle is the upper bound
+    th = gc.scores(threshold=1e-3)
+    assert (th["density"] > 0).all()
+    figs = viz.gate_panel({16: gc}, 1, 2, 0.5, None, interactive=False)
+    assert len(figs) == 3 and len(figs[0].data) == 4
+    import ipywidgets as W
+
+    assert isinstance(viz.gate_panel({16: gc}, 1, 2, None, 1e-3, interactive=True), W.VBox)
+
+
+def test_loss_curve_collects_and_draws():
+    curve = viz.LossCurve(interactive=False, print_every=0)
+    for s in range(1, 4):
+        m = {"step": s, "loss": 1.0 / s, "recall": {"0.5": 0.5 + s / 10}, "loss_per_layer": [1]}
+        if s == 3:
+            m.update(eval_loss=0.4, eval_recall={"0.5": 0.7})
+        curve.update(m)
+    fig = curve.finish()
+    assert [t.name for t in fig.data] == ["train loss", "held-out loss", "recall @ 0.5",
+                                          "held-out @ 0.5"]
+    assert "loss_per_layer" not in curve.history[0]
+    assert len(viz.layer_loss_figure([0.1, 0.2]).data[0].x) == 2
+
+
+def _record(provider, S, ms, sparsity=0.0, pattern="dense", gpu="GPU-A", date="2026-01-01"):
+    return {"provider": provider, "seq_len": S, "ms": ms, "sparsity": sparsity,
+            "target_sparsity": sparsity, "pattern": pattern, "gpu": gpu, "date": date,
+            "torch": "t", "triton": "t"}
+
+
+def test_bench_records_and_speedups(tmp_path):
+    import json
+
+    recs = [_record("sdpa_flash", 1024, 4.0), _record("sdpa_cudnn", 1024, 2.0),
+            _record("seer_dense", 1024, 3.0),
+            _record("seer", 1024, 1.0, 0.5, "random"), _record("flex", 1024, 1.5, 0.5, "random"),
+            _record("seer", 1024, 2.0, 0.5, "random", date="2025-01-01")]  # older file loses
+    (tmp_path / "GPU-A-2026-01-01.json").write_text(json.dumps(recs[:5]))
+    (tmp_path / "GPU-A-2025-01-01.json").write_text(json.dumps(recs[5:]))
+    (tmp_path / "GPU-A-2026-01-01-checks.json").write_text(json.dumps([{"check": "x"}]))
+    (tmp_path / "GPU-B-2024-01-01.json").write_text(json.dumps(
+        [_record("seer", 1024, 9.0, 0.5, "random", gpu="GPU-B", date="2024-01-01")]))
+    records, files = viz.bench_records(tmp_path)
+    assert files == ["GPU-A-2026-01-01.json"] and len(records) == 5
+    (row,) = viz.speedups(records, "random")
+    assert row["sdpa_flash"] == 4.0 and row["sdpa_cudnn"] == 2.0 and row["flex"] == 1.5
+    assert row["seer_dense"] == 3.0
+    fig = viz.speedup_figure(records)
+    names = {t.name for t in fig.data}
+    assert {"ideal 1/(1-s)", "vs FlashAttention-2 (SDPA)", "vs FlexAttention (same mask)"} <= names
+    assert viz.bench_records(tmp_path, gpu="GPU-B")[0][0]["ms"] == 9.0
+    assert viz.bench_records(tmp_path / "none") == ([], [])
+    table = viz.table_figure([row], ["seq_len", "sdpa_flash"], headers={"sdpa_flash": "vs FA2"})
+    assert list(table.data[0].header.values) == ["seq_len", "vs FA2"]
