@@ -22,7 +22,7 @@ Modes (which blocks a prefill keeps):
 
 With a `density`, "gate", "oracle" and "sink_window" keep the same k blocks per query-block row
 (`select.density_to_k`), so their achieved densities are equal; "vertical_slash" takes whole lines
-until the budget is met, so it lands within a few hundredths of it. `sp.stats` reports what was kept.
+until the budget is met, so it lands near it, not on it. `sp.stats` reports what was kept.
 
 Single-token decode steps (and any call whose query is shorter than its keys, i.e. a cached
 continuation) stay dense. The block-sparse product goes through `seerlib.ops` (Triton on CUDA, the
@@ -195,17 +195,22 @@ def _causal_mask_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int = 64):
+def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int = 64,
+                       mask_mod_from_blocks: bool = False):
     """A FlexAttention `BlockMask` computing exactly the kept tiles of a selection, causally.
 
     Kept tiles strictly below the diagonal are passed as full blocks (no per-score mask), the
-    diagonal tiles as partial blocks with the causal `mask_mod`.
+    diagonal tiles as partial blocks with the causal `mask_mod`. Compiled `flex_attention` visits
+    only the listed blocks; uncompiled (eager) `flex_attention` ignores the block lists and applies
+    `mask_mod` to every score, so for eager use pass `mask_mod_from_blocks=True`, which also encodes
+    the selection in `mask_mod` (a new function per call: under torch.compile it would recompile).
 
     Args:
         block_mask: (B, H, nb, nb) bool, nb = ceil(seq_len / block_size); tiles above the block
             diagonal are ignored.
         seq_len: S, query and key length.
         block_size: tile size b.
+        mask_mod_from_blocks: make `mask_mod` causal AND in a kept tile (eager flex_attention).
     Returns:
         torch.nn.attention.flex_attention.BlockMask with BLOCK_SIZE (b, b) and seq_lengths (S, S);
         its `to_dense()` (cropped to nb x nb) equals the causal part of `block_mask`.
@@ -214,7 +219,7 @@ def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int =
 
     b = check_block_size(block_size)
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-        got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+        got = block_mask.dtype if torch.is_tensor(block_mask) else type(block_mask).__name__
         raise ValueError(f"block_mask must be a torch.bool tensor (B, H, nb, nb); got {got}")
     nb = num_blocks(seq_len, b)
     if block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != (nb, nb):
@@ -226,6 +231,13 @@ def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int =
     below = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril(-1)
     partial_counts, partial_idx = mask_to_index(block_mask & eye)
     full_counts, full_idx = mask_to_index(block_mask & below)
+    mask_mod = _causal_mask_mod
+    if mask_mod_from_blocks:
+        kept = block_mask.tril()
+
+        def mask_mod(b_, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & kept[b_, h, q_idx // b, kv_idx // b]
+
     # entries past each row's count are -1 in mask_to_index; flex reads only the first `count`
     # entries in its kernels but its dense conversion indexes them all, so keep them in range
     return BlockMask.from_kv_blocks(
@@ -234,7 +246,7 @@ def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int =
         full_counts,
         full_idx.clamp_min(0),
         BLOCK_SIZE=b,
-        mask_mod=_causal_mask_mod,
+        mask_mod=mask_mod,
         seq_lengths=(seq_len, seq_len),
     )
 
@@ -257,7 +269,8 @@ def _sparse_attention(q, k, v, mask, cfg: SparseConfig, scale: float) -> torch.T
     """(B, Hq, S, d) block-sparse attention of the kept tiles, by the configured path."""
     if cfg.attention == "ops":
         return ops.block_sparse_attention(q, k, v, mask, cfg.block_size, scale=scale)
-    bm = to_flex_block_mask(mask, q.shape[2], cfg.block_size)
+    bm = to_flex_block_mask(mask, q.shape[2], cfg.block_size,
+                            mask_mod_from_blocks=not cfg.compile_flex)
     fn = _flex(cfg.compile_flex)
     with warnings_off():
         return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -428,7 +441,8 @@ class Sparsified:
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
-        return f"Sparsified({self.config.label}, {state}, density={self.stats.achieved_density:.3f})"
+        dens = self.stats.achieved_density
+        return f"Sparsified({self.config.label}, {state}, density={dens:.3f})"
 
     def _attend(self, module, query, key, value, attention_mask, *, default, **kwargs):
         layer = module.layer_idx
