@@ -521,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: None) if (args.quiet or rank) else (lambda *a: print(*a, flush=True))
 
     if args.model == TINY_MODEL:
-        model, tokenizer, model_name = tiny_model(), None, TINY_MODEL
+        model, tokenizer, model_name = tiny_model().to(args.device), None, TINY_MODEL
     else:
         from seerlib.data import MODEL_NAME, load_model
 
-        model, tokenizer = load_model()
+        model, tokenizer = load_model(device=args.device)
         model_name = MODEL_NAME
     fingerprint = model_fingerprint(model)
     b = args.block_size

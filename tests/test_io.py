@@ -94,3 +94,25 @@ def test_checkpoint_resume(tmp_path):
         load_checkpoint(
             tmp_path / "c.safetensors", GateSet.from_config(tiny_config(), block_size=16), o2, s2
         )
+
+
+SHIPPED = "data/gates/smollm2-135m-instruct-b64.safetensors"
+
+
+@pytest.mark.model
+def test_shipped_gate_loads():
+    import os
+
+    from seerlib.data import MODEL_NAME, load_model
+
+    if not os.path.exists(SHIPPED):
+        pytest.fail(f"{SHIPPED} is missing")
+    model, _ = load_model()
+    gates = load_gates(SHIPPED, model, block_size=64, model_name=MODEL_NAME)
+    meta = read_metadata(SHIPPED)
+    assert len(gates) == model.config.num_hidden_layers == 30
+    assert meta["steps"] > 0 and meta["tokens_seen"] > 0 and meta["command"]
+    assert os.path.getsize(SHIPPED) < 10e6
+    q = torch.randn(1, 9, 200, 64)
+    k = torch.randn(1, 3, 200, 64)
+    assert torch.isfinite(gates[0](q, k).diagonal(dim1=-2, dim2=-1)).all()
