@@ -195,6 +195,9 @@ def _as_mask(block_mask_or_index, B, H, nb):
 
 
 _MAX_WASTE = 1.3
+# Index builder used on CUDA by default: the kernel, verified there and 3-10x faster than the
+# sort-based torch builder at S = 32768 (bench/NOTES.md).
+_DEFAULT_INDEX_METHOD = "triton"
 
 
 def choose_rows_per_tile(
@@ -303,8 +306,8 @@ def build_block_index(
 
     Blocks above the diagonal are dropped (they contribute nothing under the causal mask).
     rows_per_tile (query blocks per program, 1, 2 or 4) defaults to `choose_rows_per_tile`'s rule.
-    method: "triton" (a small kernel, two passes over the mask; the default on CUDA) or "torch"
-    (sort-based; the default on CPU and the oracle for the kernel's tests).
+    method: "triton" (a small kernel, two passes over the mask) or "torch" (sort-based; the
+    oracle for the kernel's tests); "auto" takes `_DEFAULT_INDEX_METHOD` on CUDA, torch on CPU.
     """
     nb = num_blocks(seq_len, block_size)
     mask = _as_mask(block_mask_or_index, batch, heads, nb)
@@ -313,7 +316,7 @@ def build_block_index(
     if method not in ("auto", "triton", "torch"):
         raise ValueError(f"method must be 'auto', 'triton' or 'torch'; got {method!r}")
     if method == "auto":
-        method = "triton" if mask.is_cuda else "torch"
+        method = _DEFAULT_INDEX_METHOD if mask.is_cuda else "torch"
     if method == "triton":
         rpt = None if rows_per_tile is None else int(rows_per_tile)
         return _build_block_index_triton(mask, batch, heads, seq_len, block_size, rpt)
