@@ -3,7 +3,8 @@
 Everything else in seerlib calls these three functions and never picks an implementation by hand.
 
 Backends:
-    "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16, else the reference.
+    "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16 whose head dim and
+        block size are among 16, 32, 64, 128; the reference for everything else.
     "triton": always the kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads).
     "reference": always `seerlib.reference`.
 Choose per call (`backend=`), for a block of code (`with use_backend("reference"): ...`), or for
@@ -62,13 +63,25 @@ def use_backend(backend: str):
         _backend.reset(token)
 
 
-def _use_kernels(q: torch.Tensor, backend: str | None) -> bool:
+# Shapes the kernels are built for; "auto" sends anything else to the reference.
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None) -> bool:
     name = get_backend(backend)
     if name == "reference":
         return False
     if name == "triton":
         return True
-    return isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return (
+        isinstance(q, torch.Tensor)
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dim() == 4
+        and q.shape[-1] in KERNEL_HEAD_DIMS
+        and (block_size is None or block_size in KERNEL_BLOCK_SIZES)
+    )
 
 
 def _kernels():
@@ -116,7 +129,7 @@ def pooled_attention(
         out (B, Hq, S, d) in q's dtype, pooled (B, Hq, nb, nb) float32 (largest softmax
         probability of each tile, 0 above the diagonal when causal).
     """
-    if _use_kernels(q, backend):
+    if _use_kernels(q, backend, block_size):
         return _kernels().pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
     return reference.pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
 
@@ -141,7 +154,7 @@ def block_sparse_attention(
     Returns:
         out (B, Hq, S, d); a row with nothing kept is zeros.
     """
-    if _use_kernels(q, backend):
+    if _use_kernels(q, backend, block_size):
         return _kernels().block_sparse_attention(
             q, k, v, block_mask_or_index, block_size, scale=scale
         )

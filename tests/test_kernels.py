@@ -251,3 +251,18 @@ def test_kv_major_and_head_major_launch_orders_agree():
         out = _poisoned(q.shape)
         block_sparse_attention(q, k, v, mask, 32, out=out, kv_major=kv_major)
         _assert_close(out, expected)
+
+
+@pytest.mark.parametrize("S,b,rows_per_tile", [(1, 32, None), (1, 32, 4), (33, 32, 4), (33, 16, 8)])
+def test_sequences_shorter_than_a_tile(S, b, rows_per_tile):
+    q, k, v = _qkv(1, 2, 1, S, 64, seed=11)
+    nb = num_blocks(S, b)
+    out, pooled = _poisoned(q.shape), _poisoned((1, 2, nb, nb), torch.float32)
+    pooled_attention(q, k, v, b, out=out, pooled_out=pooled, rows_per_tile=rows_per_tile)
+    exp_out, exp_pooled = ref.pooled_attention(q, k, v, b)
+    _assert_close(out, exp_out)
+    torch.testing.assert_close(pooled, exp_pooled, atol=1e-5 if not ON_GPU else 2e-2, rtol=0)
+    mask = _random_mask(1, 2, nb, 0.7, seed=12)
+    out = _poisoned(q.shape)
+    block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=rows_per_tile)
+    _assert_close(out, ref.block_sparse_attention(q, k, v, mask, b))

@@ -75,3 +75,13 @@ def test_forced_triton_backend_matches_reference():
     torch.testing.assert_close(
         pooled, reference.pooled_attention(q, k, v, 32)[1], atol=1e-5, rtol=0
     )
+
+
+def test_auto_sends_unsupported_shapes_to_reference(monkeypatch):
+    monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
+    meta = torch.empty(1, 2, 8, 64, device="meta", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert ops._use_kernels(meta, None, 64)
+    assert not ops._use_kernels(meta, None, 48)
+    assert not ops._use_kernels(meta[..., :48], None, 64)
+    assert not ops._use_kernels(meta.float(), None, 64)
