@@ -59,8 +59,9 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "03_train_gate": {"STEPS": 4, "SEQ_LEN": 256, "BLOCK_SIZE": 32, "TRAIN_WINDOWS": 2,
                       "EVAL_WINDOWS": 1, "EVAL_EVERY": 2, "WARMUP": 1,
                       "OUT": "reports/gates/nb03_small.safetensors"},
-    "04_sparsity_vs_quality": {"SEQ_LEN": 256, "N_WINDOWS": 1, "DENSITIES": [0.3, 1.0],
-                               "PASSKEY_LEN": 256, "PASSKEY_DEPTHS": [0.5]},
+    "04_sparsity_vs_quality": {"SEQ_LEN": 256, "N_WINDOWS": 1, "DENSITIES": [0.3],
+                               "METHODS": ["gate", "oracle-max"], "PASSKEY_LEN": 256,
+                               "PASSKEY_DEPTHS": [0.5]},
     "05_kernel_speed": {"CHECK_SEQ_LEN": 97},
 }
 

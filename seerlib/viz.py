@@ -33,6 +33,7 @@ __all__ = [
     "AttentionMaps",
     "GateComparison",
     "LossCurve",
+    "METHOD_NAMES",
     "attention_grid_figure",
     "attention_head_figure",
     "attention_maps_panel",
@@ -40,12 +41,16 @@ __all__ = [
     "blocks_to_cover",
     "coverage_density",
     "display_tokens",
+    "gate_files",
     "gate_panel",
     "gate_vs_truth_figure",
     "key_figures",
     "layer_head_heatmap",
     "layer_loss_figure",
     "loss_curve_figure",
+    "method_of",
+    "passkey_figure",
+    "quality_figure",
     "repo_path",
     "show",
     "sparsity_by_layer_figure",
@@ -669,7 +674,7 @@ def loss_curve_figure(history: Sequence[Mapping], title: str = "Gate distillatio
                                      name=f"held-out @ {dens}", mode="markers",
                                      marker=dict(size=9, color=col, symbol="diamond")),
                           row=1, col=2)
-    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(type="log", dtick="D2", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_xaxes(title="step")
     fig.update_layout(title=title, height=420)
@@ -891,6 +896,16 @@ def speed_panel(records: Sequence[Mapping], pattern: str, interactive: bool):
     return W.VBox([w, out])
 
 
+def gate_files(gate: str | None, gate_dir: str) -> list:
+    """Trained gate files for a notebook: `gate` first (when given and present), then every
+    `*.safetensors` in `gate_dir` that is not a training checkpoint; paths relative to the repo."""
+    files = [repo_path(gate)] if gate else []
+    folder = repo_path(gate_dir)
+    if folder.is_dir():
+        files += sorted(folder.glob("*.safetensors"))
+    return [f for f in dict.fromkeys(files) if f.exists() and ".ckpt" not in f.name]
+
+
 def repo_path(relative: str):
     """A path inside the source tree (where pyproject.toml is), for notebook parameters."""
     from pathlib import Path
@@ -900,3 +915,69 @@ def repo_path(relative: str):
         if (p / "pyproject.toml").exists() and (p / "seerlib").is_dir():
             return p / relative
     return Path(__file__).resolve().parent.parent / relative
+
+
+# ---------------------------------------------------------------- quality (notebook 04)
+
+METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "oracle-max": "oracle (pooled max)",
+                "oracle-sum": "oracle (attention mass)", "sink_window": "sink + window",
+                "vertical_slash": "vertical-slash"}
+_METHOD_COLORS = {"gate": "#d62728", "oracle-max": "#2ca02c", "oracle-sum": "#98df8a",
+                  "sink_window": "#1f77b4", "vertical_slash": "#9467bd", "dense": "black"}
+
+
+def method_of(row: Mapping) -> str:
+    """'oracle-max' / 'oracle-sum' for oracle rows, else the row's mode."""
+    return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
+
+
+def quality_figure(rows: Sequence[Mapping], length: int | None = None) -> go.Figure:
+    """Perplexity (left) and recall of the attention mass (right) against the achieved block
+    density, one line per method; dense as a dashed line. `rows` come from
+    `seerlib.eval.evaluate` (one length: `length`, default the first)."""
+    length = length or rows[0]["length"]
+    rows = [r for r in rows if r["length"] == length]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[
+        "perplexity (lower is better)", "recall of the attention mass"])
+    dense = next((r for r in rows if r["mode"] == "dense"), None)
+    methods = list(dict.fromkeys(method_of(r) for r in rows if r["mode"] != "dense"))
+    for m in methods:
+        pts = sorted((r for r in rows if method_of(r) == m), key=lambda r: r["achieved_density"])
+        x = [r["achieved_density"] for r in pts]
+        common = dict(mode="lines+markers", line_color=_METHOD_COLORS.get(m), legendgroup=m,
+                      customdata=[r.get("density_target") or r.get("threshold") for r in pts])
+        fig.add_trace(go.Scatter(x=x, y=[r["ppl"] for r in pts], name=METHOD_NAMES.get(m, m),
+                                 hovertemplate="density %{x:.3f} (target %{customdata})"
+                                 "<br>ppl %{y:.3f}<extra></extra>", **common), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=[r["recall"] for r in pts], showlegend=False,
+                                 hovertemplate="density %{x:.3f}<br>recall %{y:.3f}"
+                                 "<extra></extra>", **common), row=1, col=2)
+    if dense is not None:  # a trace, not a shape: shapes' labels misplace on log axes
+        fig.add_trace(go.Scatter(x=[0, 1], y=[dense["ppl"]] * 2, mode="lines",
+                                 name=f"dense ({dense['ppl']:.3f})",
+                                 line=dict(color="black", dash="dash")), row=1, col=1)
+    fig.update_xaxes(title="achieved density (kept share of causal blocks)", range=[0, 1.02])
+    fig.update_yaxes(type="log", dtick="D2", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_layout(title=f"Sparsity against quality at {length} tokens "
+                      f"({rows[0].get('windows', '?')} window(s) of evaluation text)",
+                      height=440)
+    return fig
+
+
+def passkey_figure(accuracy: Mapping[str, Mapping[tuple, float]]) -> go.Figure:
+    """Passkey accuracy per method (rows) and (length, depth) (columns): a heatmap.
+
+    Args:
+        accuracy: {method label: {(length, depth): share correct}} (`eval.passkey_accuracy`).
+    """
+    labels = list(accuracy)
+    cells = sorted({c for acc in accuracy.values() for c in acc})
+    z = [[accuracy[m].get(c, np.nan) for c in cells] for m in labels]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{L} tok, depth {d:.0%}" for L, d in cells], y=labels, zmin=0, zmax=1,
+        colorscale="RdYlGn", texttemplate="%{z:.0%}", colorbar=dict(title=dict(text="correct")),
+        hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>"))
+    fig.update_layout(title="Passkey retrieval: is the hidden number recalled?",
+                      height=max(260, 60 * len(labels) + 140))
+    return fig

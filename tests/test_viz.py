@@ -166,3 +166,21 @@ def test_bench_records_and_speedups(tmp_path):
     assert viz.bench_records(tmp_path / "none") == ([], [])
     table = viz.table_figure([row], ["seq_len", "sdpa_flash"], headers={"sdpa_flash": "vs FA2"})
     assert list(table.data[0].header.values) == ["seq_len", "vs FA2"]
+
+
+def test_quality_and_passkey_figures():
+    rows = [{"label": "dense", "mode": "dense", "length": 256, "ppl": 10.0, "recall": 1.0,
+             "achieved_density": 1.0, "density_target": None, "windows": 1}]
+    for d, ppl in ((0.1, 14.0), (0.3, 11.0)):
+        rows.append({"label": f"gate@{d}", "mode": "gate", "length": 256, "ppl": ppl,
+                     "recall": 0.5 + d, "achieved_density": d + 0.02, "density_target": d})
+        rows.append({"label": f"oracle-max@{d}", "mode": "oracle", "pooling": "max",
+                     "length": 256, "ppl": ppl - 1, "recall": 0.6 + d,
+                     "achieved_density": d + 0.02, "density_target": d})
+    fig = viz.quality_figure(rows)
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    assert names == ["gate (learned)", "oracle (pooled max)", "dense (10.000)"]
+    assert list(fig.data[0].x) == pytest.approx([0.12, 0.32])
+    pk = viz.passkey_figure({"dense": {(256, 0.5): 1.0}, "gate": {(256, 0.5): 0.0}})
+    assert np.asarray(pk.data[0].z).tolist() == [[1.0], [0.0]]
+    assert viz.method_of(rows[2]) == "oracle-max"
