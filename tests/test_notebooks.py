@@ -109,3 +109,9 @@ def test_report_parameters_force_static_figures():
     assert p["INTERACTIVE"] is False and p["LAYER"] == 3
     assert p["SEQ_LEN"] == report.SMALL_PARAMETERS["01_attention_maps"]["SEQ_LEN"]
 
+
+
+def test_every_notebook_is_written():
+    missing = [n for n in NOTEBOOKS if not path_of(n).exists()]
+    assert not missing, f"notebooks not written yet: {missing}"
+    assert [p.stem for p in report.find_notebooks()] == NOTEBOOKS
