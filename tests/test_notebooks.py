@@ -52,7 +52,9 @@ def test_committed_clean_with_plain_parameters(name):
 @pytest.mark.parametrize("name", [params(n) for n in present(NOTEBOOKS)])
 def test_notebook_runs_small(name, tmp_path):
     path = path_of(name)
-    result = report.run_notebook(path, tmp_path, report.parameters_for(path, True, {}))
+    # files a notebook writes (03's gates) go to tmp_path, not the source tree
+    params = report.parameters_for(path, True, {"OUT": str(tmp_path / "gates.safetensors")})
+    result = report.run_notebook(path, tmp_path, params)
     assert result.ok, result.error
     page = result.html.read_text()
     assert "Plotly.newPlot" in page or "INTERACTIVE" in page
