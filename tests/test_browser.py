@@ -4,7 +4,8 @@ Starts JupyterLab on 127.0.0.1 with a temporary root holding a small copy of
 `notebooks/01_attention_maps.ipynb` (INTERACTIVE on), opens it in headless Chromium (Debian's
 `chromium`, driven by playwright through `executable_path`; no browser download), runs all cells,
 checks that plotly heatmaps are drawn, moves the panel's layer slider with the keyboard and checks
-that the panel's grid of heatmaps is redrawn for the new layer.
+that the panel's grid of heatmaps is redrawn for the new layer. Also: an exported report draws its
+figures with the network cut off.
 """
 
 import json
@@ -27,7 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK = "01_attention_maps"
 PARAMETERS = {"SEQ_LEN": 160, "LAYER": 3, "BLOCK_SIZE": 32, "INTERACTIVE": True}
 
-pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def _free_port() -> int:
@@ -106,6 +107,7 @@ ALL_HEATMAPS = """() => [...document.querySelectorAll('.js-plotly-plot')]
     .filter(gd => (gd.data || []).some(t => t.type === 'heatmap')).length"""
 
 
+@pytest.mark.model
 def test_lab_draws_heatmaps_and_slider_redraws(lab):
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
@@ -153,3 +155,41 @@ def test_lab_draws_heatmaps_and_slider_redraws(lab):
             raise
         finally:
             browser.close()
+
+
+def test_report_html_draws_offline(tmp_path):
+    """An exported report draws its plotly figures with every network request refused."""
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    cells = [nbformat.v4.new_markdown_cell("# offline"),
+             nbformat.v4.new_code_cell("INTERACTIVE = True"),
+             nbformat.v4.new_code_cell(
+                 "import plotly.graph_objects as go\nfrom seerlib import viz\n"
+                 "viz.show(go.Figure(go.Heatmap(z=[[1, 2], [3, 4]])))\n"
+                 "go.Figure(go.Scatter(y=[1, 3, 2]))")]
+    cells[1].metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    src = tmp_path / "offline.ipynb"
+    nbformat.write(nb, str(src))
+    result = report.run_notebook(src, tmp_path / "out", {"INTERACTIVE": False})
+    assert result.ok, result.error
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM,
+                                    args=["--no-sandbox"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:")
+                   else r.abort())
+        page.goto(result.html.as_uri())
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length == 2",
+                               timeout=30_000)
+        kinds = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                              ".map(gd => gd.data[0].type)")
+        browser.close()
+    assert kinds == ["heatmap", "scatter"]
+    assert not [e for e in errors if "Plotly" in e], errors
