@@ -13,9 +13,19 @@ cache for as many epochs as needed, with no model in the loop.
   `python -m seerlib.distill` runs the same loop single-process or under `torchrun`
   (DistributedDataParallel, gloo on CPU, NCCL on GPU), with checkpoints and `--resume`.
 
-Cache files: <cache root>/distill/<model>-<config hash>-b<block>-s<seq>-<split>/w<index>.safetensors
-with keys L<layer>.q_<op>, L<layer>.k_<op> ((1, H, nb, d) float16) and L<layer>.pooled
-((1, Hq, nb, nb) float32).
+Ground-truth source (`target`, SEERATTENTION.md §3):
+- "kernel" (default on CUDA): the forward's attention runs through `seerlib.ops.pooled_attention`
+  (the Triton kernel, bf16 inputs on CUDA), which returns the attention output and the pooled map
+  in one pass: the paper's cheap extraction, no second attention pass. On CPU the same op goes to
+  the reference (or to the kernels under `ops.use_backend("triton")`) in the model's dtype.
+- "exact" (default on CPU): the model's own attention (SDPA) plus `metrics.block_maps`, the exact
+  fp32 map. The two agree to about 1e-6 in fp32 (tested) and to bf16 rounding on a GPU.
+
+Cache files: <cache root>/distill/<model>-<config hash>-b<block>-s<seq>-<split>[<target tag>]/
+w<index>.safetensors with keys L<layer>.q_<op>, L<layer>.k_<op> ((1, H, nb, d) float16) and
+L<layer>.pooled ((1, Hq, nb, nb) float32); the header records the target. The target tag is empty
+for "exact" (every cache made before the option was exact) and "-tkernel-<dtype>" for "kernel", so
+caches of different sources never mix; `WindowCache` also refuses files of mixed targets.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from seerlib import ops
 from seerlib.gate import POOL_OPS, GateSet, pool_blocks
 from seerlib.io import config_hash, load_checkpoint, save_checkpoint, save_gates
 from seerlib.metrics import block_maps, kl_div, normalize_rows, recall
@@ -47,12 +58,16 @@ __all__ = [
     "WindowCache",
     "build_cache",
     "cache_folder",
+    "capture_features",
+    "default_target",
+    "TARGETS",
     "model_fingerprint",
     "window_features",
     "main",
 ]
 
 TINY_MODEL = "tiny-random-llama"
+TARGETS = ("kernel", "exact")
 
 
 @dataclass(frozen=True)
@@ -87,16 +102,51 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def default_target(device) -> str:
+    """The ground-truth source used when none is given: "kernel" on CUDA, else "exact"."""
+    return "kernel" if torch.device(device).type == "cuda" else "exact"
+
+
+def _check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
+    return target
+
+
+def target_dtype(target: str, device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the target is computed from: bf16 for the kernel on CUDA, else the model's."""
+    if _check_target(target) == "kernel" and torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return dtype if target == "kernel" else torch.float32
+
+
+def _target_tag(target: str, device, dtype: torch.dtype) -> str:
+    if _check_target(target) == "exact":
+        return ""  # caches made before the option existed were exact: keep their folder name
+    return f"-tkernel-{str(target_dtype(target, device, dtype)).removeprefix('torch.')}"
+
+
 def cache_folder(
-    model, model_name: str, block_size: int, seq_len: int, split: str, root=None
+    model,
+    model_name: str,
+    block_size: int,
+    seq_len: int,
+    split: str,
+    root=None,
+    target: str | None = None,
 ) -> Path:
-    """Where `build_cache` puts the windows of one (model, block size, seq len, split)."""
+    """Where `build_cache` puts the windows of one (model, block size, seq len, split, target).
+
+    `target` defaults to `default_target` of the model's device, as in `build_cache`.
+    """
     if root is None:
         from seerlib.data import cache_dir
 
         root = cache_dir()
+    p = next(model.parameters())
+    target = default_target(p.device) if target is None else target
     tag = f"{model_name}-{config_hash(model.config)}-b{block_size}-s{seq_len}-{split}"
-    return Path(root) / "distill" / tag
+    return Path(root) / "distill" / (tag + _target_tag(target, p.device, p.dtype))
 
 
 @torch.no_grad()
@@ -125,6 +175,64 @@ def window_features(
     return out
 
 
+@torch.no_grad()
+def capture_features(
+    model,
+    input_ids: torch.Tensor,
+    block_size: int,
+    target: str = "exact",
+    scale: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """One frozen forward that pools each layer's gate inputs and its target as it goes.
+
+    The attention of every layer is routed through `seerlib.capture.attention_override`: with
+    target "kernel" it *is* `ops.pooled_attention` (its output feeds the next layer, its pooled map
+    is the target); with "exact" the model's own attention runs and `block_maps` gives the map.
+    Only pooled tensors are kept, so memory does not grow with the layer count.
+
+    Args:
+        model: a transformers Llama-family model (the lm head is skipped when it has `.model`).
+        input_ids: (B, S) token ids, no padding (plain causal attention).
+        block_size: b.
+        target: "kernel" or "exact" (see the module docstring).
+        scale: score scale when the model passes none (1 / sqrt(d)).
+    Returns:
+        the same keys as `window_features`, on the CPU.
+    """
+    from seerlib.capture import attention_override, pre_rope_hooks
+
+    _check_target(target)
+    pre: dict = {}
+    out: dict[str, torch.Tensor] = {}
+
+    def attend(module, query, key, value, attention_mask, *, default, **kwargs):
+        i = module.layer_idx
+        p = pre.pop(i)
+        for op in POOL_OPS:
+            out[f"L{i}.q_{op}"] = pool_blocks(p["q_pre"], block_size, (op,)).half().cpu()
+            out[f"L{i}.k_{op}"] = pool_blocks(p["k_pre"], block_size, (op,)).half().cpu()
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"layer {i}: {query.shape[2]} queries against {key.shape[2]} keys; distillation "
+                "expects one full causal pass (no KV cache)"
+            )
+        s = kwargs.get("scaling") or scale
+        if target == "exact":
+            _, pooled = block_maps(query, key, block_size, causal=True, scale=s)
+            out[f"L{i}.pooled"] = pooled.float().cpu()
+            return default(module, query, key, value, attention_mask, **kwargs)
+        kd = target_dtype(target, query.device, query.dtype)
+        o, pooled = ops.pooled_attention(
+            query.to(kd), key.to(kd), value.to(kd), block_size, causal=True, scale=s
+        )
+        out[f"L{i}.pooled"] = pooled.float().cpu()
+        return o.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, S, Hq, d)
+
+    with pre_rope_hooks(model, pre), attention_override(model, attend):
+        getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+    return out
+
+
 def build_cache(
     model,
     windows: torch.Tensor,
@@ -132,24 +240,33 @@ def build_cache(
     block_size: int,
     indices: Sequence[int] | None = None,
     log=print,
+    target: str | None = None,
 ) -> Path:
     """Run the model once per window and store its gate features; existing windows are kept.
 
     Args:
         model: the frozen transformers model.
         windows: (N, S) token ids.
-        folder: the cache folder (see `cache_folder`).
+        folder: the cache folder (see `cache_folder`, with the same target).
         block_size: b.
         indices: which windows to build (all by default; DDP ranks split them).
         log: called with a progress line per window (None for silence).
+        target: ground-truth source, "kernel" or "exact" (default: `default_target` of the
+            model's device).
     Returns:
         the folder.
     """
-    from seerlib.capture import capture_qkv
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
+    p = next(model.parameters())
+    device = p.device
+    target = default_target(device) if target is None else _check_target(target)
+    meta = {
+        "block_size": str(block_size),
+        "seq_len": str(windows.shape[1]),
+        "target": target,
+        "target_dtype": str(target_dtype(target, device, p.dtype)).removeprefix("torch."),
+    }
     scale = (
         getattr(model.model.layers[0].self_attn, "scaling", None)
         if hasattr(model, "model")
@@ -160,15 +277,9 @@ def build_cache(
         if path.exists():
             continue
         t0 = time.time()
-        qkv = capture_qkv(model, windows[n : n + 1].to(device))
-        feats = window_features(qkv, block_size, scale)
-        del qkv
+        feats = capture_features(model, windows[n : n + 1].to(device), block_size, target, scale)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            feats,
-            str(tmp),
-            metadata={"block_size": str(block_size), "seq_len": str(windows.shape[1])},
-        )
+        save_file(feats, str(tmp), metadata=meta)
         tmp.replace(path)
         if log:
             log(f"cache {path.name}: {time.time() - t0:.1f}s")
@@ -202,8 +313,19 @@ class WindowCache:
         self.files = files
         with safe_open(str(files[0]), framework="pt") as f:
             keys = list(f.keys())
-            self.block_size = int(f.metadata()["block_size"])
-            self.seq_len = int(f.metadata()["seq_len"])
+            meta = f.metadata()
+        self.block_size = int(meta["block_size"])
+        self.seq_len = int(meta["seq_len"])
+        # files written before the target option carry no target: they are exact
+        self.target = meta.get("target", "exact")
+        for path in files[1:]:
+            with safe_open(str(path), framework="pt") as f:
+                other = f.metadata().get("target", "exact")
+            if other != self.target:
+                raise ValueError(
+                    f"{self.folder} mixes targets ({files[0].name}: {self.target}, "
+                    f"{path.name}: {other}); one folder must hold one ground-truth source"
+                )
         self.layers = sorted({int(k.split(".")[0][1:]) for k in keys})
         if preload:
             for n in range(len(files)):
@@ -502,6 +624,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="default: cuda:<local rank> if available, else cpu"
     )
+    p.add_argument(
+        "--target",
+        default=None,
+        choices=list(TARGETS),
+        help="ground truth: the pooled_attention kernel (bf16, one attention pass) or the exact "
+        "fp32 map (default: kernel on CUDA, exact on CPU)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -512,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device is None:
         args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if args.target is None:
+        args.target = default_target(args.device)
     if world > 1 and not torch.distributed.is_initialized():
         backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
@@ -533,10 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     for split, n in (("eval", args.eval_windows), ("train", args.train_windows)):
         if n <= 0:
             continue
-        folder = cache_folder(model, model_name, b, args.seq_len, split, args.cache_root)
+        folder = cache_folder(
+            model, model_name, b, args.seq_len, split, args.cache_root, target=args.target
+        )
         windows = _windows(args, model_name, tokenizer, split, n)
         # every rank builds its share of the windows, then all wait for the whole cache
-        build_cache(model, windows, folder, b, indices=range(rank, n, world), log=say)
+        build_cache(
+            model, windows, folder, b, indices=range(rank, n, world), log=say, target=args.target
+        )
         folders[split] = folder
     if world > 1:
         torch.distributed.barrier()
@@ -621,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             world_size=world,
+            target=args.target,
             base_model_sha256=fingerprint,
             command="python -m seerlib.distill "
             + " ".join(argv if argv is not None else sys.argv[1:]),
