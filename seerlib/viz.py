@@ -957,7 +957,7 @@ def quality_figure(rows: Sequence[Mapping], length: int | None = None) -> go.Fig
                                  name=f"dense ({dense['ppl']:.3f})",
                                  line=dict(color="black", dash="dash")), row=1, col=1)
     fig.update_xaxes(title="achieved density (kept share of causal blocks)", range=[0, 1.02])
-    fig.update_yaxes(type="log", dtick="D2", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_layout(title=f"Sparsity against quality at {length} tokens "
                       f"({rows[0].get('windows', '?')} window(s) of evaluation text)",
