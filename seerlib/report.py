@@ -225,7 +225,7 @@ def collect_key_figures(ipynb: Path) -> dict:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if KEY_FIGURES_MIME in data:
-                figures.update(data[KEY_FIGURES_MIME])
+                figures.update((k, v) for k, v in data[KEY_FIGURES_MIME].get("figures", []))
     return figures
 
 

@@ -100,8 +100,9 @@ def key_figures(figures: Mapping[str, object], title: str = "Key figures") -> No
         f"<tr><td>{name}</td><td>{_fmt(value)}</td></tr>" for name, value in figures.items()
     )
     html = f"<h4>{title}</h4><table><tr><th>figure</th><th>value</th></tr>{rows}</table>"
-    data = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-            for k, v in figures.items()}
+    # a list of pairs: notebook JSON sorts object keys, and the order is the author's
+    data = {"figures": [[k, v if isinstance(v, (int, float, str, bool)) or v is None else str(v)]
+                        for k, v in figures.items()]}
     display({KEY_FIGURES_MIME: data, "text/html": html,
              "text/plain": "\n".join(f"{k}: {_fmt(v)}" for k, v in figures.items())}, raw=True)
 

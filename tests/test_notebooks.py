@@ -117,3 +117,15 @@ def test_every_notebook_is_written():
     missing = [n for n in NOTEBOOKS if not path_of(n).exists()]
     assert not missing, f"notebooks not written yet: {missing}"
     assert [p.stem for p in report.find_notebooks()] == NOTEBOOKS
+
+
+def test_key_figures_keep_their_order(tmp_path):
+    from seerlib.viz import KEY_FIGURES_MIME
+
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [nbformat.v4.new_output(
+        "display_data", data={KEY_FIGURES_MIME: {"figures": [["zeta", 1], ["alpha", 2.5]]},
+                              "text/plain": "zeta: 1\nalpha: 2.5"})]
+    path = tmp_path / "k.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
+    assert list(report.collect_key_figures(path).items()) == [("zeta", 1), ("alpha", 2.5)]
