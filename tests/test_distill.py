@@ -225,6 +225,32 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_bench_distill_two_processes(tmp_path):
+    """bench/bench_distill.py under torchrun (2 gloo processes, tiny model): the DDP gate equals
+    each rank's 1-process gate, and the report carries the scaling efficiency."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_distill.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--preset", "tiny", "--device", "cpu", "--seq-lens", "256", "--tokens-per-step", "512"]
+    args += ["--steps", "2", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]
+    r = subprocess.run(
+        cmd + [str(script)] + args,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (out,) = tmp_path.glob("distill-cpu-*.json")
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["world"] == 2 and row["global_batch"] == 2 and row["gates_match"]
+    assert row["tok_s"] > 0 and 0 < row["scaling_efficiency"]
+    assert out.with_suffix(".md").read_text().count("torchrun --nproc_per_node 2") == 1
+
+
 def test_cli_help():
     r = subprocess.run(
         [sys.executable, "-m", "seerlib.distill", "--help"],
