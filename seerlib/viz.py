@@ -40,6 +40,7 @@ __all__ = [
     "bench_records",
     "blocks_to_cover",
     "coverage_density",
+    "dense_throughput_figure",
     "display_tokens",
     "gate_files",
     "gate_panel",
@@ -981,4 +982,32 @@ def passkey_figure(accuracy: Mapping[str, Mapping[tuple, float]]) -> go.Figure:
         hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>"))
     fig.update_layout(title="Passkey retrieval: is the hidden number recalled?",
                       height=max(260, 60 * len(labels) + 140))
+    return fig
+
+
+def dense_throughput_figure(records: Sequence[Mapping]) -> go.Figure:
+    """Dense causal attention throughput (TFLOP/s) per provider and sequence length: our dense
+    kernel, our pooled kernel (dense + the block max-pooled map the gate trains on), SDPA's
+    FlashAttention-2 and cuDNN backends."""
+    order = ["seer_dense", "seer_pooled", "sdpa_flash", "sdpa_cudnn"]
+    names = {"seer_dense": "ours, dense", "seer_pooled": "ours, dense + pooled map",
+             "sdpa_flash": "FlashAttention-2 (SDPA)", "sdpa_cudnn": "cuDNN (SDPA)"}
+    colors = {"seer_dense": "#7f7f7f", "seer_pooled": "#d62728", "sdpa_flash": "#1f77b4",
+              "sdpa_cudnn": "#2ca02c"}
+    dense = [r for r in records if r.get("pattern", "dense") == "dense" and r["provider"] in order]
+    lengths = sorted({r["seq_len"] for r in dense})
+    fig = go.Figure()
+    for p in order:
+        by = {r["seq_len"]: r for r in dense if r["provider"] == p}
+        if not by:
+            continue
+        fig.add_trace(go.Bar(
+            x=[f"{S:,}" for S in lengths], y=[by[S]["tflops"] if S in by else None
+                                             for S in lengths],
+            name=names[p], marker_color=colors[p],
+            customdata=[by[S]["ms"] if S in by else None for S in lengths],
+            hovertemplate="S=%{x}: %{y:.0f} TFLOP/s (%{customdata:.2f} ms)<extra></extra>"))
+    gpu = next((r.get("gpu") for r in records if r.get("gpu")), "")
+    fig.update_layout(barmode="group", title=f"Dense causal attention throughput ({gpu})",
+                      xaxis_title="sequence length", yaxis_title="TFLOP/s", height=400)
     return fig

@@ -162,6 +162,11 @@ def test_bench_records_and_speedups(tmp_path):
     fig = viz.speedup_figure(records)
     names = {t.name for t in fig.data}
     assert {"ideal 1/(1-s)", "vs FlashAttention-2 (SDPA)", "vs FlexAttention (same mask)"} <= names
+    for r in records:
+        r.setdefault("tflops", 100.0)
+    bars = viz.dense_throughput_figure(records)
+    assert [t.name for t in bars.data] == ["ours, dense", "FlashAttention-2 (SDPA)",
+                                           "cuDNN (SDPA)"]
     assert viz.bench_records(tmp_path, gpu="GPU-B")[0][0]["ms"] == 9.0
     assert viz.bench_records(tmp_path / "none") == ([], [])
     table = viz.table_figure([row], ["seq_len", "sdpa_flash"], headers={"sdpa_flash": "vs FA2"})
