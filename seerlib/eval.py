@@ -51,6 +51,7 @@ class PerplexityResult:
 
 def _nll(model, ids: torch.Tensor) -> torch.Tensor:
     """(b, S) ids -> (b, S - 1) next-token negative log-likelihoods."""
+    ids = ids.to(next(model.parameters()).device)
     logits = model(input_ids=ids, use_cache=False).logits.float()
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
@@ -100,11 +101,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
 
 def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     """A SparseConfig from a short spec: "dense", "gate@0.3", "gate@t=0.002", "oracle-max@0.3",
-    "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1" (the labels of the table)."""
+    "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1"; "+sink" after gate/oracle
+    forces key block 0 ("gate+sink@0.3"). These are the labels of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
     pooling = "max"
+    keep_sink = name.endswith("+sink")
+    name = name.removesuffix("+sink")
     if name.startswith("oracle-"):
         name, pooling = "oracle", name.removeprefix("oracle-")
     if name not in MODES:
@@ -120,7 +124,7 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
         raise ValueError(f"cannot read {arg!r} in {spec!r}; expected a density like 0.3 or a "
                          "threshold like t=0.002") from None
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
-                        pooling=pooling, attention=attention)
+                        pooling=pooling, attention=attention, keep_sink=keep_sink)
 
 
 # ---------------------------------------------------------------- recall
@@ -361,7 +365,8 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 a["kept"] += s["kept"]
                 a["causal"] += s["causal"]
                 kw = dict(density=c.density, threshold=c.threshold, block_size=c.block_size,
-                          attention=c.attention, compile_flex=c.compile_flex)
+                          attention=c.attention, compile_flex=c.compile_flex,
+                          keep_sink=c.keep_sink)
                 if c.mode == "gate":
                     kw["gates"] = gates
                 if c.mode == "oracle":
@@ -410,12 +415,13 @@ def _windows(tokenizer, S: int, n: int, offset: int) -> torch.Tensor:
 _METHODS = [
     ("dense", "dense"), ("oracle-max", "oracle (max-pooled, top-k)"),
     ("oracle-sum", "oracle (attention mass, top-k)"), ("gate", "gate (top-k)"),
+    ("gate+sink", "gate + forced sink block (top-k)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
 ]
 
 
 def _method(row) -> str:
-    return f"oracle-{row['pooling']}" if row["mode"] == "oracle" else row["mode"]
+    return row["label"].split("@")[0]
 
 
 def markdown(results: dict) -> str:
@@ -523,8 +529,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offset", type=int, default=0, help="first eval token")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--gates", default=None, help="gate file (.safetensors) for gate methods")
-    parser.add_argument("--attention", choices=("ops", "flex"), default="flex",
-                        help="block-sparse path: seerlib.ops or compiled FlexAttention")
+    parser.add_argument("--attention", choices=("ops", "flex"), default=None,
+                        help="block-sparse path: seerlib.ops or compiled FlexAttention (default: "
+                             "flex on CPU, where it is the fast path, ops elsewhere)")
     parser.add_argument("--passkey-methods", nargs="*", default=[],
                         help="specs run through the passkey test, e.g. dense gate@0.3")
     parser.add_argument("--passkey-lengths", nargs="+", type=int, default=[2048, 4096, 8192])
@@ -534,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default=None,
                         help="folder for the dense passes' ground-truth maps (reused by reruns)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
 
     from seerlib.data import MODEL_NAME, load_model
@@ -545,26 +554,31 @@ def main(argv: list[str] | None = None) -> None:
 
     dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
     b = args.block_size
+    if args.attention is None:
+        args.attention = "flex" if args.device == "cpu" else "ops"
     specs = []
     for m in args.methods:
         specs += ["dense"] if m == "dense" else [f"{m}@{d:g}" for d in args.densities]
     specs += [f"gate@t={t:g}" for t in args.thresholds] + args.configs
     configs = [parse_config(s, b, args.attention) for s in specs]
     pk_configs = [parse_config(s, b, args.attention) for s in args.passkey_methods]
-    model, tok = load_model()
+    model, tok = load_model(dtype=getattr(torch, args.dtype), device=args.device)
     gates = None
     if any(c.mode == "gate" for c in configs + pk_configs):
         if not args.gates:
             raise SystemExit("gate methods need --gates PATH (a file written by seerlib.io)")
         from seerlib.io import load_gates
 
-        gates = load_gates(args.gates, model, block_size=b)
+        gates = load_gates(args.gates, model, block_size=b).to(args.device)
 
     out = Path(args.out)
     command = "python -m seerlib.eval " + " ".join(shlex.quote(a) for a in
                                                    (argv if argv is not None else sys.argv[1:]))
     meta = dict(model=MODEL_NAME, text="KJV eval split (Isaiah, Luke, Acts)", block_size=b,
-                attention=args.attention, torch=torch.__version__)
+                attention=args.attention, torch=torch.__version__, device=args.device,
+                dtype=args.dtype)
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
     if args.gates:
         meta["gates"] = args.gates
     update = {"meta": meta, "command": command}
@@ -580,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(model, tok, configs, args.lengths, args.windows, gates=gates, block_size=b,
                  offset=args.offset, cache=cache, on_row=on_row)
     for c in pk_configs:
-        kw = dict(density=c.density, threshold=c.threshold, block_size=b, attention=c.attention)
+        kw = dict(density=c.density, threshold=c.threshold, block_size=b, attention=c.attention,
+                  keep_sink=c.keep_sink)
         if c.mode == "gate":
             kw["gates"] = gates
         for L in args.passkey_lengths:

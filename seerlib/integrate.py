@@ -128,8 +128,9 @@ class SparseConfig:
 
     @property
     def label(self) -> str:
-        """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "dense"."""
+        """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3", "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
+        name += "+sink" if self.keep_sink else ""
         if self.density is not None and self.mode != "dense":
             return f"{name}@{self.density:g}"
         if self.threshold is not None:
