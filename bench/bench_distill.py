@@ -221,6 +221,47 @@ def timed_target(device, acc: list):
         ops.pooled_attention, sd.block_maps = originals
 
 
+@torch.no_grad()
+def target_agreement(model, S: int, cfg: BenchConfig, device) -> dict:
+    """The "kernel" target against the "exact" one on one random window of S tokens.
+
+    Returns the largest |difference| of the row-normalized targets over all layers, and the mean
+    KL(exact || kernel) over the rows the loss uses (first quarter of query blocks left out).
+    """
+    from seerlib.distill import capture_features
+    from seerlib.metrics import kl_div, normalize_rows
+
+    ids = torch.randint(0, model.config.vocab_size, (1, S), generator=torch.Generator())
+    ids = ids.to(device)
+    exact = capture_features(model, ids, cfg.block_size, "exact")
+    kernel = capture_features(model, ids, cfg.block_size, "kernel")
+    worst, kls = 0.0, []
+    for key in exact:
+        if key.endswith(".pooled"):
+            e, k = normalize_rows(exact[key]), normalize_rows(kernel[key])
+            worst = max(worst, float((e - k).abs().max()))
+            skip = e.shape[-2] // 4
+            # kernel zeros where exact is positive would make the KL infinite: floor them
+            kls.append(float(kl_div(e, torch.log(k.clamp_min(1e-30)), skip_rows=skip)))
+    c = model.config
+    probe = torch.empty(
+        1,
+        c.num_attention_heads,
+        1,
+        c.head_dim,
+        dtype=target_dtype("kernel", device, next(model.parameters()).dtype),
+        device=device,
+    )
+    return {
+        "seq_len": S,
+        "kernel_backend": "triton"
+        if ops._use_kernels(probe, None, cfg.block_size)
+        else "reference",
+        "max_abs_diff": worst,
+        "mean_kl": sum(kls) / len(kls),
+    }
+
+
 def peak_mem_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -401,6 +442,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 f"{r['gate_max_abs_diff']:.1e} ({'match' if r['gates_match'] else 'DIFFER'})",
             ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    agree = meta.get("target_agreement")
+    if agree:
+        lines += [
+            "",
+            f"Kernel target (`ops.pooled_attention`, {agree['kernel_backend']} backend here) vs "
+            f"exact target on one window of {agree['seq_len']} tokens (all layers, "
+            f"row-normalized): max abs diff {agree['max_abs_diff']:.1e}, mean KL(exact || kernel) "
+            f"{agree['mean_kl']:.1e} over the loss's rows.",
+        ]
     lines += ["", "Command:", "", f"    {meta['command']}", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
@@ -423,6 +473,13 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="")
     p.add_argument("--note", default="", help="a line for the markdown (e.g. where it ran)")
+    p.add_argument(
+        "--check-target",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also compare the kernel target with the exact one on one window of S tokens",
+    )
     a = p.parse_args(argv)
     cfg = BenchConfig(
         preset=a.preset,
@@ -458,6 +515,9 @@ def main(argv=None) -> int:
         f"weights), target {target}"
     )
     timings = {S: attention_timings(model, S, cfg, target, device) for S in cfg.seq_lens}
+    agreement = target_agreement(model, a.check_target, cfg, device) if a.check_target else None
+    if agreement:
+        log(f"kernel vs exact target: {agreement}")
 
     baseline = {}
     if world > 1 and cfg.baseline:  # every rank alone on its own device, before the group exists
@@ -471,8 +531,6 @@ def main(argv=None) -> int:
         r = measure(model, S, cfg, target, device, work / "run")
         t = timings[S]
         r.update(t)
-        r["target_share"] = c.num_hidden_layers * t["target_ms"] / r["ms_per_window_per_rank"]
-        r["target_ms_per_window"] = c.num_hidden_layers * t["target_ms"]
         if S in baseline:
             base = baseline[S]
             mean_base = base["tok_s"]
@@ -525,6 +583,7 @@ def main(argv=None) -> int:
                 for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")
             },
             "note": a.note,
+            "target_agreement": agreement,
         }
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
