@@ -483,6 +483,14 @@ def markdown(results: dict) -> str:
                 cells.append("–" if not hit else f"{sum(hit)}/{len(hit)}")
             lines.append(f"| {m} | {L} | " + " | ".join(cells) + " |")
         lines.append("")
+    if meta.get("device"):
+        where = meta["device"] + (f" ({meta['gpu']})" if meta.get("gpu") else "")
+        lines += [f"Model {meta.get('model', '?')}, {meta.get('dtype', '?')}, on {where}, torch "
+                  f"{meta.get('torch', '?')}; block-sparse attention through "
+                  f"`{meta.get('attention', '?')}`; gates `{meta.get('gates', '–')}`. Recall: "
+                  "share of each query-block row's exact attention mass in the kept blocks, on the "
+                  "dense model's attention, mean over layers, heads, rows and windows. Oracle rows "
+                  "select from the dense model's own maps of the same window.", ""]
     if meta.get("command"):
         lines += ["Produced by:", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
