@@ -274,8 +274,12 @@ def _sparse_attention(q, k, v, mask, cfg: SparseConfig, scale: float) -> torch.T
     bm = to_flex_block_mask(mask, q.shape[2], cfg.block_size,
                             mask_mod_from_blocks=not cfg.compile_flex)
     fn = _flex(cfg.compile_flex)
+    kw = {}
+    if q.is_cuda and cfg.block_size < 128:
+        # the CUDA kernel's default tiles (128) must divide the mask's block size
+        kw["kernel_options"] = {"BLOCK_M": cfg.block_size, "BLOCK_N": cfg.block_size}
     with warnings_off():
-        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 
 @contextlib.contextmanager
