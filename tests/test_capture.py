@@ -10,9 +10,16 @@ from seerlib.capture import attention_override, capture_qkv
 
 
 def tiny_llama():
-    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
 
@@ -32,7 +39,8 @@ def test_capture_shapes_rope_and_output():
     # The captured tensors reproduce what the layer fed to o_proj.
     seen = {}
     h = model.model.layers[2].self_attn.o_proj.register_forward_hook(
-        lambda m, a, o: seen.setdefault("x", a[0]))
+        lambda m, a, o: seen.setdefault("x", a[0])
+    )
     with torch.no_grad():
         model(ids)
     h.remove()

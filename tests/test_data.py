@@ -10,8 +10,11 @@ from seerlib import data
 
 def test_splits_are_whole_books_without_overlap():
     train, ev = data.load_text("train"), data.load_text("eval")
-    for book in ("The Book of the Prophet Isaiah", "The Gospel According to Saint Luke",
-                 "The Acts of the Apostles"):
+    for book in (
+        "The Book of the Prophet Isaiah",
+        "The Gospel According to Saint Luke",
+        "The Acts of the Apostles",
+    ):
         assert book in ev and book not in train
     assert "The First Book of Moses, called Genesis" in train
     # No sentence of the evaluation text appears in the training text.
@@ -46,7 +49,11 @@ def test_model_is_smollm2(smollm):
     model, tok = smollm
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
-        30, 9, 3, 64)
+        30,
+        9,
+        3,
+        64,
+    )
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert not any(p.requires_grad for p in model.parameters())
 

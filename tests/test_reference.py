@@ -35,8 +35,11 @@ def brute_pool(p, b):
 
 
 def qkv(B, Hq, Hkv, S, d, dtype=torch.float32):
-    return (torch.randn(B, Hq, S, d, dtype=dtype), torch.randn(B, Hkv, S, d, dtype=dtype),
-            torch.randn(B, Hkv, S, d, dtype=dtype))
+    return (
+        torch.randn(B, Hq, S, d, dtype=dtype),
+        torch.randn(B, Hkv, S, d, dtype=dtype),
+        torch.randn(B, Hkv, S, d, dtype=dtype),
+    )
 
 
 SHAPES = [(S, g, d) for S in (1, 63, 64, 97, 1025) for g in (1, 3) for d in (64, 128)]
@@ -145,7 +148,10 @@ def test_chunked_memory_is_bounded_at_8k():
 @pytest.mark.parametrize(
     "args,match",
     [
-        (dict(q=(1, 9, 64, 64), k=(1, 4, 64, 64)), "k has 4 heads; q's 9 heads need a divisor of 9"),
+        (
+            dict(q=(1, 9, 64, 64), k=(1, 4, 64, 64)),
+            "k has 4 heads; q's 9 heads need a divisor of 9",
+        ),
         (dict(q=(1, 4, 64, 64), k=(1, 2, 65, 64)), "sequence length 65; q has 64"),
         (dict(q=(1, 4, 64, 64), k=(1, 2, 64, 32)), "head dim 32; q has 64"),
         (dict(q=(1, 4, 64), k=(1, 2, 64, 64)), "q must be 4-D"),
