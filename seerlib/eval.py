@@ -477,6 +477,9 @@ def markdown(results: dict) -> str:
         for p in pk:
             groups[(p["method"], p["length"])].append(p)
         for (m, L), ps in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0] != "dense")):
+            dens = ps[0].get("density")
+            if m != "dense" and dens is not None and not math.isnan(dens):
+                m = f"{m} (density {dens:.3f})"
             cells = []
             for d in depths:
                 hit = [p["correct"] for p in ps if p["depth"] == d]
@@ -607,9 +610,10 @@ def main(argv: list[str] | None = None) -> None:
         if c.mode == "gate":
             kw["gates"] = gates
         for L in args.passkey_lengths:
-            with sparsify(model, c.mode, **kw):
+            with sparsify(model, c.mode, **kw) as sp:
                 trials = passkey(model, tok, [L], args.passkey_depths, args.passkey_trials)
-            on_passkey([dict(asdict(t), method=c.label) for t in trials])
+            dens = sp.stats.achieved_density  # over every prefill at this length
+            on_passkey([dict(asdict(t), method=c.label, density=dens) for t in trials])
             print(f"passkey {c.label} L={L}: " + ", ".join(
                 f"{t.depth:g}:{'ok' if t.correct else repr(t.answer)}" for t in trials),
                 file=sys.stderr, flush=True)
