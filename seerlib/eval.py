@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -160,8 +161,8 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
             (skips the ground-truth computation), or None.
         need_maps: compute the maps (default: when a config needs them, i.e. any sparse config).
     Returns:
-        (nll (B, S - 1), scores {label: [recall per layer], "density": ...}, maps): scores maps
-        each config label to {"recall": [per layer], "kept": int, "causal": int}.
+        (nll (B, S - 1), scores, maps): scores maps each config label to
+        {"recall": [per layer], "kept": int, "causal": int}; maps as the `maps` argument.
     """
     from seerlib.capture import attention_override, pre_rope_hooks
     from seerlib.integrate import ground_truth, layer_block_mask
@@ -202,17 +203,10 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
         return default(module, query, key, value, attention_mask, **kwargs)
 
     use_gate = any(c.mode == "gate" for c in configs)
-    with (pre_rope_hooks(model, pre) if use_gate else _null()), attention_override(model, score):
+    hooks = pre_rope_hooks(model, pre) if use_gate else contextlib.nullcontext()
+    with hooks, attention_override(model, score):
         nll = _nll(model, ids).cpu()
     return nll, scores, maps
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 # ---------------------------------------------------------------- passkey
@@ -333,7 +327,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
         list of row dicts (label, mode, pooling, density_target, threshold, length, windows, ppl,
         nll, tokens, per_window, achieved_density, recall, per_layer_recall).
     """
-    from seerlib.integrate import Sparsified, SparsityStats, sparsify  # noqa: F401
+    from seerlib.integrate import sparsify
 
     rows = []
     sparse = [c for c in configs if c.mode != "dense"]

@@ -278,12 +278,12 @@ def _sparse_attention(q, k, v, mask, cfg: SparseConfig, scale: float) -> torch.T
     if q.is_cuda and cfg.block_size < 128:
         # the CUDA kernel's default tiles (128) must divide the mask's block size
         kw["kernel_options"] = {"BLOCK_M": cfg.block_size, "BLOCK_N": cfg.block_size}
-    with warnings_off():
+    with _warnings_off():
         return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **kw)
 
 
 @contextlib.contextmanager
-def warnings_off():
+def _warnings_off():
     import warnings
 
     with warnings.catch_warnings():
