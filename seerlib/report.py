@@ -88,7 +88,8 @@ class NotebookResult:
 
 
 def find_notebooks(names: Sequence[str] | None = None, root: Path = NOTEBOOKS) -> list[Path]:
-    """The notebooks to run: every `root/*.ipynb` in order, or the given stems or paths."""
+    """The notebooks to run: every `root/*.ipynb` in order, or the given stems, unique stem
+    prefixes ("04") or paths."""
     if not names:
         found = sorted(p for p in root.glob("*.ipynb") if not p.name.startswith("."))
         if not found:
@@ -99,6 +100,9 @@ def find_notebooks(names: Sequence[str] | None = None, root: Path = NOTEBOOKS) -
         p = Path(n)
         cands = [p, root / p, root / f"{n}.ipynb", ROOT / p]
         hit = next((c for c in cands if c.suffix == ".ipynb" and c.is_file()), None)
+        prefixed = sorted(root.glob(f"{n}*.ipynb")) if "/" not in n else []
+        if hit is None and len(prefixed) == 1:  # a unique prefix such as "04"
+            hit = prefixed[0]
         if hit is None:
             known = ", ".join(q.stem for q in sorted(root.glob("*.ipynb")))
             raise ReportError(f"notebook {n!r} not found; expected one of: {known}")

@@ -921,15 +921,20 @@ def repo_path(relative: str):
 
 # ---------------------------------------------------------------- quality (notebook 04)
 
-METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "oracle-max": "oracle (pooled max)",
+METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "gate+sink": "gate + sink block",
+                "oracle-max": "oracle (pooled max)",
                 "oracle-sum": "oracle (attention mass)", "sink_window": "sink + window",
                 "vertical_slash": "vertical-slash"}
-_METHOD_COLORS = {"gate": "#d62728", "oracle-max": "#2ca02c", "oracle-sum": "#98df8a",
-                  "sink_window": "#1f77b4", "vertical_slash": "#9467bd", "dense": "black"}
+_METHOD_COLORS = {"gate": "#d62728", "gate+sink": "#ff7f0e", "oracle-max": "#2ca02c",
+                  "oracle-sum": "#98df8a", "sink_window": "#1f77b4", "vertical_slash": "#9467bd",
+                  "dense": "black"}
 
 
 def method_of(row: Mapping) -> str:
-    """'oracle-max' / 'oracle-sum' for oracle rows, else the row's mode."""
+    """A row's method: its label before '@' ("gate", "gate+sink", "oracle-max", ...), else
+    'oracle-<pooling>' for oracle rows and the mode for the others."""
+    if row.get("label"):
+        return row["label"].partition("@")[0]
     return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
 
 
@@ -942,13 +947,18 @@ def quality_figure(rows: Sequence[Mapping], length: int | None = None) -> go.Fig
     fig = make_subplots(rows=1, cols=2, subplot_titles=[
         "perplexity (lower is better)", "recall of the attention mass"])
     dense = next((r for r in rows if r["mode"] == "dense"), None)
-    methods = list(dict.fromkeys(method_of(r) for r in rows if r["mode"] != "dense"))
-    for m in methods:
-        pts = sorted((r for r in rows if method_of(r) == m), key=lambda r: r["achieved_density"])
+    # one line per method and rule (top-k by density, or threshold: dashed)
+    series = list(dict.fromkeys((method_of(r), r.get("threshold") is not None)
+                                for r in rows if r["mode"] != "dense"))
+    for m, by_threshold in series:
+        pts = sorted((r for r in rows if (method_of(r), r.get("threshold") is not None)
+                      == (m, by_threshold)), key=lambda r: r["achieved_density"])
         x = [r["achieved_density"] for r in pts]
-        common = dict(mode="lines+markers", line_color=_METHOD_COLORS.get(m), legendgroup=m,
+        name = METHOD_NAMES.get(m, m) + (", threshold" if by_threshold else "")
+        common = dict(mode="lines+markers", legendgroup=name,
+                      line=dict(color=_METHOD_COLORS.get(m), dash="dot" if by_threshold else None),
                       customdata=[r.get("density_target") or r.get("threshold") for r in pts])
-        fig.add_trace(go.Scatter(x=x, y=[r["ppl"] for r in pts], name=METHOD_NAMES.get(m, m),
+        fig.add_trace(go.Scatter(x=x, y=[r["ppl"] for r in pts], name=name,
                                  hovertemplate="density %{x:.3f} (target %{customdata})"
                                  "<br>ppl %{y:.3f}<extra></extra>", **common), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[r["recall"] for r in pts], showlegend=False,

@@ -103,6 +103,7 @@ def test_unknown_parameter_and_notebook_are_refused():
         report.run_report(["01_attention_maps"], overrides={"NO_SUCH_PARAMETER": 1})
     with pytest.raises(report.ReportError, match="not found"):
         report.find_notebooks(["99_nothing"])
+    assert report.find_notebooks(["04"]) == [path_of("04_sparsity_vs_quality")]
     assert report.parse_value("[1, 2]") == [1, 2] and report.parse_value("abc") == "abc"
 
 

@@ -189,3 +189,8 @@ def test_quality_and_passkey_figures():
     pk = viz.passkey_figure({"dense": {(256, 0.5): 1.0}, "gate": {(256, 0.5): 0.0}})
     assert np.asarray(pk.data[0].z).tolist() == [[1.0], [0.0]]
     assert viz.method_of(rows[2]) == "oracle-max"
+    rows.append({"label": "gate+sink@t=0.01", "mode": "gate", "length": 256, "ppl": 12.0,
+                 "recall": 0.7, "achieved_density": 0.2, "density_target": None,
+                 "threshold": 0.01})
+    names = [t.name for t in viz.quality_figure(rows).data if t.showlegend is not False]
+    assert "gate + sink block, threshold" in names
