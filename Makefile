@@ -31,7 +31,7 @@ report: data
 	$(PY) -m seerlib.report $(REPORT_ARGS)
 
 lab: data
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
 
 lint: venv
 	$(VENV)/bin/ruff check seerlib kernels tests bench
