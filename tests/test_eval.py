@@ -1,4 +1,3 @@
-import copy
 import json
 import math
 import re
@@ -16,20 +15,6 @@ from seerlib.eval import (
     passkey_prompt,
     perplexity,
 )
-
-LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def small(smollm):
-    """(model, tokenizer): a copy of SmolLM2 cut to its first LAYERS decoder layers."""
-    model = copy.deepcopy(smollm[0])
-    model.model.layers = model.model.layers[:LAYERS]
-    model.config.num_hidden_layers = LAYERS
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:LAYERS]
-    return model, smollm[1]
-
 
 # ---------------------------------------------------------------- no model
 
@@ -135,14 +120,14 @@ def test_dense_pass_recall_and_density(small):
     cfgs = [parse_config(s, block_size=16) for s in
             ["dense", "oracle-sum@0.5", "oracle-max@0.5", "sink_window@0.5", "oracle-sum@1"]]
     nll, scores, maps = dense_pass(model, ids, cfgs, block_size=16)
-    assert nll.shape == (1, 255) and set(maps) == set(range(LAYERS))
+    assert nll.shape == (1, 255) and set(maps) == set(range(len(model.model.layers)))
     assert maps[0]["sum"].shape == (1, 9, 16, 16)
     torch.testing.assert_close(maps[0]["sum"].sum(-1), torch.ones(1, 9, 16))
     rec = {k: torch.tensor(v["recall"]) for k, v in scores.items()}
     # the mass oracle keeps the heaviest blocks: no selection of k blocks per row holds more mass
     assert (rec["oracle-sum@0.5"] >= rec["sink_window@0.5"] - 1e-6).all()
     assert (rec["oracle-sum@0.5"] >= rec["oracle-max@0.5"] - 1e-6).all()
-    assert torch.allclose(rec["oracle-sum@1"], torch.ones(LAYERS))
+    assert torch.allclose(rec["oracle-sum@1"], torch.ones(len(model.model.layers)))
     dens = {k: v["kept"] / v["causal"] for k, v in scores.items()}
     assert dens["oracle-sum@0.5"] == dens["sink_window@0.5"] == pytest.approx(topk_density(0.5, 16))
 

@@ -19,7 +19,6 @@ from seerlib.select import achieved_density, select_blocks
 
 B16 = 16  # small blocks, so a 192-token slice has 12 blocks per row
 S = 192
-LAYERS = 4  # the model tests run the first layers of SmolLM2 only (CI time)
 
 
 def qkv(B=1, Hq=4, Hkv=2, S=100, d=16, seed=0):
@@ -151,16 +150,6 @@ class _TinyModel(torch.nn.Module):
 
 # ---------------------------------------------------------------- the real model
 
-
-@pytest.fixture(scope="module")
-def small(smollm):
-    """(model, tokenizer): a copy of SmolLM2 cut to its first LAYERS decoder layers."""
-    model = copy.deepcopy(smollm[0])
-    model.model.layers = model.model.layers[:LAYERS]
-    model.config.num_hidden_layers = LAYERS
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:LAYERS]
-    return model, smollm[1]
 
 
 @pytest.fixture(scope="module")
