@@ -1,6 +1,6 @@
 #!/bin/bash
-# Wheels: see bench/README.md. On the GPU machine, from the repo root: execute notebooks/05_kernel_speed.ipynb live (the
-# benchmark sweep runs on the GPU) through seerlib.report, into $OUT.
+# On the GPU machine, from the repo root: execute notebooks/05_kernel_speed.ipynb live (the
+# benchmark sweep runs on the GPU) through seerlib.report, into $OUT. Wheels: bench/README.md.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
