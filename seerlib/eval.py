@@ -165,7 +165,7 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
         {"recall": [per layer], "kept": int, "causal": int}; maps as the `maps` argument.
     """
     from seerlib.capture import attention_override, pre_rope_hooks
-    from seerlib.integrate import ground_truth, layer_block_mask
+    from seerlib.integrate import count_blocks, ground_truth, layer_block_mask
     from seerlib.metrics import recall
 
     configs = [c for c in configs if c.mode != "dense"]
@@ -197,9 +197,9 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
                 )
                 s = scores[c.label]
                 s["recall"].append(float(recall(mass, mask)))
-                B, H, nb, _ = mask.shape
-                s["kept"] += int(mask.tril().sum())
-                s["causal"] += B * H * nb * (nb + 1) // 2
+                kept, causal = count_blocks(mask)
+                s["kept"] += kept
+                s["causal"] += causal
         return default(module, query, key, value, attention_mask, **kwargs)
 
     use_gate = any(c.mode == "gate" for c in configs)

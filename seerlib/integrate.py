@@ -166,9 +166,7 @@ class SparsityStats:
         return kept / causal
 
     def add(self, layer: int, mask: torch.Tensor) -> None:
-        B, H, nb, _ = mask.shape
-        kept = int(mask.tril().sum())
-        causal = B * H * nb * (nb + 1) // 2
+        kept, causal = count_blocks(mask)
         self.kept_blocks += kept
         self.causal_blocks += causal
         row = self.per_layer.setdefault(layer, [0, 0])
@@ -491,17 +489,20 @@ class Sparsified:
         return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
 
 
+def count_blocks(mask: torch.Tensor) -> tuple[int, int]:
+    """(kept causal tiles, all causal tiles) of a (B, H, nb, nb) block mask."""
+    B, H, nb, _ = mask.shape
+    return int(mask.tril().sum()), B * H * nb * (nb + 1) // 2
+
+
 def _check_no_padding(attention_mask, S: int) -> None:
     """Sparse prefill assumes plain causal attention: refuse padding masks."""
     if attention_mask is None:
         return
-    m = attention_mask
-    if m.dtype == torch.bool:
-        causal = torch.ones(S, S, dtype=torch.bool, device=m.device).tril()
-        ok = bool((m[..., -S:, -S:] == causal).all())
-    else:  # additive float mask: 0 where allowed
-        causal = torch.ones(S, S, dtype=torch.bool, device=m.device).tril()
-        ok = bool(((m[..., -S:, -S:] == 0) == causal).all())
+    m = attention_mask[..., -S:, -S:]
+    allowed = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 where allowed
+    causal = torch.ones(S, S, dtype=torch.bool, device=m.device).tril()
+    ok = bool((allowed == causal).all())
     if not ok:
         raise NotImplementedError(
             "sparse prefill takes plain causal attention only; got an attention mask with padding "
