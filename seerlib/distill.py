@@ -555,11 +555,11 @@ class Distiller:
 # ---------------------------------------------------------------- CLI
 
 
-def tiny_model(seed: int = 0):
-    """A tiny random Llama (2 layers, 4 q heads, 2 kv heads, d 16) for tests and smoke runs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(**overrides):
+    """The config of a tiny Llama (2 layers, 4 q heads, 2 kv heads, d 16); keywords override it."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    base = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -569,8 +569,15 @@ def tiny_model(seed: int = 0):
         max_position_embeddings=4096,
         initializer_range=0.2,
     )
+    return LlamaConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0):
+    """A tiny random Llama (`tiny_config()`) for tests and smoke runs."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    model = LlamaForCausalLM(tiny_config()).eval().requires_grad_(False)
     model.config._attn_implementation = "sdpa"
     return model
 

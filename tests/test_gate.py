@@ -2,24 +2,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from seerlib import distill
 from seerlib.gate import AttnGate, BlockRoPE, GateSet, pool_blocks
 
 
 def tiny_config(**kw):
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=4096,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
+    return distill.tiny_config(**{"num_hidden_layers": 3, **kw})
 
 
 def qk(B=2, Hq=4, Hkv=2, S=100, d=16, seed=0):

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from transformers import LlamaConfig
 
+from seerlib.distill import tiny_config
 from seerlib.gate import GateSet
 from seerlib.io import (
     config_hash,
@@ -11,19 +11,6 @@ from seerlib.io import (
     save_checkpoint,
     save_gates,
 )
-
-
-def tiny_config(**kw):
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
 
 
 def test_round_trip(tmp_path):
