@@ -31,6 +31,7 @@ caches of different sources never mix; `WindowCache` also refuses files of mixed
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -770,10 +771,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         say(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {json.dumps(meta)}")
     if world > 1:
+        # Release DistributedDataParallel (its reducer holds gloo/NCCL work objects) before the
+        # process group goes, so no collective outlives it into interpreter shutdown.
+        del distiller
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, skip interpreter finalization: gloo's worker threads can abort the
+        # process there ("terminate called without an active exception", pytorch#179291) after
+        # all work is done and saved. Flush first so no output is lost.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
