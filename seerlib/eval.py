@@ -100,10 +100,18 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
 # ---------------------------------------------------------------- configs
 
 
+def method_spec(method: str, density: float) -> str:
+    """The spec of a method at a density: "gate", 0.3 -> "gate@0.3"; "gate+sink adaptive", 0.3 ->
+    "gate+sink@a=0.3" (the names `markdown` and `viz.method_of` give rows)."""
+    name = method.removesuffix(" adaptive")
+    return f"{name}@a={density:g}" if name != method else f"{method}@{density:g}"
+
+
 def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     """A SparseConfig from a short spec: "dense", "gate@0.3", "gate@t=0.002", "oracle-max@0.3",
     "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1"; "+sink" after gate/oracle
-    forces key block 0 ("gate+sink@0.3"). These are the labels of the table."""
+    forces key block 0 ("gate+sink@0.3"); "@a=0.3" spreads density 0.3's budget adaptively
+    ("gate+sink@a=0.3", see `select_blocks`). These are the labels of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
@@ -116,16 +124,20 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
         raise ValueError(f"unknown mode {name!r} in {spec!r}; expected one of {MODES} "
                          "(oracle as oracle-max / oracle-sum)")
     density = threshold = None
+    adaptive = arg.startswith("a=")
     try:
         if arg.startswith("t="):
             threshold = float(arg[2:])
+        elif adaptive:
+            density = float(arg[2:])
         elif arg:
             density = float(arg)
     except ValueError:
-        raise ValueError(f"cannot read {arg!r} in {spec!r}; expected a density like 0.3 or a "
-                         "threshold like t=0.002") from None
+        raise ValueError(f"cannot read {arg!r} in {spec!r}; expected a density like 0.3, an "
+                         "adaptive density like a=0.3 or a threshold like t=0.002") from None
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
-                        pooling=pooling, attention=attention, keep_sink=keep_sink)
+                        pooling=pooling, attention=attention, keep_sink=keep_sink,
+                        adaptive=adaptive)
 
 
 # ---------------------------------------------------------------- recall
@@ -315,13 +327,16 @@ def _maps_path(cache: Path, length: int, index: int, offset: int, block_size: in
 
 
 def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block_size: int = 64,
-             offset: int = 0, cache: Path | None = None, on_row=None, progress: bool = True):
+             offset: int = 0, cache: Path | None = None, on_row=None, progress: bool = True,
+             recall: bool = True):
     """Perplexity, recall and achieved density of each config at each length.
 
     Per window: one dense pass (dense perplexity, ground-truth maps, every config's recall and
     density on the dense attention), then one sparse forward per sparse config. Oracle configs
     select from the dense pass's maps of that window (the blocks of the dense model's own
-    attention), so they need no second ground-truth pass.
+    attention), so they need no second ground-truth pass. With `recall=False` the dense pass skips
+    the ground truth (the slow part on a CPU): recall is nan, the achieved density is counted in
+    the sparse forwards, and oracle configs are refused.
 
     Returns:
         list of row dicts (label, mode, pooling, density_target, threshold, length, windows, ppl,
@@ -331,6 +346,8 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
 
     rows = []
     sparse = [c for c in configs if c.mode != "dense"]
+    if not recall and any(c.mode == "oracle" for c in sparse):
+        raise ValueError("oracle configs select from the ground-truth maps; they need recall=True")
     for S in lengths:
         ids_all = _windows(tokenizer, S, windows, offset)
         acc = {c.label: {"nll": [], "recall": [], "kept": 0, "causal": 0, "sec": 0.0}
@@ -343,7 +360,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 maps = torch.load(path)
             t0 = time.time()
             nll, scores, maps = dense_pass(model, ids, sparse, gates=gates, block_size=block_size,
-                                           maps=maps)
+                                           maps=maps, need_maps=recall)
             dense_sec = time.time() - t0
             if path is not None and maps:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +377,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 a["causal"] += s["causal"]
                 kw = dict(density=c.density, threshold=c.threshold, block_size=c.block_size,
                           attention=c.attention, compile_flex=c.compile_flex,
-                          keep_sink=c.keep_sink)
+                          keep_sink=c.keep_sink, adaptive=c.adaptive)
                 if c.mode == "gate":
                     kw["gates"] = gates
                 if c.mode == "oracle":
@@ -370,6 +387,9 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 with sparsify(model, c.mode, **kw) as sp:
                     a["nll"].append(_nll(model, ids).cpu())
                 a["sec"] += time.time() - t0
+                if not recall:
+                    a["kept"] += sp.stats.kept_blocks
+                    a["causal"] += sp.stats.causal_blocks
                 if progress:
                     print(f"  S={S} window {w}: {c.label} ppl "
                           f"{math.exp(a['nll'][-1].double().mean()):.3f} density "
@@ -383,6 +403,8 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
             res = _result(a["nll"])
             if c.mode == "dense":
                 rec, dens, per_layer = 1.0, 1.0, []
+            elif not recall:
+                rec, dens, per_layer = float("nan"), a["kept"] / a["causal"], []
             else:
                 per_layer = torch.tensor(a["recall"]).mean(dim=0).tolist()  # (layers,)
                 rec, dens = sum(per_layer) / len(per_layer), a["kept"] / a["causal"]
@@ -410,12 +432,24 @@ _METHODS = [
     ("dense", "dense"), ("oracle-max", "oracle (max-pooled, top-k)"),
     ("oracle-sum", "oracle (attention mass, top-k)"), ("gate", "gate (top-k)"),
     ("gate+sink", "gate + forced sink block (top-k)"),
+    ("gate adaptive", "gate (adaptive budget)"),
+    ("gate+sink adaptive", "gate + forced sink block (adaptive budget)"),
+    ("oracle-max adaptive", "oracle (max-pooled, adaptive budget)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
 ]
 
 
-def _method(row) -> str:
-    return row["label"].split("@")[0]
+def method_of(row) -> str:
+    """A row's method: its label before '@' ("gate", "gate+sink", "oracle-max", ...) with
+    " adaptive" for adaptive-budget rows ("gate+sink@a=0.3"), else 'oracle-<pooling>' for oracle
+    rows and the mode for the others. The inverse of `method_spec`."""
+    if row.get("label"):
+        name, _, arg = row["label"].partition("@")
+        return name + " adaptive" if arg.startswith("a=") else name
+    return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
+
+
+_method = method_of
 
 
 def markdown(results: dict) -> str:
@@ -442,8 +476,9 @@ def markdown(results: dict) -> str:
             for d in dens:
                 r = next((r for r in at if _method(r) == key and r["density_target"] == d), None)
                 any_ |= r is not None
+                rec = "–" if r is None or math.isnan(r["recall"]) else f"{r['recall']:.3f}"
                 cells.append("–" if r is None else
-                             f"{r['ppl']:.3f} ({r['recall']:.3f}, {r['achieved_density']:.3f})")
+                             f"{r['ppl']:.3f} ({rec}, {r['achieved_density']:.3f})")
             if any_:
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -545,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passkey-trials", type=int, default=1)
     parser.add_argument("--cache", default=None,
                         help="folder for the dense passes' ground-truth maps (reused by reruns)")
+    parser.add_argument("--no-recall", action="store_true",
+                        help="skip the ground-truth maps (recall; slow on CPU); no oracle methods")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -563,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         args.attention = "flex" if args.device == "cpu" else "ops"
     specs = []
     for m in args.methods:
-        specs += ["dense"] if m == "dense" else [f"{m}@{d:g}" for d in args.densities]
+        specs += ["dense"] if m == "dense" else [method_spec(m, d) for d in args.densities]
     specs += [f"gate@t={t:g}" for t in args.thresholds] + args.configs
     configs = [parse_config(s, b, args.attention) for s in specs]
     pk_configs = [parse_config(s, b, args.attention) for s in args.passkey_methods]
@@ -597,10 +634,10 @@ def main(argv: list[str] | None = None) -> None:
     cache = Path(args.cache) if args.cache else None
     if configs and args.lengths:
         evaluate(model, tok, configs, args.lengths, args.windows, gates=gates, block_size=b,
-                 offset=args.offset, cache=cache, on_row=on_row)
+                 offset=args.offset, cache=cache, on_row=on_row, recall=not args.no_recall)
     for c in pk_configs:
         kw = dict(density=c.density, threshold=c.threshold, block_size=b, attention=c.attention,
-                  keep_sink=c.keep_sink)
+                  keep_sink=c.keep_sink, adaptive=c.adaptive)
         if c.mode == "gate":
             kw["gates"] = gates
         for L in args.passkey_lengths:

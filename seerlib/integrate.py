@@ -76,6 +76,8 @@ class SparseConfig:
         num_sink: leading key blocks of "sink_window".
         keep_sink: "gate"/"oracle": also always keep key block 0 (counts toward k).
         dense_last_rows: "gate"/"oracle": keep the last this-many query-block rows dense.
+        adaptive: "gate"/"oracle" with a density: top-k's block budget spread over all heads and
+            rows of the layer by row-softmax score (`select_blocks(adaptive=True)`).
         attention: "ops" (the dispatch point) or "flex" (FlexAttention with a BlockMask).
         compile_flex: compile FlexAttention (needed for speed; eager flex computes every score).
     """
@@ -88,6 +90,7 @@ class SparseConfig:
     num_sink: int = 1
     keep_sink: bool = False
     dense_last_rows: int = 0
+    adaptive: bool = False
     attention: str = "ops"
     compile_flex: bool = True
 
@@ -120,6 +123,11 @@ class SparseConfig:
             raise ValueError(
                 f"mode {self.mode!r} selects by density only; got threshold={self.threshold}"
             )
+        if self.adaptive and (self.mode not in ("gate", "oracle") or self.density is None):
+            raise ValueError(
+                f"adaptive selection needs mode 'gate' or 'oracle' with a density; got mode "
+                f"{self.mode!r}, density={self.density}"
+            )
         if self.num_sink < 0 or self.dense_last_rows < 0:
             raise ValueError(
                 f"num_sink and dense_last_rows must be >= 0; got {self.num_sink}, "
@@ -128,9 +136,12 @@ class SparseConfig:
 
     @property
     def label(self) -> str:
-        """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3", "dense"."""
+        """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
+        "gate+sink@a=0.3" (adaptive), "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
         name += "+sink" if self.keep_sink else ""
+        if self.adaptive:
+            return f"{name}@a={self.density:g}"
         if self.density is not None and self.mode != "dense":
             return f"{name}@{self.density:g}"
         if self.threshold is not None:
@@ -336,12 +347,14 @@ def layer_block_mask(
             raise ValueError("mode 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
         with torch.no_grad():
             logits = gate(q_pre, k_pre)
-        return select_blocks(logits, density=cfg.density, threshold=cfg.threshold, **extras)
+        return select_blocks(logits, density=cfg.density, threshold=cfg.threshold,
+                             adaptive=cfg.adaptive, **extras)
     if cfg.mode == "oracle":
         if weights is None:
             weights = ground_truth(q, k, v, b, cfg.pooling, scale)
-        if cfg.threshold is not None:
-            return select_blocks(_threshold_scores(weights), threshold=cfg.threshold, **extras)
+        if cfg.threshold is not None or cfg.adaptive:
+            return select_blocks(_threshold_scores(weights), density=cfg.density,
+                                 threshold=cfg.threshold, adaptive=cfg.adaptive, **extras)
         if cfg.keep_sink or cfg.dense_last_rows:
             return select_blocks(weights.float(), density=cfg.density, **extras)
         return patterns.oracle(weights, cfg.density)
@@ -522,6 +535,7 @@ def sparsify(
     num_sink: int = 1,
     keep_sink: bool = False,
     dense_last_rows: int = 0,
+    adaptive: bool = False,
     attention: str = "ops",
     compile_flex: bool = True,
     oracle_weights: dict[int, torch.Tensor] | None = None,
@@ -540,6 +554,9 @@ def sparsify(
         pooling: "oracle" ground truth, "max" or "sum".
         num_sink: leading key blocks of "sink_window".
         keep_sink, dense_last_rows: "gate"/"oracle" forced blocks (see `select_blocks`).
+        adaptive: "gate"/"oracle" with a density: keep top-k's number of blocks per layer, spread
+            over heads and rows by row-softmax score (`select_blocks(adaptive=True)`); the
+            achieved density equals top-k's.
         attention: "ops" (seerlib.ops dispatch point) or "flex" (FlexAttention BlockMask).
         compile_flex: compile FlexAttention (leave on except for tiny tests).
         oracle_weights: {layer: (B, Hq, nb, nb)} ground-truth maps to select from instead of
@@ -558,7 +575,7 @@ def sparsify(
     cfg = SparseConfig(
         mode=mode, density=density, threshold=threshold, block_size=block_size, pooling=pooling,
         num_sink=num_sink, keep_sink=keep_sink, dense_last_rows=dense_last_rows,
-        attention=attention, compile_flex=compile_flex,
+        adaptive=adaptive, attention=attention, compile_flex=compile_flex,
     )
     if mode == "gate":
         if gates is None:

@@ -4,6 +4,10 @@ Two rules (SEERATTENTION.md §5):
 - density ρ: per query-block row keep the top k = max(1, int((1 - sqrt(1 - ρ)) * nb)) causal key
   blocks (at most the row's i + 1 causal blocks), so the kept share of the causal triangle is ≈ ρ.
 - threshold τ: keep the blocks whose softmax over the row's key blocks exceeds τ.
+- adaptive density (`adaptive=True`): the same number of blocks as top-k at ρ keeps per (batch,
+  layer), spread over the heads and rows by that softmax score instead of k per row: the threshold
+  rule with τ calibrated to the budget, so heads and rows that need more blocks get them and the
+  achieved density equals top-k's exactly.
 
 Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, whole rows
 with `dense_last_rows`) are always kept; under a density they count toward the row's k. Blocks above
@@ -48,6 +52,7 @@ def select_blocks(
     keep_diagonal: bool = True,
     keep_sink: bool = False,
     dense_last_rows: int = 0,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """Choose the (query block, key block) tiles to compute.
 
@@ -61,6 +66,8 @@ def select_blocks(
         keep_diagonal: always keep block (i, i), so no row is empty.
         keep_sink: always keep block (i, 0).
         dense_last_rows: keep every causal block of the last this-many query-block rows.
+        adaptive: with `density`, keep as many blocks as top-k would over all heads and rows of
+            each batch element, the ones with the highest row-softmax score (forced blocks first).
     Returns:
         block_mask: (B, H, nb, nb) bool, False above the diagonal. Use `achieved_density(mask)`
         for the kept share of causal blocks.
@@ -77,6 +84,8 @@ def select_blocks(
     ):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a (B, H, nb, nb) tensor; got {shape}")
+    if adaptive and density is None:
+        raise ValueError("adaptive=True spreads a density's block budget; give a density")
     if dense_last_rows < 0:
         raise ValueError(f"dense_last_rows must be >= 0; got {dense_last_rows}")
     nb = logits.shape[-1]
@@ -92,6 +101,16 @@ def select_blocks(
     forced &= causal
 
     scores = logits.float().masked_fill(~causal, float("-inf"))
+    if adaptive:
+        k = density_to_k(density, nb)
+        budget = (causal.sum(-1).clamp(max=k).sum() * logits.shape[1]).item()
+        probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        # causal blocks rank by score; forced ones above all; non-causal ones below all
+        rank = torch.where(causal, probs, torch.full_like(probs, -1.0))
+        rank = torch.where(forced, torch.full_like(probs, 2.0), rank).flatten(1)
+        top = rank.topk(budget, dim=-1).indices  # (B, budget); budget <= causal blocks
+        mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top, True)
+        return mask.view_as(scores) | forced
     if density is not None:
         k = density_to_k(density, nb)
         # forced blocks rank first, then by score; masked (-inf) blocks never beat a causal one

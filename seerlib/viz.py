@@ -27,6 +27,8 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
+from seerlib.eval import method_of
+
 __all__ = [
     "KEY_FIGURES_MIME",
     "PROVIDER_NAMES",
@@ -922,20 +924,17 @@ def repo_path(relative: str):
 # ---------------------------------------------------------------- quality (notebook 04)
 
 METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "gate+sink": "gate + sink block",
+                "gate adaptive": "gate, adaptive budget",
+                "gate+sink adaptive": "gate + sink block, adaptive budget",
+                "oracle-max adaptive": "oracle (pooled max), adaptive budget",
                 "oracle-max": "oracle (pooled max)",
                 "oracle-sum": "oracle (attention mass)", "sink_window": "sink + window",
                 "vertical_slash": "vertical-slash"}
-_METHOD_COLORS = {"gate": "#d62728", "gate+sink": "#ff7f0e", "oracle-max": "#2ca02c",
+_METHOD_COLORS = {"gate": "#d62728", "gate+sink": "#ff7f0e", "gate adaptive": "#e377c2",
+                  "gate+sink adaptive": "#8c564b", "oracle-max adaptive": "#17becf",
+                  "oracle-max": "#2ca02c",
                   "oracle-sum": "#98df8a", "sink_window": "#1f77b4", "vertical_slash": "#9467bd",
                   "dense": "black"}
-
-
-def method_of(row: Mapping) -> str:
-    """A row's method: its label before '@' ("gate", "gate+sink", "oracle-max", ...), else
-    'oracle-<pooling>' for oracle rows and the mode for the others."""
-    if row.get("label"):
-        return row["label"].partition("@")[0]
-    return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
 
 
 def quality_figure(rows: Sequence[Mapping], length: int | None = None) -> go.Figure:

@@ -109,6 +109,8 @@ def test_oracle_threshold_selects_on_the_normalized_map():
         (dict(mode="oracle", density=0.3, attention="cuda"), "attention must be one of"),
         (dict(mode="gate", density=0.3), "needs gates=GateSet"),
         (dict(mode="dense", density=0.5), "keeps every block"),
+        (dict(mode="vertical_slash", density=0.3, adaptive=True), "adaptive selection needs"),
+        (dict(mode="oracle", threshold=0.01, adaptive=True), "adaptive selection needs"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, match):
@@ -194,10 +196,12 @@ def test_sparse_modes_reach_the_same_density_and_change_the_logits(small, slice_
     gates = GateSet.from_config(model.config, block_size=B16)
     achieved = {}
     for mode, kw in [("gate", {"gates": gates}), ("oracle", {}), ("oracle", {"pooling": "sum"}),
-                     ("sink_window", {}), ("vertical_slash", {})]:
+                     ("sink_window", {}), ("vertical_slash", {}),
+                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True}),
+                     ("oracle", {"adaptive": True})]:
         with sparsify(model, mode, density=0.5, block_size=B16, record_masks=True, **kw) as sp:
             out = _logits(model, slice_ids)
-        label = f"{mode}-{kw.get('pooling', '')}"
+        label = f"{mode}-{kw.get('pooling', '')}{'-a' * kw.get('adaptive', False)}"
         achieved[label] = sp.stats.achieved_density
         assert len(sp.masks) == model.config.num_hidden_layers
         assert not torch.allclose(out, dense_logits, atol=1e-2)  # really sparse

@@ -67,3 +67,41 @@ def test_exactly_one_rule():
         select_blocks(logits(), density=0.5, threshold=1e-3)
     with pytest.raises(ValueError, match="exactly one"):
         select_blocks(logits())
+
+
+@pytest.mark.parametrize("density", [0.2, 0.3, 0.5])  # at 0.1, k = 2: sink + diagonal only
+def test_adaptive_keeps_topk_budget_spread_by_score(density):
+    lg = logits(B=2, H=3, nb=48, seed=3)
+    topk = select_blocks(lg, density=density, keep_sink=True)
+    mask = select_blocks(lg, density=density, keep_sink=True, adaptive=True)
+    # the same number of blocks per batch element as top-k: equal achieved density
+    assert torch.equal(mask.flatten(1).sum(-1), topk.flatten(1).sum(-1))
+    assert achieved_density(mask) == achieved_density(topk)
+    assert not (mask & ~causal_block_mask(48)).any()
+    assert mask[..., 0].all() and mask[..., torch.eye(48, dtype=torch.bool)].all()
+    assert not torch.equal(mask, topk)  # rows no longer hold k each
+    # every kept free block scores at least as high as every dropped causal one
+    probs = torch.softmax(lg, -1)
+    free = causal_block_mask(48) & ~torch.eye(48, dtype=torch.bool)
+    free[:, 0] = False
+    for b in range(2):
+        p, m, f = probs[b], mask[b], free.expand(3, 48, 48)
+        assert p[m & f].min() >= p[~m & f].max()
+
+
+def test_adaptive_gives_blocks_to_the_head_that_spreads_its_mass():
+    nb = 32
+    peaked = torch.full((nb, nb), -20.0)
+    peaked[:, 1] = 0.0  # one key block takes all the mass
+    flat = torch.zeros(nb, nb)  # mass spread evenly
+    lg = torch.stack([peaked, flat])[None].masked_fill(~causal_block_mask(nb), float("-inf"))
+    topk = select_blocks(lg, density=0.3, keep_diagonal=False)
+    mask = select_blocks(lg, density=0.3, keep_diagonal=False, adaptive=True)
+    assert topk[0, 0].sum() == topk[0, 1].sum()
+    # column 1 holds all of the peaked head's mass; the rest of the budget goes to the flat head
+    assert mask[0, 0, 1:, 1].all() and mask[0, 1].sum() > topk[0, 1].sum()
+
+
+def test_adaptive_needs_a_density():
+    with pytest.raises(ValueError, match="adaptive=True .* give a density"):
+        select_blocks(logits(), threshold=0.01, adaptive=True)
