@@ -110,14 +110,22 @@ def method_spec(method: str, density: float) -> str:
 def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     """A SparseConfig from a short spec: "dense", "gate@0.3", "gate@t=0.002", "oracle-max@0.3",
     "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1"; "+sink" after gate/oracle
-    forces key block 0 ("gate+sink@0.3"); "@a=0.3" spreads density 0.3's budget adaptively
-    ("gate+sink@a=0.3", see `select_blocks`). These are the labels of the table."""
+    forces key block 0 ("gate+sink@0.3"), "+local" the block left of the diagonal ("+local3":
+    three); "@a=0.3" spreads density 0.3's budget adaptively ("gate+sink+local@a=0.3", see
+    `select_blocks`). These are the labels of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
     pooling = "max"
-    keep_sink = name.endswith("+sink")
-    name = name.removesuffix("+sink")
+    name, *forced = name.split("+")
+    keep_sink, keep_local = False, 0
+    for f in forced:
+        if f == "sink":
+            keep_sink = True
+        elif f.startswith("local") and (f == "local" or f[5:].isdigit()):
+            keep_local = int(f[5:] or 1)
+        else:
+            raise ValueError(f"cannot read '+{f}' in {spec!r}; expected +sink or +local[N]")
     if name.startswith("oracle-"):
         name, pooling = "oracle", name.removeprefix("oracle-")
     if name not in MODES:
@@ -137,7 +145,7 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
                          "adaptive density like a=0.3 or a threshold like t=0.002") from None
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
                         pooling=pooling, attention=attention, keep_sink=keep_sink,
-                        adaptive=adaptive)
+                        keep_local=keep_local, adaptive=adaptive)
 
 
 # ---------------------------------------------------------------- recall
@@ -377,7 +385,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 a["causal"] += s["causal"]
                 kw = dict(density=c.density, threshold=c.threshold, block_size=c.block_size,
                           attention=c.attention, compile_flex=c.compile_flex,
-                          keep_sink=c.keep_sink, adaptive=c.adaptive)
+                          keep_sink=c.keep_sink, keep_local=c.keep_local, adaptive=c.adaptive)
                 if c.mode == "gate":
                     kw["gates"] = gates
                 if c.mode == "oracle":
@@ -434,6 +442,7 @@ _METHODS = [
     ("gate+sink", "gate + forced sink block (top-k)"),
     ("gate adaptive", "gate (adaptive budget)"),
     ("gate+sink adaptive", "gate + forced sink block (adaptive budget)"),
+    ("gate+sink+local adaptive", "gate + forced sink and local block (adaptive budget)"),
     ("oracle-max adaptive", "oracle (max-pooled, adaptive budget)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
 ]
@@ -637,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
                  offset=args.offset, cache=cache, on_row=on_row, recall=not args.no_recall)
     for c in pk_configs:
         kw = dict(density=c.density, threshold=c.threshold, block_size=b, attention=c.attention,
-                  keep_sink=c.keep_sink, adaptive=c.adaptive)
+                  keep_sink=c.keep_sink, keep_local=c.keep_local, adaptive=c.adaptive)
         if c.mode == "gate":
             kw["gates"] = gates
         for L in args.passkey_lengths:

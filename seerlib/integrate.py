@@ -75,6 +75,8 @@ class SparseConfig:
         pooling: "oracle" ground truth, "max" (pooled map) or "sum" (attention mass).
         num_sink: leading key blocks of "sink_window".
         keep_sink: "gate"/"oracle": also always keep key block 0 (counts toward k).
+        keep_local: "gate"/"oracle": also always keep the this-many key blocks left of the
+            diagonal (counts toward k).
         dense_last_rows: "gate"/"oracle": keep the last this-many query-block rows dense.
         adaptive: "gate"/"oracle" with a density: top-k's block budget spread over all heads and
             rows of the layer by row-softmax score (`select_blocks(adaptive=True)`).
@@ -89,6 +91,7 @@ class SparseConfig:
     pooling: str = "max"
     num_sink: int = 1
     keep_sink: bool = False
+    keep_local: int = 0
     dense_last_rows: int = 0
     adaptive: bool = False
     attention: str = "ops"
@@ -128,18 +131,20 @@ class SparseConfig:
                 f"adaptive selection needs mode 'gate' or 'oracle' with a density; got mode "
                 f"{self.mode!r}, density={self.density}"
             )
-        if self.num_sink < 0 or self.dense_last_rows < 0:
+        if self.num_sink < 0 or self.dense_last_rows < 0 or self.keep_local < 0:
             raise ValueError(
-                f"num_sink and dense_last_rows must be >= 0; got {self.num_sink}, "
-                f"{self.dense_last_rows}"
+                f"num_sink, dense_last_rows and keep_local must be >= 0; got {self.num_sink}, "
+                f"{self.dense_last_rows}, {self.keep_local}"
             )
 
     @property
     def label(self) -> str:
         """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
-        "gate+sink@a=0.3" (adaptive), "dense"."""
+        "gate+sink+local@a=0.3" (sink, one local block, adaptive), "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
         name += "+sink" if self.keep_sink else ""
+        if self.keep_local:
+            name += "+local" + (str(self.keep_local) if self.keep_local > 1 else "")
         if self.adaptive:
             return f"{name}@a={self.density:g}"
         if self.density is not None and self.mode != "dense":
@@ -339,7 +344,8 @@ def layer_block_mask(
     B, Hq, S, _ = q.shape
     b = cfg.block_size
     nb = num_blocks(S, b)
-    extras = dict(keep_sink=cfg.keep_sink, dense_last_rows=cfg.dense_last_rows)
+    extras = dict(keep_sink=cfg.keep_sink, keep_local=cfg.keep_local,
+                  dense_last_rows=cfg.dense_last_rows)
     if cfg.mode == "dense":
         return causal_block_mask(nb, q.device).expand(B, Hq, nb, nb).clone()
     if cfg.mode == "gate":
@@ -355,7 +361,7 @@ def layer_block_mask(
         if cfg.threshold is not None or cfg.adaptive:
             return select_blocks(_threshold_scores(weights), density=cfg.density,
                                  threshold=cfg.threshold, adaptive=cfg.adaptive, **extras)
-        if cfg.keep_sink or cfg.dense_last_rows:
+        if cfg.keep_sink or cfg.keep_local or cfg.dense_last_rows:
             return select_blocks(weights.float(), density=cfg.density, **extras)
         return patterns.oracle(weights, cfg.density)
     if cfg.mode == "sink_window":
@@ -534,6 +540,7 @@ def sparsify(
     pooling: str = "max",
     num_sink: int = 1,
     keep_sink: bool = False,
+    keep_local: int = 0,
     dense_last_rows: int = 0,
     adaptive: bool = False,
     attention: str = "ops",
@@ -553,7 +560,8 @@ def sparsify(
         block_size: tile size b; default the gates' block size in "gate" mode, else 64.
         pooling: "oracle" ground truth, "max" or "sum".
         num_sink: leading key blocks of "sink_window".
-        keep_sink, dense_last_rows: "gate"/"oracle" forced blocks (see `select_blocks`).
+        keep_sink, keep_local, dense_last_rows: "gate"/"oracle" forced blocks (see
+            `select_blocks`).
         adaptive: "gate"/"oracle" with a density: keep top-k's number of blocks per layer, spread
             over heads and rows by row-softmax score (`select_blocks(adaptive=True)`); the
             achieved density equals top-k's.
@@ -574,8 +582,9 @@ def sparsify(
         block_size = getattr(gates, "block_size", 64) if mode == "gate" else 64
     cfg = SparseConfig(
         mode=mode, density=density, threshold=threshold, block_size=block_size, pooling=pooling,
-        num_sink=num_sink, keep_sink=keep_sink, dense_last_rows=dense_last_rows,
-        adaptive=adaptive, attention=attention, compile_flex=compile_flex,
+        num_sink=num_sink, keep_sink=keep_sink, keep_local=keep_local,
+        dense_last_rows=dense_last_rows, adaptive=adaptive, attention=attention,
+        compile_flex=compile_flex,
     )
     if mode == "gate":
         if gates is None:

@@ -9,9 +9,10 @@ Two rules (SEERATTENTION.md §5):
   rule with τ calibrated to the budget, so heads and rows that need more blocks get them and the
   achieved density equals top-k's exactly.
 
-Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, whole rows
-with `dense_last_rows`) are always kept; under a density they count toward the row's k. Blocks above
-the diagonal are never kept. `achieved_density(mask)` reports the kept share of the causal blocks.
+Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, the
+`keep_local` blocks left of the diagonal, whole rows with `dense_last_rows`) are always kept; under
+a density they count toward the row's k. Blocks above the diagonal are never kept.
+`achieved_density(mask)` reports the kept share of the causal blocks.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def select_blocks(
     keep_sink: bool = False,
     dense_last_rows: int = 0,
     adaptive: bool = False,
+    keep_local: int = 0,
 ) -> torch.Tensor:
     """Choose the (query block, key block) tiles to compute.
 
@@ -66,6 +68,7 @@ def select_blocks(
         keep_diagonal: always keep block (i, i), so no row is empty.
         keep_sink: always keep block (i, 0).
         dense_last_rows: keep every causal block of the last this-many query-block rows.
+        keep_local: always keep blocks (i, i - 1) ... (i, i - keep_local), a local band.
         adaptive: with `density`, keep as many blocks as top-k would over all heads and rows of
             each batch element, the ones with the highest row-softmax score (forced blocks first).
     Returns:
@@ -86,8 +89,10 @@ def select_blocks(
         raise ValueError(f"logits must be a (B, H, nb, nb) tensor; got {shape}")
     if adaptive and density is None:
         raise ValueError("adaptive=True spreads a density's block budget; give a density")
-    if dense_last_rows < 0:
-        raise ValueError(f"dense_last_rows must be >= 0; got {dense_last_rows}")
+    if dense_last_rows < 0 or keep_local < 0:
+        raise ValueError(
+            f"dense_last_rows and keep_local must be >= 0; got {dense_last_rows}, {keep_local}"
+        )
     nb = logits.shape[-1]
     device = logits.device
     causal = causal_block_mask(nb, device)
@@ -96,6 +101,8 @@ def select_blocks(
         forced |= torch.eye(nb, dtype=torch.bool, device=device)
     if keep_sink:
         forced[:, 0] = True
+    if keep_local:
+        forced |= causal & ~causal_block_mask(nb, device).tril(-keep_local - 1)
     if dense_last_rows:
         forced[max(0, nb - dense_last_rows) :] = True
     forced &= causal

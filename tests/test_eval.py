@@ -22,7 +22,7 @@ from seerlib.eval import (
 def test_parse_config_labels_round_trip():
     for spec in ["dense", "gate@0.3", "gate@t=0.002", "gate+sink@0.1", "oracle-max@0.5",
                  "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1", "gate+sink@a=0.3",
-                 "oracle-max@a=0.2"]:
+                 "oracle-max@a=0.2", "gate+sink+local@a=0.3", "gate+local3@0.2"]:
         assert parse_config(spec).label == spec
     c = parse_config("oracle-sum@0.3", block_size=32, attention="flex")
     assert (c.mode, c.pooling, c.density, c.block_size, c.attention) == ("oracle", "sum", 0.3, 32,
@@ -30,6 +30,9 @@ def test_parse_config_labels_round_trip():
     assert parse_config("gate+sink@t=0.01").keep_sink
     c = parse_config("gate+sink@a=0.3")
     assert (c.adaptive, c.density, c.keep_sink) == (True, 0.3, True)
+    c = parse_config("gate+sink+local@a=0.3")
+    assert (c.keep_sink, c.keep_local, c.adaptive) == (True, 1, True)
+    assert parse_config("oracle-max+local2@0.3").keep_local == 2
 
 
 @pytest.mark.parametrize("spec, match", [("topk@0.3", "unknown mode 'topk'"),
@@ -37,6 +40,7 @@ def test_parse_config_labels_round_trip():
                                          ("sink_window@t=0.1", "density only"),
                                          ("sink_window@a=0.1", "adaptive selection needs"),
                                          ("gate@a=x", "adaptive density like a=0.3"),
+                                         ("gate+window@0.3", r"cannot read '\+window'"),
                                          ("oracle-mean@0.3", "pooling must be one of")])
 def test_parse_config_errors(spec, match):
     with pytest.raises(ValueError, match=match):

@@ -197,7 +197,8 @@ def test_sparse_modes_reach_the_same_density_and_change_the_logits(small, slice_
     achieved = {}
     for mode, kw in [("gate", {"gates": gates}), ("oracle", {}), ("oracle", {"pooling": "sum"}),
                      ("sink_window", {}), ("vertical_slash", {}),
-                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True}),
+                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True,
+                               "keep_local": 1}),
                      ("oracle", {"adaptive": True})]:
         with sparsify(model, mode, density=0.5, block_size=B16, record_masks=True, **kw) as sp:
             out = _logits(model, slice_ids)

@@ -105,3 +105,15 @@ def test_adaptive_gives_blocks_to_the_head_that_spreads_its_mass():
 def test_adaptive_needs_a_density():
     with pytest.raises(ValueError, match="adaptive=True .* give a density"):
         select_blocks(logits(), threshold=0.01, adaptive=True)
+
+
+def test_keep_local_band_is_forced_and_counts_toward_k():
+    nb = 24
+    lg = logits(nb=nb).masked_fill(torch.ones(nb, nb, dtype=torch.bool).tril(-1), -1e9)
+    mask = select_blocks(lg, density=0.3, keep_local=2)  # the gate ranks the band last
+    band = causal_block_mask(nb) & ~torch.ones(nb, nb, dtype=torch.bool).tril(-3)
+    assert mask[..., band].all()
+    k = density_to_k(0.3, nb)
+    assert torch.equal(mask.sum(-1), torch.clamp(torch.arange(1, nb + 1), max=k).expand(2, 3, nb))
+    with pytest.raises(ValueError, match="keep_local must be >= 0"):
+        select_blocks(lg, density=0.3, keep_local=-1)
