@@ -350,7 +350,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
         list of row dicts (label, mode, pooling, density_target, threshold, length, windows, ppl,
         nll, tokens, per_window, achieved_density, recall, per_layer_recall).
     """
-    from seerlib.integrate import sparsify
+    from seerlib.integrate import sparsify_config
 
     rows = []
     sparse = [c for c in configs if c.mode != "dense"]
@@ -383,16 +383,11 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
                 a["recall"].append(s["recall"])
                 a["kept"] += s["kept"]
                 a["causal"] += s["causal"]
-                kw = dict(density=c.density, threshold=c.threshold, block_size=c.block_size,
-                          attention=c.attention, compile_flex=c.compile_flex,
-                          keep_sink=c.keep_sink, keep_local=c.keep_local, adaptive=c.adaptive)
-                if c.mode == "gate":
-                    kw["gates"] = gates
+                kw = {}
                 if c.mode == "oracle":
-                    kw.update(pooling=c.pooling, oracle_weights={i: m[c.pooling]
-                                                                 for i, m in maps.items()})
+                    kw["oracle_weights"] = {i: m[c.pooling] for i, m in maps.items()}
                 t0 = time.time()
-                with sparsify(model, c.mode, **kw) as sp:
+                with sparsify_config(model, c, gates=gates, **kw) as sp:
                     a["nll"].append(_nll(model, ids).cpu())
                 a["sec"] += time.time() - t0
                 if not recall:
@@ -458,8 +453,6 @@ def method_of(row) -> str:
     return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
 
 
-_method = method_of
-
 
 def markdown(results: dict) -> str:
     """The quality table(s) as markdown from the JSON document `main` writes."""
@@ -483,7 +476,7 @@ def markdown(results: dict) -> str:
         for key, name in _METHODS[1:]:
             cells, any_ = [], False
             for d in dens:
-                r = next((r for r in at if _method(r) == key and r["density_target"] == d), None)
+                r = next((r for r in at if method_of(r) == key and r["density_target"] == d), None)
                 any_ |= r is not None
                 rec = "–" if r is None or math.isnan(r["recall"]) else f"{r['recall']:.3f}"
                 cells.append("–" if r is None else
@@ -497,9 +490,9 @@ def markdown(results: dict) -> str:
                   "gate top-k perplexity interpolated at the same achieved density):", "",
                   "| method | tokens | τ | achieved density | perplexity | recall | "
                   "top-k ppl at that density |", "|---|---|---|---|---|---|---|"]
-        for r in sorted(thr, key=lambda r: (r["length"], _method(r), -r["threshold"])):
+        for r in sorted(thr, key=lambda r: (r["length"], method_of(r), -r["threshold"])):
             ref = _interp_topk(topk, r)
-            lines.append(f"| {_method(r)} | {r['length']} | {r['threshold']:g} | "
+            lines.append(f"| {method_of(r)} | {r['length']} | {r['threshold']:g} | "
                          f"{r['achieved_density']:.3f} | {r['ppl']:.3f} | {r['recall']:.3f} | "
                          f"{'–' if ref is None else f'{ref:.3f}'} |")
         lines.append("")
@@ -540,7 +533,7 @@ def markdown(results: dict) -> str:
 def _interp_topk(topk_rows, r) -> float | None:
     """The method's top-k perplexity at r's achieved density, linear between measured points."""
     pts = sorted((x["achieved_density"], x["ppl"]) for x in topk_rows
-                 if x["length"] == r["length"] and _method(x) == _method(r))
+                 if x["length"] == r["length"] and method_of(x) == method_of(r))
     d = r["achieved_density"]
     for (d0, p0), (d1, p1) in zip(pts, pts[1:], strict=False):
         if d0 <= d <= d1:
@@ -597,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from seerlib.data import MODEL_NAME, load_model
-    from seerlib.integrate import sparsify
+    from seerlib.integrate import sparsify_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -645,12 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(model, tok, configs, args.lengths, args.windows, gates=gates, block_size=b,
                  offset=args.offset, cache=cache, on_row=on_row, recall=not args.no_recall)
     for c in pk_configs:
-        kw = dict(density=c.density, threshold=c.threshold, block_size=b, attention=c.attention,
-                  keep_sink=c.keep_sink, keep_local=c.keep_local, adaptive=c.adaptive)
-        if c.mode == "gate":
-            kw["gates"] = gates
         for L in args.passkey_lengths:
-            with sparsify(model, c.mode, **kw) as sp:
+            with sparsify_config(model, c, gates=gates) as sp:
                 trials = passkey(model, tok, [L], args.passkey_depths, args.passkey_trials)
             dens = sp.stats.achieved_density  # over every prefill at this length
             on_passkey([dict(asdict(t), method=c.label, density=dens) for t in trials])

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ __all__ = [
     "SparsityStats",
     "layer_block_mask",
     "sparsify",
+    "sparsify_config",
     "to_flex_block_mask",
 ]
 
@@ -596,3 +597,14 @@ def sparsify(
         raise ValueError(f"oracle_weights are only used by mode 'oracle'; got mode {mode!r}")
     attention_layers(model)  # fails early on a model without attention layers
     return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks)
+
+
+def sparsify_config(model: nn.Module, cfg: SparseConfig, *, gates=None, **kwargs) -> Sparsified:
+    """`sparsify` with every setting taken from a SparseConfig (e.g. `eval.parse_config(spec)`).
+
+    `gates` are passed on in "gate" mode only, so one GateSet can serve a list of configs of
+    several modes; `kwargs` are `sparsify`'s other arguments (oracle_weights, record_masks).
+    """
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "mode"}
+    return sparsify(model, cfg.mode, gates=gates if cfg.mode == "gate" else None, **settings,
+                    **kwargs)

@@ -12,6 +12,7 @@ from seerlib.integrate import (
     _sparse_attention,
     layer_block_mask,
     sparsify,
+    sparsify_config,
     to_flex_block_mask,
     topk_density,
 )
@@ -118,6 +119,18 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
     mode = kwargs.pop("mode")
     with pytest.raises(ValueError, match=match):
         sparsify(model, mode, **kwargs)
+
+
+def test_sparsify_config_takes_every_setting_from_the_config():
+    model = _TinyModel()
+    gates = GateSet.from_config(model.config, block_size=16)
+    for cfg in [SparseConfig("gate", density=0.3, block_size=16, keep_sink=True, keep_local=2,
+                             adaptive=True, attention="flex", compile_flex=False),
+                SparseConfig("oracle", threshold=0.01, pooling="sum", dense_last_rows=1),
+                SparseConfig("sink_window", density=0.2, num_sink=2)]:
+        sp = sparsify_config(model, cfg, gates=gates)  # gates go to "gate" mode only
+        assert sp.config == cfg
+        assert (sp.gates is gates) == (cfg.mode == "gate")
 
 
 def test_gates_for_another_model_are_refused():
