@@ -2,24 +2,17 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from seerlib import reference as R
 from seerlib.capture import attention_override, capture_qkv
+from seerlib.distill import tiny_config
 
 
 def tiny_llama():
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
+    cfg = tiny_config(vocab_size=97, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                      head_dim=16, max_position_embeddings=512, initializer_range=0.02)
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
 
