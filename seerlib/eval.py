@@ -111,21 +111,25 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     """A SparseConfig from a short spec: "dense", "gate@0.3", "gate@t=0.002", "oracle-max@0.3",
     "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1"; "+sink" after gate/oracle
     forces key block 0 ("gate+sink@0.3"), "+local" the block left of the diagonal ("+local3":
-    three); "@a=0.3" spreads density 0.3's budget adaptively ("gate+sink+local@a=0.3", see
-    `select_blocks`). These are the labels of the table."""
+    three), "+last" the whole last query-block row ("+last2": two rows); "@a=0.3" spreads density
+    0.3's budget adaptively ("gate+sink+local@a=0.3", see `select_blocks`). These are the labels
+    of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
     pooling = "max"
     name, *forced = name.split("+")
-    keep_sink, keep_local = False, 0
+    keep_sink, keep_local, last_rows = False, 0, 0
     for f in forced:
         if f == "sink":
             keep_sink = True
         elif f.startswith("local") and (f == "local" or f[5:].isdigit()):
             keep_local = int(f[5:] or 1)
+        elif f.startswith("last") and (f == "last" or f[4:].isdigit()):
+            last_rows = int(f[4:] or 1)
         else:
-            raise ValueError(f"cannot read '+{f}' in {spec!r}; expected +sink or +local[N]")
+            raise ValueError(f"cannot read '+{f}' in {spec!r}; expected +sink, +local[N] or "
+                             "+last[N]")
     if name.startswith("oracle-"):
         name, pooling = "oracle", name.removeprefix("oracle-")
     if name not in MODES:
@@ -145,7 +149,7 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
                          "adaptive density like a=0.3 or a threshold like t=0.002") from None
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
                         pooling=pooling, attention=attention, keep_sink=keep_sink,
-                        keep_local=keep_local, adaptive=adaptive)
+                        keep_local=keep_local, dense_last_rows=last_rows, adaptive=adaptive)
 
 
 # ---------------------------------------------------------------- recall
@@ -438,6 +442,8 @@ _METHODS = [
     ("gate adaptive", "gate (adaptive budget)"),
     ("gate+sink adaptive", "gate + forced sink block (adaptive budget)"),
     ("gate+sink+local adaptive", "gate + forced sink and local block (adaptive budget)"),
+    ("gate+sink+local+last adaptive",
+     "gate + forced sink and local block, last row dense (adaptive budget)"),
     ("oracle-max adaptive", "oracle (max-pooled, adaptive budget)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
 ]

@@ -141,11 +141,14 @@ class SparseConfig:
     @property
     def label(self) -> str:
         """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
-        "gate+sink+local@a=0.3" (sink, one local block, adaptive), "dense"."""
+        "gate+sink+local@a=0.3" (sink, one local block, adaptive), "gate+sink+local+last@a=0.3"
+        (and the last query-block row dense), "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
         name += "+sink" if self.keep_sink else ""
         if self.keep_local:
             name += "+local" + (str(self.keep_local) if self.keep_local > 1 else "")
+        if self.dense_last_rows:
+            name += "+last" + (str(self.dense_last_rows) if self.dense_last_rows > 1 else "")
         if self.adaptive:
             return f"{name}@a={self.density:g}"
         if self.density is not None and self.mode != "dense":

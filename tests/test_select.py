@@ -102,6 +102,17 @@ def test_adaptive_gives_blocks_to_the_head_that_spreads_its_mass():
     assert mask[0, 0, 1:, 1].all() and mask[0, 1].sum() > topk[0, 1].sum()
 
 
+def test_adaptive_dense_last_row_stays_within_the_topk_budget():
+    nb = 40
+    lg = logits(B=2, H=3, nb=nb, seed=5)
+    topk = select_blocks(lg, density=0.3, keep_sink=True, keep_local=1)
+    mask = select_blocks(lg, density=0.3, keep_sink=True, keep_local=1, dense_last_rows=1,
+                         adaptive=True)
+    assert torch.equal(mask[..., -1, :], torch.ones(2, 3, nb, dtype=torch.bool))
+    # the dense row's blocks come out of the same budget: achieved density unchanged
+    assert torch.equal(mask.flatten(1).sum(-1), topk.flatten(1).sum(-1))
+
+
 def test_adaptive_needs_a_density():
     with pytest.raises(ValueError, match="adaptive=True .* give a density"):
         select_blocks(logits(), threshold=0.01, adaptive=True)
