@@ -83,11 +83,15 @@ def test_checkpoint_resume(tmp_path):
         )
 
 
-SHIPPED = "data/gates/smollm2-135m-instruct-b64.safetensors"
+SHIPPED_GATES = {  # file: the window length it was trained on
+    "data/gates/smollm2-135m-instruct-b64-s8192.safetensors": 8192,  # the recommended one
+    "data/gates/smollm2-135m-instruct-b64.safetensors": 2048,
+}
 
 
 @pytest.mark.model
-def test_shipped_gate_loads():
+@pytest.mark.parametrize("SHIPPED, seq_len", list(SHIPPED_GATES.items()))
+def test_shipped_gate_loads(SHIPPED, seq_len):
     import os
 
     from seerlib.data import MODEL_NAME, load_model
@@ -99,6 +103,7 @@ def test_shipped_gate_loads():
     meta = read_metadata(SHIPPED)
     assert len(gates) == model.config.num_hidden_layers == 30
     assert meta["steps"] > 0 and meta["tokens_seen"] > 0 and meta["command"]
+    assert meta["seq_len"] == seq_len
     assert os.path.getsize(SHIPPED) < 10e6
     q = torch.randn(1, 9, 200, 64)
     k = torch.randn(1, 3, 200, 64)
