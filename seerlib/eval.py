@@ -102,9 +102,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
 
 def method_spec(method: str, density: float) -> str:
     """The spec of a method at a density: "gate", 0.3 -> "gate@0.3"; "gate+sink adaptive", 0.3 ->
-    "gate+sink@a=0.3" (the names `markdown` and `viz.method_of` give rows)."""
-    name = method.removesuffix(" adaptive")
-    return f"{name}@a={density:g}" if name != method else f"{method}@{density:g}"
+    "gate+sink@a=0.3"; "gate+sink relative", 0.3 -> "gate+sink@r=0.3" (the names `markdown` and
+    `viz.method_of` give rows)."""
+    for suffix, rule in ((" adaptive", "a="), (" relative", "r=")):
+        if method.endswith(suffix):
+            return f"{method.removesuffix(suffix)}@{rule}{density:g}"
+    return f"{method}@{density:g}"
 
 
 def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
@@ -112,8 +115,8 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1"; "+sink" after gate/oracle
     forces key block 0 ("gate+sink@0.3"), "+local" the block left of the diagonal ("+local3":
     three), "+last" the whole last query-block row ("+last2": two rows); "@a=0.3" spreads density
-    0.3's budget adaptively ("gate+sink+local@a=0.3", see `select_blocks`). These are the labels
-    of the table."""
+    0.3's budget adaptively ("gate+sink+local@a=0.3", see `select_blocks`), "@r=0.3" likewise,
+    ranked relative to a uniform row. These are the labels of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
@@ -136,7 +139,8 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
         raise ValueError(f"unknown mode {name!r} in {spec!r}; expected one of {MODES} "
                          "(oracle as oracle-max / oracle-sum)")
     density = threshold = None
-    adaptive = arg.startswith("a=")
+    adaptive = arg.startswith(("a=", "r="))
+    relative = arg.startswith("r=")
     try:
         if arg.startswith("t="):
             threshold = float(arg[2:])
@@ -146,10 +150,12 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
             density = float(arg)
     except ValueError:
         raise ValueError(f"cannot read {arg!r} in {spec!r}; expected a density like 0.3, an "
-                         "adaptive density like a=0.3 or a threshold like t=0.002") from None
+                         "adaptive density like a=0.3 or r=0.3 or a threshold like t=0.002"
+                         ) from None
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
                         pooling=pooling, attention=attention, keep_sink=keep_sink,
-                        keep_local=keep_local, dense_last_rows=last_rows, adaptive=adaptive)
+                        keep_local=keep_local, dense_last_rows=last_rows, adaptive=adaptive,
+                        relative=relative)
 
 
 # ---------------------------------------------------------------- recall
@@ -246,10 +252,11 @@ PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.
 PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is {first}"
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: int | str, offset: int = 0):
+def passkey_prompt(tokenizer, length: int, depth: float, key: int | str, offset: int = 0,
+                   split: str = "eval"):
     """A passkey retrieval prompt of exactly `length` tokens (plain text, no chat template).
 
-    An instruction, then evaluation text (`data.tokens(tok, "eval")` from `offset`) with the needle
+    An instruction, then evaluation text (`data.tokens(tok, split)` from `offset`) with the needle
     sentence inserted after `depth` of the haystack's tokens, then the question, ending in
     "The pass key is" and the key's first digit: the model must continue with the other digits.
 
@@ -258,7 +265,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int | str, offset:
         length: prompt length in tokens.
         depth: where the needle goes, in [0, 1]: the share of haystack tokens before it.
         key: the number to hide (at least two digits).
-        offset: first haystack token in the evaluation text.
+        offset: first haystack token in the text.
+        split: the haystack's text, "eval" (the test) or "train" (for tuning without the test).
     Returns:
         (ids (1, length) LongTensor, needle_start: token index where the needle begins,
         needle_len: its length in tokens).
@@ -280,9 +288,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int | str, offset:
     if n_hay < 1:
         raise ValueError(f"length {length} is too short for a passkey prompt; need at least "
                          f"{length - n_hay + 1} tokens")
-    hay = tokens(tokenizer, "eval")[offset : offset + n_hay].tolist()
+    hay = tokens(tokenizer, split)[offset : offset + n_hay].tolist()
     if len(hay) < n_hay:
-        raise ValueError(f"the eval text has {len(hay)} tokens from offset {offset}; need {n_hay}")
+        raise ValueError(
+            f"the {split} text has {len(hay)} tokens from offset {offset}; need {n_hay}"
+        )
     at = round(depth * n_hay)
     ids = head_ids + hay[:at] + needle + hay[at:] + tail_ids
     return torch.tensor([ids], dtype=torch.long), len(head_ids) + at, len(needle)
@@ -299,10 +309,12 @@ class PasskeyTrial:
 
 @torch.no_grad()
 def passkey(model, tokenizer, lengths, depths, trials: int = 1, seed: int = 0,
-            max_new_tokens: int = 6, progress: bool = True) -> list[PasskeyTrial]:
+            max_new_tokens: int = 6, progress: bool = True,
+            split: str = "eval") -> list[PasskeyTrial]:
     """Passkey retrieval: for each length, depth and trial, hide a random five-digit key, decode
     greedily after the primed first digit and check that the reply's number is the key. Wrap in
-    `sparsify` to test a sparse prefill.
+    `sparsify` to test a sparse prefill. `split="train"` hides the keys in training text (for
+    tuning a selection rule without touching the test).
 
     Returns:
         One PasskeyTrial per (length, depth, trial); `passkey_accuracy` tabulates them.
@@ -313,7 +325,7 @@ def passkey(model, tokenizer, lengths, depths, trials: int = 1, seed: int = 0,
     cells = [(L, d, t) for L in lengths for d in depths for t in range(trials)]
     for L, d, t in tqdm(cells, desc="passkey", disable=not progress, leave=False):
         key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
-        ids, _, _ = passkey_prompt(tokenizer, L, d, key, offset=t * 997)
+        ids, _, _ = passkey_prompt(tokenizer, L, d, key, offset=t * 997, split=split)
         gen = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
@@ -444,6 +456,8 @@ _METHODS = [
     ("gate+sink+local adaptive", "gate + forced sink and local block (adaptive budget)"),
     ("gate+sink+local+last adaptive",
      "gate + forced sink and local block, last row dense (adaptive budget)"),
+    ("gate+sink+local relative", "gate + forced sink and local block (relative adaptive budget)"),
+    ("oracle-max relative", "oracle (max-pooled, relative adaptive budget)"),
     ("oracle-max adaptive", "oracle (max-pooled, adaptive budget)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
 ]
@@ -451,11 +465,13 @@ _METHODS = [
 
 def method_of(row) -> str:
     """A row's method: its label before '@' ("gate", "gate+sink", "oracle-max", ...) with
-    " adaptive" for adaptive-budget rows ("gate+sink@a=0.3"), else 'oracle-<pooling>' for oracle
-    rows and the mode for the others. The inverse of `method_spec`."""
+    " adaptive" for adaptive-budget rows ("gate+sink@a=0.3") and " relative" for relative ones
+    ("gate+sink@r=0.3"), else 'oracle-<pooling>' for oracle rows and the mode for the others.
+    The inverse of `method_spec`."""
     if row.get("label"):
         name, _, arg = row["label"].partition("@")
-        return name + " adaptive" if arg.startswith("a=") else name
+        suffix = {"a=": " adaptive", "r=": " relative"}.get(arg[:2], "")
+        return name + suffix
     return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
 
 

@@ -81,6 +81,8 @@ class SparseConfig:
         dense_last_rows: "gate"/"oracle": keep the last this-many query-block rows dense.
         adaptive: "gate"/"oracle" with a density: top-k's block budget spread over all heads and
             rows of the layer by row-softmax score (`select_blocks(adaptive=True)`).
+        relative: with `adaptive`, rank by the score relative to a uniform row (softmax × the
+            row's causal block count), so long rows are not starved (`select_blocks`).
         attention: "ops" (the dispatch point) or "flex" (FlexAttention with a BlockMask).
         compile_flex: compile FlexAttention (needed for speed; eager flex computes every score).
     """
@@ -95,6 +97,7 @@ class SparseConfig:
     keep_local: int = 0
     dense_last_rows: int = 0
     adaptive: bool = False
+    relative: bool = False
     attention: str = "ops"
     compile_flex: bool = True
 
@@ -132,6 +135,8 @@ class SparseConfig:
                 f"adaptive selection needs mode 'gate' or 'oracle' with a density; got mode "
                 f"{self.mode!r}, density={self.density}"
             )
+        if self.relative and not self.adaptive:
+            raise ValueError("relative ranking changes the adaptive budget; it needs adaptive=True")
         if self.num_sink < 0 or self.dense_last_rows < 0 or self.keep_local < 0:
             raise ValueError(
                 f"num_sink, dense_last_rows and keep_local must be >= 0; got {self.num_sink}, "
@@ -142,7 +147,8 @@ class SparseConfig:
     def label(self) -> str:
         """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
         "gate+sink+local@a=0.3" (sink, one local block, adaptive), "gate+sink+local+last@a=0.3"
-        (and the last query-block row dense), "dense"."""
+        (and the last query-block row dense), "gate+sink+local@r=0.3" (relative adaptive),
+        "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
         name += "+sink" if self.keep_sink else ""
         if self.keep_local:
@@ -150,7 +156,7 @@ class SparseConfig:
         if self.dense_last_rows:
             name += "+last" + (str(self.dense_last_rows) if self.dense_last_rows > 1 else "")
         if self.adaptive:
-            return f"{name}@a={self.density:g}"
+            return f"{name}@{'r' if self.relative else 'a'}={self.density:g}"
         if self.density is not None and self.mode != "dense":
             return f"{name}@{self.density:g}"
         if self.threshold is not None:
@@ -358,13 +364,14 @@ def layer_block_mask(
         with torch.no_grad():
             logits = gate(q_pre, k_pre)
         return select_blocks(logits, density=cfg.density, threshold=cfg.threshold,
-                             adaptive=cfg.adaptive, **extras)
+                             adaptive=cfg.adaptive, relative=cfg.relative, **extras)
     if cfg.mode == "oracle":
         if weights is None:
             weights = ground_truth(q, k, v, b, cfg.pooling, scale)
         if cfg.threshold is not None or cfg.adaptive:
             return select_blocks(_threshold_scores(weights), density=cfg.density,
-                                 threshold=cfg.threshold, adaptive=cfg.adaptive, **extras)
+                                 threshold=cfg.threshold, adaptive=cfg.adaptive,
+                                 relative=cfg.relative, **extras)
         if cfg.keep_sink or cfg.keep_local or cfg.dense_last_rows:
             return select_blocks(weights.float(), density=cfg.density, **extras)
         return patterns.oracle(weights, cfg.density)
@@ -547,6 +554,7 @@ def sparsify(
     keep_local: int = 0,
     dense_last_rows: int = 0,
     adaptive: bool = False,
+    relative: bool = False,
     attention: str = "ops",
     compile_flex: bool = True,
     oracle_weights: dict[int, torch.Tensor] | None = None,
@@ -569,6 +577,8 @@ def sparsify(
         adaptive: "gate"/"oracle" with a density: keep top-k's number of blocks per layer, spread
             over heads and rows by row-softmax score (`select_blocks(adaptive=True)`); the
             achieved density equals top-k's.
+        relative: with `adaptive`, rank by the score relative to a uniform row, so long rows
+            (the last ones, where a prompt's question sits) are not starved of blocks.
         attention: "ops" (seerlib.ops dispatch point) or "flex" (FlexAttention BlockMask).
         compile_flex: compile FlexAttention (leave on except for tiny tests).
         oracle_weights: {layer: (B, Hq, nb, nb)} ground-truth maps to select from instead of
@@ -587,8 +597,8 @@ def sparsify(
     cfg = SparseConfig(
         mode=mode, density=density, threshold=threshold, block_size=block_size, pooling=pooling,
         num_sink=num_sink, keep_sink=keep_sink, keep_local=keep_local,
-        dense_last_rows=dense_last_rows, adaptive=adaptive, attention=attention,
-        compile_flex=compile_flex,
+        dense_last_rows=dense_last_rows, adaptive=adaptive, relative=relative,
+        attention=attention, compile_flex=compile_flex,
     )
     if mode == "gate":
         if gates is None:

@@ -8,6 +8,9 @@ Two rules (SEERATTENTION.md §5):
   layer), spread over the heads and rows by that softmax score instead of k per row: the threshold
   rule with τ calibrated to the budget, so heads and rows that need more blocks get them and the
   achieved density equals top-k's exactly.
+- relative adaptive density (`adaptive=True, relative=True`): the same budget, ranked by the score
+  relative to a uniform row (softmax × the row's causal block count), so long rows, whose
+  probabilities are small only because they are spread over more blocks, are not starved.
 
 Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, the
 `keep_local` blocks left of the diagonal, whole rows with `dense_last_rows`) are always kept; under
@@ -55,6 +58,7 @@ def select_blocks(
     dense_last_rows: int = 0,
     adaptive: bool = False,
     keep_local: int = 0,
+    relative: bool = False,
 ) -> torch.Tensor:
     """Choose the (query block, key block) tiles to compute.
 
@@ -71,6 +75,8 @@ def select_blocks(
         keep_local: always keep blocks (i, i - 1) ... (i, i - keep_local), a local band.
         adaptive: with `density`, keep as many blocks as top-k would over all heads and rows of
             each batch element, the ones with the highest row-softmax score (forced blocks first).
+        relative: with `adaptive`, rank by row-softmax score × the row's number of causal blocks
+            (1 = a uniform row's share), not by the raw score.
     Returns:
         block_mask: (B, H, nb, nb) bool, False above the diagonal. Use `achieved_density(mask)`
         for the kept share of causal blocks.
@@ -89,6 +95,8 @@ def select_blocks(
         raise ValueError(f"logits must be a (B, H, nb, nb) tensor; got {shape}")
     if adaptive and density is None:
         raise ValueError("adaptive=True spreads a density's block budget; give a density")
+    if relative and not adaptive:
+        raise ValueError("relative=True changes the adaptive ranking; it needs adaptive=True")
     if dense_last_rows < 0 or keep_local < 0:
         raise ValueError(
             f"dense_last_rows and keep_local must be >= 0; got {dense_last_rows}, {keep_local}"
@@ -112,9 +120,11 @@ def select_blocks(
         k = density_to_k(density, nb)
         budget = (causal.sum(-1).clamp(max=k).sum() * logits.shape[1]).item()
         probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        if relative:
+            probs = probs * causal.sum(-1, keepdim=True)
         # causal blocks rank by score; forced ones above all; non-causal ones below all
         rank = torch.where(causal, probs, torch.full_like(probs, -1.0))
-        rank = torch.where(forced, torch.full_like(probs, 2.0), rank).flatten(1)
+        rank = torch.where(forced, torch.full_like(probs, float("inf")), rank).flatten(1)
         top = rank.topk(budget, dim=-1).indices  # (B, budget); budget <= causal blocks
         mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top, True)
         return mask.view_as(scores) | forced

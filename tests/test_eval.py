@@ -23,7 +23,7 @@ def test_parse_config_labels_round_trip():
     for spec in ["dense", "gate@0.3", "gate@t=0.002", "gate+sink@0.1", "oracle-max@0.5",
                  "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1", "gate+sink@a=0.3",
                  "oracle-max@a=0.2", "gate+sink+local@a=0.3", "gate+local3@0.2",
-                 "gate+sink+local+last@a=0.3", "oracle-max+last2@0.3"]:
+                 "gate+sink+local+last@a=0.3", "oracle-max+last2@0.3", "gate+sink+local@r=0.3"]:
         assert parse_config(spec).label == spec
     c = parse_config("oracle-sum@0.3", block_size=32, attention="flex")
     assert (c.mode, c.pooling, c.density, c.block_size, c.attention) == ("oracle", "sum", 0.3, 32,
@@ -37,6 +37,9 @@ def test_parse_config_labels_round_trip():
     c = parse_config("gate+sink+local+last@a=0.3")
     assert (c.keep_sink, c.keep_local, c.dense_last_rows, c.adaptive) == (True, 1, 1, True)
     assert parse_config("gate+last3@t=0.01").dense_last_rows == 3
+    c = parse_config("gate+sink+local@r=0.2")
+    assert (c.adaptive, c.relative, c.density) == (True, True, 0.2)
+    assert not parse_config("gate+sink@a=0.2").relative
 
 
 @pytest.mark.parametrize("spec, match", [("topk@0.3", "unknown mode 'topk'"),
@@ -44,6 +47,8 @@ def test_parse_config_labels_round_trip():
                                          ("sink_window@t=0.1", "density only"),
                                          ("sink_window@a=0.1", "adaptive selection needs"),
                                          ("gate@a=x", "adaptive density like a=0.3"),
+                                         ("gate@r=x", "adaptive density like a=0.3 or r=0.3"),
+                                         ("sink_window@r=0.1", "adaptive selection needs"),
                                          ("gate+window@0.3", r"cannot read '\+window'"),
                                          ("gate+lastx@0.3", r"cannot read '\+lastx'"),
                                          ("oracle-mean@0.3", "pooling must be one of")])

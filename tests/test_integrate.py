@@ -112,6 +112,7 @@ def test_oracle_threshold_selects_on_the_normalized_map():
         (dict(mode="dense", density=0.5), "keeps every block"),
         (dict(mode="vertical_slash", density=0.3, adaptive=True), "adaptive selection needs"),
         (dict(mode="oracle", threshold=0.01, adaptive=True), "adaptive selection needs"),
+        (dict(mode="oracle", density=0.3, relative=True), "relative ranking .* adaptive=True"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, match):
@@ -125,7 +126,8 @@ def test_sparsify_config_takes_every_setting_from_the_config():
     model = _TinyModel()
     gates = GateSet.from_config(model.config, block_size=16)
     for cfg in [SparseConfig("gate", density=0.3, block_size=16, keep_sink=True, keep_local=2,
-                             adaptive=True, attention="flex", compile_flex=False),
+                             adaptive=True, relative=True, attention="flex",
+                             compile_flex=False),
                 SparseConfig("oracle", threshold=0.01, pooling="sum", dense_last_rows=1),
                 SparseConfig("sink_window", density=0.2, num_sink=2)]:
         sp = sparsify_config(model, cfg, gates=gates)  # gates go to "gate" mode only

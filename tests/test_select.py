@@ -113,6 +113,26 @@ def test_adaptive_dense_last_row_stays_within_the_topk_budget():
     assert torch.equal(mask.flatten(1).sum(-1), topk.flatten(1).sum(-1))
 
 
+def test_relative_adaptive_ranks_by_score_times_row_length():
+    nb = 48
+    lg = logits(B=2, H=3, nb=nb, seed=7)
+    topk = select_blocks(lg, density=0.3, keep_sink=True)
+    plain = select_blocks(lg, density=0.3, keep_sink=True, adaptive=True)
+    mask = select_blocks(lg, density=0.3, keep_sink=True, adaptive=True, relative=True)
+    assert torch.equal(mask.flatten(1).sum(-1), topk.flatten(1).sum(-1))  # the same budget
+    causal = causal_block_mask(nb)
+    rel = torch.softmax(lg.masked_fill(~causal, float("-inf")), -1) * causal.sum(-1, keepdim=True)
+    free = causal & ~torch.eye(nb, dtype=torch.bool)
+    free[:, 0] = False
+    for b in range(2):
+        r, m, f = rel[b], mask[b], free.expand(3, nb, nb)
+        assert r[m & f].min() >= r[~m & f].max()
+    # plain scores shrink with the row's length, so the last rows get more blocks this way
+    assert mask[..., -8:, :].sum() > plain[..., -8:, :].sum()
+    with pytest.raises(ValueError, match="relative=True .* needs adaptive=True"):
+        select_blocks(lg, density=0.3, relative=True)
+
+
 def test_adaptive_needs_a_density():
     with pytest.raises(ValueError, match="adaptive=True .* give a density"):
         select_blocks(logits(), threshold=0.01, adaptive=True)

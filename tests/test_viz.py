@@ -5,6 +5,7 @@ import torch
 
 from seerlib import viz
 from seerlib.capture import LayerQKV
+from seerlib.eval import method_spec
 from seerlib.metrics import block_mass
 
 
@@ -189,6 +190,10 @@ def test_quality_and_passkey_figures():
     pk = viz.passkey_figure({"dense": {(256, 0.5): 1.0}, "gate": {(256, 0.5): 0.0}})
     assert np.asarray(pk.data[0].z).tolist() == [[1.0], [0.0]]
     assert viz.method_of(rows[2]) == "oracle-max"
+    for spec, method in (("gate+sink@a=0.3", "gate+sink adaptive"),
+                         ("gate+sink+local@r=0.3", "gate+sink+local relative")):
+        assert viz.method_of({"label": spec}) == method
+        assert method_spec(method, 0.3) == spec  # its inverse
     rows.append({"label": "gate+sink@t=0.01", "mode": "gate", "length": 256, "ppl": 12.0,
                  "recall": 0.7, "achieved_density": 0.2, "density_target": None,
                  "threshold": 0.01})
