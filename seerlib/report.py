@@ -60,7 +60,7 @@ SMALL_PARAMETERS: dict[str, dict] = {
                       "EVAL_WINDOWS": 1, "EVAL_EVERY": 2, "WARMUP": 1,
                       "OUT": "reports/gates/nb03_small.safetensors"},
     "04_sparsity_vs_quality": {"SEQ_LEN": 256, "N_WINDOWS": 1, "DENSITIES": [0.3],
-                               "METHODS": ["gate", "gate+sink+local adaptive", "oracle-max"],
+                               "METHODS": ["gate", "gate+sink+local relative", "oracle-max"],
                                "PASSKEY_LEN": 256,
                                "PASSKEY_DEPTHS": [0.5]},
     "05_kernel_speed": {"CHECK_SEQ_LEN": 97},
