@@ -354,8 +354,10 @@ def layer_block_mask(
     B, Hq, S, _ = q.shape
     b = cfg.block_size
     nb = num_blocks(S, b)
+    # forced blocks and the budget rule (adaptive/relative are False on the oracle's top-k path)
     extras = dict(keep_sink=cfg.keep_sink, keep_local=cfg.keep_local,
-                  dense_last_rows=cfg.dense_last_rows)
+                  dense_last_rows=cfg.dense_last_rows, adaptive=cfg.adaptive,
+                  relative=cfg.relative)
     if cfg.mode == "dense":
         return causal_block_mask(nb, q.device).expand(B, Hq, nb, nb).clone()
     if cfg.mode == "gate":
@@ -363,15 +365,13 @@ def layer_block_mask(
             raise ValueError("mode 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
         with torch.no_grad():
             logits = gate(q_pre, k_pre)
-        return select_blocks(logits, density=cfg.density, threshold=cfg.threshold,
-                             adaptive=cfg.adaptive, relative=cfg.relative, **extras)
+        return select_blocks(logits, density=cfg.density, threshold=cfg.threshold, **extras)
     if cfg.mode == "oracle":
         if weights is None:
             weights = ground_truth(q, k, v, b, cfg.pooling, scale)
         if cfg.threshold is not None or cfg.adaptive:
             return select_blocks(_threshold_scores(weights), density=cfg.density,
-                                 threshold=cfg.threshold, adaptive=cfg.adaptive,
-                                 relative=cfg.relative, **extras)
+                                 threshold=cfg.threshold, **extras)
         if cfg.keep_sink or cfg.keep_local or cfg.dense_last_rows:
             return select_blocks(weights.float(), density=cfg.density, **extras)
         return patterns.oracle(weights, cfg.density)

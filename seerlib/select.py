@@ -110,7 +110,7 @@ def select_blocks(
     if keep_sink:
         forced[:, 0] = True
     if keep_local:
-        forced |= causal & ~causal_block_mask(nb, device).tril(-keep_local - 1)
+        forced |= causal & ~causal.tril(-keep_local - 1)
     if dense_last_rows:
         forced[max(0, nb - dense_last_rows) :] = True
     forced &= causal
