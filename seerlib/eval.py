@@ -100,11 +100,15 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
 # ---------------------------------------------------------------- configs
 
 
+# method-name suffix -> spec rule of an adaptive budget ("gate+sink adaptive" <-> "…@a=0.3")
+_BUDGET_RULES = {" adaptive": "a=", " relative": "r="}
+
+
 def method_spec(method: str, density: float) -> str:
     """The spec of a method at a density: "gate", 0.3 -> "gate@0.3"; "gate+sink adaptive", 0.3 ->
     "gate+sink@a=0.3"; "gate+sink relative", 0.3 -> "gate+sink@r=0.3" (the names `markdown` and
     `viz.method_of` give rows)."""
-    for suffix, rule in ((" adaptive", "a="), (" relative", "r=")):
+    for suffix, rule in _BUDGET_RULES.items():
         if method.endswith(suffix):
             return f"{method.removesuffix(suffix)}@{rule}{density:g}"
     return f"{method}@{density:g}"
@@ -346,6 +350,40 @@ def passkey_accuracy(trials: list[PasskeyTrial]) -> dict[tuple[int, float], floa
 # ---------------------------------------------------------------- the quality table
 
 
+def load_results(paths) -> tuple[list[dict], dict[str, list[PasskeyTrial]], list[str]]:
+    """Merge committed result files (`main`'s JSON) for drawing: an earlier file's rows win over a
+    later one's with the same (label, length); gate rows (and gate passkey trials) only from files
+    that measured the same gate file as the first one found, so two gates never mix; each method's
+    passkey trials from the first file that has any.
+
+    Returns:
+        (rows, {passkey method: its trials}, one line per path saying what was read or missing).
+    """
+    rows: dict[tuple, dict] = {}
+    trials: dict[str, list[PasskeyTrial]] = {}
+    notes, gate_file = [], None
+    for path in map(Path, paths):
+        if not path.exists():
+            notes.append(f"No committed results at {path} yet (run `python -m seerlib.eval`).")
+            continue
+        results = json.loads(path.read_text())
+        meta = results.get("meta", {})
+        gate_file = gate_file or meta.get("gates")
+        same_gate = meta.get("gates") == gate_file
+        notes.append(f"{path.name}: {meta.get('device', '?')} {meta.get('gpu', '')}, gates "
+                     f"{meta.get('gates')}" + ("" if same_gate else " (its gate rows left out)"))
+        for r in results.get("rows", []):
+            if r["mode"] != "gate" or same_gate:
+                rows.setdefault((r["label"], r["length"]), r)
+        here: dict[str, list[PasskeyTrial]] = {}
+        for p in results.get("passkey", []):
+            if p["method"] not in trials and (not p["method"].startswith("gate") or same_gate):
+                here.setdefault(p["method"], []).append(PasskeyTrial(
+                    p["length"], p["depth"], p["key"], p["answer"], p["correct"]))
+        trials.update(here)
+    return list(rows.values()), trials, notes
+
+
 def _maps_path(cache: Path, length: int, index: int, offset: int, block_size: int) -> Path:
     return cache / f"maps-S{length}-w{index}-o{offset}-b{block_size}.pt"
 
@@ -470,7 +508,7 @@ def method_of(row) -> str:
     The inverse of `method_spec`."""
     if row.get("label"):
         name, _, arg = row["label"].partition("@")
-        suffix = {"a=": " adaptive", "r=": " relative"}.get(arg[:2], "")
+        suffix = next((s for s, rule in _BUDGET_RULES.items() if arg.startswith(rule)), "")
         return name + suffix
     return f"oracle-{row.get('pooling') or 'max'}" if row["mode"] == "oracle" else row["mode"]
 

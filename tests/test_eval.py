@@ -8,6 +8,7 @@ import torch
 from seerlib.eval import (
     PasskeyTrial,
     dense_pass,
+    load_results,
     main,
     markdown,
     parse_config,
@@ -55,6 +56,32 @@ def test_parse_config_labels_round_trip():
 def test_parse_config_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_config(spec)
+
+
+def test_load_results_keeps_one_gate_and_one_source_per_passkey_method(tmp_path):
+    def row(label, mode, ppl):
+        return dict(label=label, mode=mode, length=4096, ppl=ppl)
+
+    def trial(method, key):
+        return dict(method=method, length=2048, depth=0.5, key=key, answer=key, correct=True)
+
+    first = {"meta": {"gates": "a.safetensors"},
+             "rows": [row("gate@0.3", "gate", 21.0), row("dense", "dense", 20.0)],
+             "passkey": [trial("dense", "11111"), trial("gate@0.3", "22222")]}
+    second = {"meta": {"gates": "b.safetensors"},
+              "rows": [row("gate@0.5", "gate", 99.0), row("dense", "dense", 99.0),
+                       row("sink_window@0.3", "sink_window", 22.0)],
+              "passkey": [trial("dense", "33333"), trial("gate+sink@0.3", "44444"),
+                          trial("sink_window@0.3", "55555")]}
+    paths = [tmp_path / "first.json", tmp_path / "second.json", tmp_path / "missing.json"]
+    paths[0].write_text(json.dumps(first))
+    paths[1].write_text(json.dumps(second))
+    rows, trials, notes = load_results(paths)
+    assert {(r["label"], r["ppl"]) for r in rows} == {("gate@0.3", 21.0), ("dense", 20.0),
+                                                      ("sink_window@0.3", 22.0)}
+    assert {m: [t.key for t in ts] for m, ts in trials.items()} == {
+        "dense": ["11111"], "gate@0.3": ["22222"], "sink_window@0.3": ["55555"]}
+    assert "gate rows left out" in notes[1] and "No committed results" in notes[2]
 
 
 def test_markdown_tables():
