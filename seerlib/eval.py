@@ -120,23 +120,30 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     forces key block 0 ("gate+sink@0.3"), "+local" the block left of the diagonal ("+local3":
     three), "+last" the whole last query-block row ("+last2": two rows); "@a=0.3" spreads density
     0.3's budget adaptively ("gate+sink+local@a=0.3", see `select_blocks`), "@r=0.3" likewise,
-    ranked relative to a uniform row. These are the labels of the table."""
+    ranked relative to a uniform row; "+floor0.5" under an adaptive budget keeps at least half of
+    top-k's blocks in every row. These are the labels of the table."""
     from seerlib.integrate import MODES, SparseConfig
 
     name, _, arg = spec.partition("@")
     pooling = "max"
     name, *forced = name.split("+")
-    keep_sink, keep_local, last_rows = False, 0, 0
+    keep_sink, keep_local, last_rows, row_floor = False, 0, 0, 0.0
     for f in forced:
-        if f == "sink":
+        if f.startswith("floor"):
+            try:
+                row_floor = float(f[5:])
+            except ValueError:
+                raise ValueError(f"cannot read '+{f}' in {spec!r}; expected a share like "
+                                 "+floor0.5") from None
+        elif f == "sink":
             keep_sink = True
         elif f.startswith("local") and (f == "local" or f[5:].isdigit()):
             keep_local = int(f[5:] or 1)
         elif f.startswith("last") and (f == "last" or f[4:].isdigit()):
             last_rows = int(f[4:] or 1)
         else:
-            raise ValueError(f"cannot read '+{f}' in {spec!r}; expected +sink, +local[N] or "
-                             "+last[N]")
+            raise ValueError(f"cannot read '+{f}' in {spec!r}; expected +sink, +local[N], "
+                             "+last[N] or +floorF")
     if name.startswith("oracle-"):
         name, pooling = "oracle", name.removeprefix("oracle-")
     if name not in MODES:
@@ -159,7 +166,7 @@ def parse_config(spec: str, block_size: int = 64, attention: str = "ops"):
     return SparseConfig(mode=name, density=density, threshold=threshold, block_size=block_size,
                         pooling=pooling, attention=attention, keep_sink=keep_sink,
                         keep_local=keep_local, dense_last_rows=last_rows, adaptive=adaptive,
-                        relative=relative)
+                        relative=relative, row_floor=row_floor)
 
 
 # ---------------------------------------------------------------- recall
@@ -495,6 +502,8 @@ _METHODS = [
     ("gate+sink+local+last adaptive",
      "gate + forced sink and local block, last row dense (adaptive budget)"),
     ("gate+sink+local relative", "gate + forced sink and local block (relative adaptive budget)"),
+    ("gate+sink+local+floor0.5 relative",
+     "gate + forced sink and local block, row floor 0.5 (relative adaptive budget)"),
     ("oracle-max relative", "oracle (max-pooled, relative adaptive budget)"),
     ("oracle-max adaptive", "oracle (max-pooled, adaptive budget)"),
     ("sink_window", "sink + window"), ("vertical_slash", "vertical-slash"),
@@ -533,7 +542,10 @@ def markdown(results: dict) -> str:
                   "|---|" + "---|" * len(dens)]
         if dense is not None:
             lines.append("| dense | " + " | ".join(f"{dense['ppl']:.3f}" for _ in dens) + " |")
-        for key, name in _METHODS[1:]:
+        # named methods in their order, then any other method under its own name
+        named = dict(_METHODS[1:])
+        others = sorted({method_of(r) for r in at if r["mode"] != "dense"} - named.keys())
+        for key, name in [*named.items(), *((m, m) for m in others)]:
             cells, any_ = [], False
             for d in dens:
                 r = next((r for r in at if method_of(r) == key and r["density_target"] == d), None)

@@ -83,6 +83,8 @@ class SparseConfig:
             rows of the layer by row-softmax score (`select_blocks(adaptive=True)`).
         relative: with `adaptive`, rank by the score relative to a uniform row (softmax × the
             row's causal block count), so long rows are not starved (`select_blocks`).
+        row_floor: with `adaptive`, in [0, 1]: every row keeps at least ceil(row_floor × top-k's
+            count for the row) of its best blocks, out of the same budget (`select_blocks`).
         attention: "ops" (the dispatch point) or "flex" (FlexAttention with a BlockMask).
         compile_flex: compile FlexAttention (needed for speed; eager flex computes every score).
     """
@@ -98,6 +100,7 @@ class SparseConfig:
     dense_last_rows: int = 0
     adaptive: bool = False
     relative: bool = False
+    row_floor: float = 0.0
     attention: str = "ops"
     compile_flex: bool = True
 
@@ -137,6 +140,12 @@ class SparseConfig:
             )
         if self.relative and not self.adaptive:
             raise ValueError("relative ranking changes the adaptive budget; it needs adaptive=True")
+        if self.row_floor and not self.adaptive:
+            raise ValueError("row_floor is a floor under the adaptive budget; it needs "
+                             "adaptive=True")
+        if not 0.0 <= self.row_floor <= 1.0:
+            raise ValueError(f"row_floor must be in [0, 1] (a share of top-k's blocks per row); "
+                             f"got {self.row_floor}")
         if self.num_sink < 0 or self.dense_last_rows < 0 or self.keep_local < 0:
             raise ValueError(
                 f"num_sink, dense_last_rows and keep_local must be >= 0; got {self.num_sink}, "
@@ -148,6 +157,7 @@ class SparseConfig:
         """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
         "gate+sink+local@a=0.3" (sink, one local block, adaptive), "gate+sink+local+last@a=0.3"
         (and the last query-block row dense), "gate+sink+local@r=0.3" (relative adaptive),
+        "gate+sink+local+floor0.5@a=0.3" (adaptive, every row at least half its top-k blocks),
         "dense"."""
         name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
         name += "+sink" if self.keep_sink else ""
@@ -155,6 +165,8 @@ class SparseConfig:
             name += "+local" + (str(self.keep_local) if self.keep_local > 1 else "")
         if self.dense_last_rows:
             name += "+last" + (str(self.dense_last_rows) if self.dense_last_rows > 1 else "")
+        if self.row_floor:
+            name += f"+floor{self.row_floor:g}"
         if self.adaptive:
             return f"{name}@{'r' if self.relative else 'a'}={self.density:g}"
         if self.density is not None and self.mode != "dense":
@@ -357,7 +369,7 @@ def layer_block_mask(
     # forced blocks and the budget rule (adaptive/relative are False on the oracle's top-k path)
     extras = dict(keep_sink=cfg.keep_sink, keep_local=cfg.keep_local,
                   dense_last_rows=cfg.dense_last_rows, adaptive=cfg.adaptive,
-                  relative=cfg.relative)
+                  relative=cfg.relative, row_floor=cfg.row_floor)
     if cfg.mode == "dense":
         return causal_block_mask(nb, q.device).expand(B, Hq, nb, nb).clone()
     if cfg.mode == "gate":
@@ -555,6 +567,7 @@ def sparsify(
     dense_last_rows: int = 0,
     adaptive: bool = False,
     relative: bool = False,
+    row_floor: float = 0.0,
     attention: str = "ops",
     compile_flex: bool = True,
     oracle_weights: dict[int, torch.Tensor] | None = None,
@@ -579,6 +592,8 @@ def sparsify(
             achieved density equals top-k's.
         relative: with `adaptive`, rank by the score relative to a uniform row, so long rows
             (the last ones, where a prompt's question sits) are not starved of blocks.
+        row_floor: with `adaptive`, in [0, 1]: each row first keeps ceil(row_floor × top-k's count
+            for it) of its best blocks, out of the same budget.
         attention: "ops" (seerlib.ops dispatch point) or "flex" (FlexAttention BlockMask).
         compile_flex: compile FlexAttention (leave on except for tiny tests).
         oracle_weights: {layer: (B, Hq, nb, nb)} ground-truth maps to select from instead of
@@ -597,7 +612,7 @@ def sparsify(
     cfg = SparseConfig(
         mode=mode, density=density, threshold=threshold, block_size=block_size, pooling=pooling,
         num_sink=num_sink, keep_sink=keep_sink, keep_local=keep_local,
-        dense_last_rows=dense_last_rows, adaptive=adaptive, relative=relative,
+        dense_last_rows=dense_last_rows, adaptive=adaptive, relative=relative, row_floor=row_floor,
         attention=attention, compile_flex=compile_flex,
     )
     if mode == "gate":

@@ -11,6 +11,10 @@ Two rules (SEERATTENTION.md §5):
 - relative adaptive density (`adaptive=True, relative=True`): the same budget, ranked by the score
   relative to a uniform row (softmax × the row's causal block count), so long rows, whose
   probabilities are small only because they are spread over more blocks, are not starved.
+- a row floor (`adaptive=True, row_floor=f`): before the budget is spread, every row keeps its
+  best ceil(f × k) blocks (k = top-k's count for the row), so no row, and in particular not the
+  last one where a prompt's question sits, falls below that share; f=0 is the adaptive rule, f=1
+  is top-k.
 
 Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, the
 `keep_local` blocks left of the diagonal, whole rows with `dense_last_rows`) are always kept; under
@@ -59,6 +63,7 @@ def select_blocks(
     adaptive: bool = False,
     keep_local: int = 0,
     relative: bool = False,
+    row_floor: float = 0.0,
 ) -> torch.Tensor:
     """Choose the (query block, key block) tiles to compute.
 
@@ -77,6 +82,9 @@ def select_blocks(
             each batch element, the ones with the highest row-softmax score (forced blocks first).
         relative: with `adaptive`, rank by row-softmax score × the row's number of causal blocks
             (1 = a uniform row's share), not by the raw score.
+        row_floor: with `adaptive`, in [0, 1]: each row first keeps its ceil(row_floor × k_row)
+            highest-scoring blocks (forced ones first; k_row = top-k's count for the row), and
+            the rest of the budget is spread as `adaptive` spreads it. The budget is unchanged.
     Returns:
         block_mask: (B, H, nb, nb) bool, False above the diagonal. Use `achieved_density(mask)`
         for the kept share of causal blocks.
@@ -97,6 +105,11 @@ def select_blocks(
         raise ValueError("adaptive=True spreads a density's block budget; give a density")
     if relative and not adaptive:
         raise ValueError("relative=True changes the adaptive ranking; it needs adaptive=True")
+    if row_floor and not adaptive:
+        raise ValueError("row_floor is a floor under the adaptive budget; it needs adaptive=True")
+    if not 0.0 <= row_floor <= 1.0:
+        raise ValueError(f"row_floor must be in [0, 1] (a share of top-k's blocks); "
+                         f"got {row_floor}")
     if dense_last_rows < 0 or keep_local < 0:
         raise ValueError(
             f"dense_last_rows and keep_local must be >= 0; got {dense_last_rows}, {keep_local}"
@@ -118,13 +131,24 @@ def select_blocks(
     scores = logits.float().masked_fill(~causal, float("-inf"))
     if adaptive:
         k = density_to_k(density, nb)
-        budget = (causal.sum(-1).clamp(max=k).sum() * logits.shape[1]).item()
+        k_row = causal.sum(-1).clamp(max=k)  # top-k's count per row
+        budget = (k_row.sum() * logits.shape[1]).item()
         probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
         if relative:
             probs = probs * causal.sum(-1, keepdim=True)
         # causal blocks rank by score; forced ones above all; non-causal ones below all
         rank = torch.where(causal, probs, torch.full_like(probs, -1.0))
-        rank = torch.where(forced, torch.full_like(probs, float("inf")), rank).flatten(1)
+        rank = torch.where(forced, torch.full_like(probs, float("inf")), rank)
+        if row_floor:
+            # each row's best ceil(f * k_row) blocks: a prefix of top-k's choice, so within budget
+            floor_k = torch.ceil(row_floor * k_row - 1e-6).long()
+            best = rank.topk(int(floor_k.max()), dim=-1).indices
+            take = torch.arange(best.shape[-1], device=device) < floor_k[:, None]
+            floor = torch.zeros_like(rank, dtype=torch.bool)
+            floor.scatter_(-1, best, take.expand_as(best))
+            rank = torch.where(floor, torch.full_like(probs, float("inf")), rank)
+            forced = forced | floor
+        rank = rank.flatten(1)
         top = rank.topk(budget, dim=-1).indices  # (B, budget); budget <= causal blocks
         mask = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top, True)
         return mask.view_as(scores) | forced

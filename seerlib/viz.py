@@ -930,6 +930,8 @@ METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "gate+sink": "gate +
                 "gate+sink+local+last adaptive":
                     "gate + sink + local block + dense last row, adaptive budget",
                 "gate+sink+local relative": "gate + sink + local block, relative adaptive budget",
+                "gate+sink+local+floor0.5 relative":
+                    "gate + sink + local block, row floor 0.5, relative adaptive budget",
                 "oracle-max relative": "oracle (pooled max), relative adaptive budget",
                 "oracle-max adaptive": "oracle (pooled max), adaptive budget",
                 "oracle-max": "oracle (pooled max)",
@@ -938,7 +940,8 @@ METHOD_NAMES = {"dense": "dense", "gate": "gate (learned)", "gate+sink": "gate +
 _METHOD_COLORS = {"gate": "#d62728", "gate+sink": "#ff7f0e", "gate adaptive": "#e377c2",
                   "gate+sink adaptive": "#8c564b", "oracle-max adaptive": "#17becf",
                   "gate+sink+local adaptive": "#bcbd22", "gate+sink+local+last adaptive": "#7f7f7f",
-                  "gate+sink+local relative": "#393b79", "oracle-max relative": "#9edae5",
+                  "gate+sink+local relative": "#393b79",
+                  "gate+sink+local+floor0.5 relative": "#e6550d", "oracle-max relative": "#9edae5",
                   "oracle-max": "#2ca02c",
                   "oracle-sum": "#98df8a", "sink_window": "#1f77b4", "vertical_slash": "#9467bd",
                   "dense": "black"}

@@ -24,7 +24,8 @@ def test_parse_config_labels_round_trip():
     for spec in ["dense", "gate@0.3", "gate@t=0.002", "gate+sink@0.1", "oracle-max@0.5",
                  "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1", "gate+sink@a=0.3",
                  "oracle-max@a=0.2", "gate+sink+local@a=0.3", "gate+local3@0.2",
-                 "gate+sink+local+last@a=0.3", "oracle-max+last2@0.3", "gate+sink+local@r=0.3"]:
+                 "gate+sink+local+last@a=0.3", "oracle-max+last2@0.3", "gate+sink+local@r=0.3",
+                 "gate+sink+local+floor0.5@a=0.3", "oracle-max+floor0.25@r=0.2"]:
         assert parse_config(spec).label == spec
     c = parse_config("oracle-sum@0.3", block_size=32, attention="flex")
     assert (c.mode, c.pooling, c.density, c.block_size, c.attention) == ("oracle", "sum", 0.3, 32,
@@ -41,6 +42,8 @@ def test_parse_config_labels_round_trip():
     c = parse_config("gate+sink+local@r=0.2")
     assert (c.adaptive, c.relative, c.density) == (True, True, 0.2)
     assert not parse_config("gate+sink@a=0.2").relative
+    c = parse_config("gate+sink+local+floor0.5@r=0.3")
+    assert (c.row_floor, c.relative, c.keep_local) == (0.5, True, 1)
 
 
 @pytest.mark.parametrize("spec, match", [("topk@0.3", "unknown mode 'topk'"),
@@ -52,6 +55,9 @@ def test_parse_config_labels_round_trip():
                                          ("sink_window@r=0.1", "adaptive selection needs"),
                                          ("gate+window@0.3", r"cannot read '\+window'"),
                                          ("gate+lastx@0.3", r"cannot read '\+lastx'"),
+                                         ("gate+floor@a=0.3", "a share like"),
+                                         ("gate+floor0.5@0.3", "row_floor .* adaptive"),
+                                         ("gate+floor2@a=0.3", r"row_floor must be in"),
                                          ("oracle-mean@0.3", "pooling must be one of")])
 def test_parse_config_errors(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -94,12 +100,15 @@ def test_markdown_tables():
                achieved_density=0.3)
     gate = [dict(row, label=f"gate@{d}", mode="gate", density_target=d, achieved_density=a,
                  ppl=p) for d, a, p in [(0.5, 0.48, 9.0), (0.2, 0.18, 10.0)]]
+    # a configuration the table has no name for is listed under its own, not left out
+    odd = dict(row, label="gate+local2+floor0.25@a=0.3", mode="gate", ppl=9.25)
     md = markdown({"meta": {"command": "python -m seerlib.eval X", "block_size": 64},
-                   "rows": [dense, row, thr, *gate],
+                   "rows": [dense, row, thr, *gate, odd],
                    "passkey": [dict(method="dense", length=2048, depth=0.5, correct=True),
                                dict(method="dense", length=2048, depth=0.5, correct=False)]})
     assert "| dense | 8.600 | 8.600 | 8.600 |" in md
     assert "| sink + window | – | 9.500 (0.900, 0.286) | – |" in md
+    assert "| gate+local2+floor0.25 adaptive | – | 9.250 (0.900, 0.286) | – |" in md
     # threshold row with the top-k perplexity interpolated at its density (0.3 between 0.18 / 0.48)
     assert re.search(r"\| gate \| 4096 \| 0.01 \| 0.300 \| 9.500 \| 0.900 \| 9.600 \|", md)
     assert "| dense | 2048 | 1/2 |" in md and "python -m seerlib.eval X" in md

@@ -113,6 +113,8 @@ def test_oracle_threshold_selects_on_the_normalized_map():
         (dict(mode="vertical_slash", density=0.3, adaptive=True), "adaptive selection needs"),
         (dict(mode="oracle", threshold=0.01, adaptive=True), "adaptive selection needs"),
         (dict(mode="oracle", density=0.3, relative=True), "relative ranking .* adaptive=True"),
+        (dict(mode="oracle", density=0.3, row_floor=0.5), "row_floor .* adaptive=True"),
+        (dict(mode="oracle", density=0.3, adaptive=True, row_floor=-0.1), r"row_floor must be"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, match):
@@ -126,7 +128,7 @@ def test_sparsify_config_takes_every_setting_from_the_config():
     model = _TinyModel()
     gates = GateSet.from_config(model.config, block_size=16)
     for cfg in [SparseConfig("gate", density=0.3, block_size=16, keep_sink=True, keep_local=2,
-                             adaptive=True, relative=True, attention="flex",
+                             adaptive=True, relative=True, row_floor=0.5, attention="flex",
                              compile_flex=False),
                 SparseConfig("oracle", threshold=0.01, pooling="sum", dense_last_rows=1),
                 SparseConfig("sink_window", density=0.2, num_sink=2)]:
@@ -214,10 +216,13 @@ def test_sparse_modes_reach_the_same_density_and_change_the_logits(small, slice_
                      ("sink_window", {}), ("vertical_slash", {}),
                      ("gate", {"gates": gates, "adaptive": True, "keep_sink": True,
                                "keep_local": 1}),
+                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True,
+                               "keep_local": 1, "relative": True, "row_floor": 0.5}),
                      ("oracle", {"adaptive": True})]:
         with sparsify(model, mode, density=0.5, block_size=B16, record_masks=True, **kw) as sp:
             out = _logits(model, slice_ids)
-        label = f"{mode}-{kw.get('pooling', '')}{'-a' * kw.get('adaptive', False)}"
+        label = (f"{mode}-{kw.get('pooling', '')}{'-a' * kw.get('adaptive', False)}"
+                 f"{'-r' * kw.get('relative', False)}{'-f' * bool(kw.get('row_floor'))}")
         achieved[label] = sp.stats.achieved_density
         assert len(sp.masks) == model.config.num_hidden_layers
         assert not torch.allclose(out, dense_logits, atol=1e-2)  # really sparse

@@ -133,6 +133,39 @@ def test_relative_adaptive_ranks_by_score_times_row_length():
         select_blocks(lg, density=0.3, relative=True)
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_row_floor_keeps_a_share_of_topk_in_every_row_within_the_budget(relative):
+    nb = 40
+    lg = 3 * logits(B=2, H=3, nb=nb, seed=11)  # peaked rows, so the adaptive rule starves some
+    kw = dict(density=0.5, keep_sink=True)
+    topk = select_blocks(lg, **kw)
+    plain = select_blocks(lg, **kw, adaptive=True, relative=relative)
+    assert torch.equal(select_blocks(lg, **kw, adaptive=True, relative=relative, row_floor=0.0),
+                       plain)
+    assert torch.equal(select_blocks(lg, **kw, adaptive=True, relative=relative, row_floor=1.0),
+                       topk)  # a full floor is top-k
+    mask = select_blocks(lg, **kw, adaptive=True, relative=relative, row_floor=0.5)
+    assert torch.equal(mask.flatten(1).sum(-1), topk.flatten(1).sum(-1))  # the same budget
+    k_row = causal_block_mask(nb).sum(-1).clamp(max=density_to_k(0.5, nb))
+    floor = torch.ceil(0.5 * k_row - 1e-6)
+    assert (mask.sum(-1) >= floor).all()
+    assert (plain.sum(-1) < floor).any()  # the floor changed some starved row
+    # the floor is each row's best blocks (forced ones first): the first ceil(k_row / 2) are kept
+    forced = torch.eye(nb, dtype=torch.bool)
+    forced[:, 0] = True
+    best = torch.where(forced, float("inf"), torch.where(topk, lg, float("-inf")))
+    for i in range(nb):
+        idx = best[..., i, :].topk(int(floor[i]), -1).indices
+        assert mask[..., i, :].gather(-1, idx).all()
+
+
+def test_row_floor_needs_adaptive_and_a_share():
+    with pytest.raises(ValueError, match="row_floor .* needs adaptive=True"):
+        select_blocks(logits(), density=0.3, row_floor=0.5)
+    with pytest.raises(ValueError, match=r"row_floor must be in \[0, 1\]"):
+        select_blocks(logits(), density=0.3, adaptive=True, row_floor=1.5)
+
+
 def test_adaptive_needs_a_density():
     with pytest.raises(ValueError, match="adaptive=True .* give a density"):
         select_blocks(logits(), threshold=0.01, adaptive=True)
