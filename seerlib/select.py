@@ -12,9 +12,9 @@ Two rules (SEERATTENTION.md §5):
   relative to a uniform row (softmax × the row's causal block count), so long rows, whose
   probabilities are small only because they are spread over more blocks, are not starved.
 - a row floor (`adaptive=True, row_floor=f`): before the budget is spread, every row keeps its
-  best ceil(f × k) blocks (k = top-k's count for the row), so no row, and in particular not the
-  last one where a prompt's question sits, falls below that share; f=0 is the adaptive rule, f=1
-  is top-k.
+  best ceil(f × k) blocks (k = top-k's count for the row), so no row falls below that share (the
+  relative ranking would otherwise starve the short early rows); f=0 is the adaptive rule, f=1 is
+  top-k.
 
 Forced blocks (the diagonal unless `keep_diagonal=False`, block 0 with `keep_sink=True`, the
 `keep_local` blocks left of the diagonal, whole rows with `dense_last_rows`) are always kept; under
