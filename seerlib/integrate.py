@@ -44,6 +44,7 @@ from torch import nn
 from seerlib import ops
 from seerlib.capture import attention_layers, attention_override, pre_rope_hooks
 from seerlib.reference import check_block_size, mask_to_index, num_blocks
+from seerlib.select import check_budget_options
 
 __all__ = [
     "ATTENTIONS",
@@ -138,14 +139,7 @@ class SparseConfig:
                 f"adaptive selection needs mode 'gate' or 'oracle' with a density; got mode "
                 f"{self.mode!r}, density={self.density}"
             )
-        if self.relative and not self.adaptive:
-            raise ValueError("relative ranking changes the adaptive budget; it needs adaptive=True")
-        if self.row_floor and not self.adaptive:
-            raise ValueError("row_floor is a floor under the adaptive budget; it needs "
-                             "adaptive=True")
-        if not 0.0 <= self.row_floor <= 1.0:
-            raise ValueError(f"row_floor must be in [0, 1] (a share of top-k's blocks per row); "
-                             f"got {self.row_floor}")
+        check_budget_options(self.adaptive, self.relative, self.row_floor)
         if self.num_sink < 0 or self.dense_last_rows < 0 or self.keep_local < 0:
             raise ValueError(
                 f"num_sink, dense_last_rows and keep_local must be >= 0; got {self.num_sink}, "

@@ -28,7 +28,8 @@ import math
 
 import torch
 
-__all__ = ["achieved_density", "causal_block_mask", "density_to_k", "select_blocks"]
+__all__ = ["achieved_density", "causal_block_mask", "check_budget_options", "density_to_k",
+           "select_blocks"]
 
 
 def density_to_k(density: float, nb: int) -> int:
@@ -36,6 +37,19 @@ def density_to_k(density: float, nb: int) -> int:
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1]; got {density}")
     return max(1, int((1.0 - math.sqrt(1.0 - density)) * nb))
+
+
+def check_budget_options(adaptive: bool, relative: bool, row_floor: float) -> None:
+    """Raise ValueError unless `relative` and `row_floor` come with `adaptive` and the floor is a
+    share in [0, 1] (shared by `select_blocks` and `integrate.SparseConfig`)."""
+    if relative and not adaptive:
+        raise ValueError("relative=True asks for the relative ranking of an adaptive budget; "
+                         "it needs adaptive=True")
+    if row_floor and not adaptive:
+        raise ValueError("row_floor is a floor under the adaptive budget; it needs adaptive=True")
+    if not 0.0 <= row_floor <= 1.0:
+        raise ValueError(f"row_floor must be in [0, 1] (a share of top-k's blocks per row); "
+                         f"got {row_floor}")
 
 
 def causal_block_mask(nb: int, device=None) -> torch.Tensor:
@@ -103,13 +117,7 @@ def select_blocks(
         raise ValueError(f"logits must be a (B, H, nb, nb) tensor; got {shape}")
     if adaptive and density is None:
         raise ValueError("adaptive=True spreads a density's block budget; give a density")
-    if relative and not adaptive:
-        raise ValueError("relative=True changes the adaptive ranking; it needs adaptive=True")
-    if row_floor and not adaptive:
-        raise ValueError("row_floor is a floor under the adaptive budget; it needs adaptive=True")
-    if not 0.0 <= row_floor <= 1.0:
-        raise ValueError(f"row_floor must be in [0, 1] (a share of top-k's blocks); "
-                         f"got {row_floor}")
+    check_budget_options(adaptive, relative, row_floor)
     if dense_last_rows < 0 or keep_local < 0:
         raise ValueError(
             f"dense_last_rows and keep_local must be >= 0; got {dense_last_rows}, {keep_local}"
