@@ -104,6 +104,8 @@ def choose(ppl: dict, pk: dict) -> tuple[str, list[dict]]:
 def markdown(doc: dict) -> str:
     lengths = sorted({int(k.split("|")[0]) for k in doc["ppl"]})
     dense = {L: doc["ppl"][f"{L}|dense"]["ppl"] for L in lengths}
+    oracle = {L: doc["ppl"][f"{L}|oracle-max@0.3"]["ppl"] for L in lengths}
+    oracle_inc = sum(oracle[L] - dense[L] for L in lengths) / len(lengths)
     lines = ["**Choosing the selection rule on training text** (gate "
              f"`{GATE}`, density 0.3; {doc['device']}). Perplexity on training windows "
              f"({', '.join(f'{n} x {L}' for L, n in PPL_WINDOWS)} tokens, from token {OFFSET}); "
@@ -115,10 +117,8 @@ def markdown(doc: dict) -> str:
              "| dense | " + " | ".join(f"{dense[L]:.3f}" for L in lengths) + " | – | "
              f"{sum(c for _, _, c in doc['passkey']['dense'])}/{len(doc['passkey']['dense'])} "
              "| – |",
-             "| oracle-max@0.3 (top-k) | " + " | ".join(
-                 f"{doc['ppl'][f'{L}|oracle-max@0.3']['ppl']:.3f}" for L in lengths) + " | "
-             + f"{sum(doc['ppl'][f'{L}|oracle-max@0.3']['ppl'] - dense[L] for L in lengths) / len(lengths):.3f}"  # noqa: E501
-             + " | – | – |"]
+             "| oracle-max@0.3 (top-k) | " + " | ".join(f"{oracle[L]:.3f}" for L in lengths)
+             + f" | {oracle_inc:.3f} | – | – |"]
     for r in doc["summary"]:
         name = f"**{r['spec']}** (chosen)" if r["spec"] == doc["chosen"] else r["spec"]
         lines.append(f"| {name} | " + " | ".join(f"{r[f'ppl_{L}']:.3f}" for L in lengths)
