@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import triton
 
 # Submodules by name: robust to an editable install that sees seerlib.kernels as a namespace.
-from seerlib.kernels.block_sparse_attention import block_sparse_attention, build_block_index
+from seerlib.kernels.block_index import build_block_index
+from seerlib.kernels.block_sparse_attention import block_sparse_attention
 from seerlib.kernels.pooled_attention import attention, pooled_attention
 from triton.testing import do_bench
 

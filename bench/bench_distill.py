@@ -52,16 +52,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from seerlib import ops  # noqa: E402
-from seerlib.distill import (  # noqa: E402
-    DistillConfig,
-    Distiller,
-    WindowCache,
-    build_cache,
-    default_target,
-    target_dtype,
-)
+from seerlib.distill import DistillConfig, Distiller  # noqa: E402
 from seerlib.gate import GateSet  # noqa: E402
 from seerlib.metrics import block_maps  # noqa: E402
+from seerlib.targets import WindowCache, build_cache, default_target, target_dtype  # noqa: E402
 
 PRESETS = {
     # Llama-3-8B layer shapes; vocab cut to 32000 (the lm head is never run by the capture)
@@ -199,7 +193,7 @@ def attention_timings(model, S: int, cfg: BenchConfig, target: str, device) -> d
 def timed_target(device, acc: list):
     """Time every target op the distillation path calls (synchronized; the path copies each
     layer's pooled map to the CPU right after anyway, so the syncs cost about nothing)."""
-    import seerlib.distill as sd
+    import seerlib.targets as sd  # the module whose names the distillation path calls
 
     originals = (ops.pooled_attention, sd.block_maps)
 
@@ -228,8 +222,8 @@ def target_agreement(model, S: int, cfg: BenchConfig, device) -> dict:
     Returns the largest |difference| of the row-normalized targets over all layers, and the mean
     KL(exact || kernel) over the rows the loss uses (first quarter of query blocks left out).
     """
-    from seerlib.distill import capture_features
     from seerlib.metrics import kl_div, normalize_rows
+    from seerlib.targets import capture_features
 
     ids = torch.randint(0, model.config.vocab_size, (1, S), generator=torch.Generator())
     ids = ids.to(device)
@@ -396,7 +390,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"torch {meta['torch']}, "
         f"transformers {meta['transformers']}.",
         "",
-        "Path measured: `seerlib.distill.build_cache` (frozen forward "
+        "Path measured: `seerlib.targets.build_cache` (frozen forward "
         + (
             "with `pooled_attention` as the attention"
             if meta["target"] == "kernel"

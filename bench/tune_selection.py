@@ -23,19 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from seerlib.data import load_model, token_windows
-from seerlib.eval import parse_config, passkey, perplexity
-from seerlib.integrate import sparsify_config
+from seerlib.eval import passkey, perplexity
+from seerlib.integrate import sparsify
 from seerlib.io import load_gates
+from seerlib.methods import SparseConfig, resolve_config
+from seerlib.select import Selection
 
 GATE = "data/gates/smollm2-135m-instruct-b64-s8192.safetensors"
-BASE = "gate+sink+local"
-CANDIDATES = [f"{BASE}@a=0.3", f"{BASE}@r=0.3", f"{BASE}+floor0.25@r=0.3",
-              f"{BASE}+floor0.5@r=0.3", f"{BASE}+floor0.75@r=0.3", f"{BASE}+floor0.5@a=0.3"]
+BASE = Selection(density=0.3, forced={"sink": 1, "local": 1})
+# (budget rule, row floor) of each candidate; results are keyed by the configs' labels
+RULES = [("layer", 0.0), ("relative", 0.0), ("relative", 0.25), ("relative", 0.5),
+         ("relative", 0.75), ("layer", 0.5)]
+CANDIDATES = [SparseConfig("gate", replace(BASE, budget=b, row_floor=f)).label for b, f in RULES]
 PPL_WINDOWS = [(4096, 8), (8192, 6)]  # (tokens, windows)
 PASSKEY = dict(lengths=[2048, 4096, 8192], depths=[0, 0.25, 0.5, 0.75, 1], trials=4, seed=1)
 OFFSET = 200_000
@@ -48,7 +53,7 @@ def _load(device: str):
 
 
 def _config(spec: str, device: str):
-    return parse_config(spec, attention="ops" if device.startswith("cuda") else "flex")
+    return resolve_config(spec, attention="ops" if device.startswith("cuda") else "flex")
 
 
 def run_ppl(device: str) -> dict:
@@ -61,7 +66,8 @@ def run_ppl(device: str) -> dict:
             if spec == "dense":
                 r, density = perplexity(model, windows, progress=False), 1.0
             else:
-                with sparsify_config(model, _config(spec, device), gates=gates) as sp:
+                cfg = _config(spec, device)
+                with sparsify(model, cfg, gates=gates if cfg.spec.needs_gate else None) as sp:
                     r = perplexity(model, windows, progress=False)
                 density = sp.stats.achieved_density
             out[f"{L}|{spec}"] = {"ppl": r.ppl, "density": density}
@@ -79,7 +85,7 @@ def run_passkey(device: str) -> dict:
         if spec == "dense":
             tr = passkey(model, tok, lengths, depths, trials, **kw)
         else:
-            with sparsify_config(model, _config(spec, device), gates=gates):
+            with sparsify(model, _config(spec, device), gates=gates):
                 tr = passkey(model, tok, lengths, depths, trials, **kw)
         out[spec] = [[x.length, x.depth, x.correct] for x in tr]
         print(spec, sum(x.correct for x in tr), "/", len(tr), flush=True)

@@ -1,17 +1,14 @@
 """Triton kernels, installed as `seerlib.kernels` (never a top-level `kernels` module).
 
-`pooled_attention` (FlashAttention forward + block max-pooled map, also plain `attention`) and
-`block_sparse_attention` (causal attention over a CSR list of kept key blocks). Both take CUDA
+`pooled_attention` (FlashAttention forward + block max-pooled map, also plain `attention`),
+`block_sparse_attention` (causal attention over a CSR list of kept key blocks) and the builder of
+that list, `build_block_index` (a `BlockIndex` from a bool block mask). They take CUDA
 bf16/fp16 tensors, or CPU float32 under TRITON_INTERPRET=1; the library calls them through
 `seerlib.ops`, which picks them or the reference.
 """
 
-from .block_sparse_attention import (
-    BlockIndex,
-    block_sparse_attention,
-    build_block_index,
-    choose_rows_per_tile,
-)
+from .block_index import BlockIndex, build_block_index, choose_rows_per_tile
+from .block_sparse_attention import block_sparse_attention
 from .pooled_attention import attention, pooled_attention
 
 __all__ = [

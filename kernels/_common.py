@@ -1,11 +1,11 @@
-"""Shared pieces of the two attention kernels: input checks, the online-softmax step, launch config.
+"""Shared pieces of the kernels: input checks, the index entry format, the online-softmax step,
+launch config.
 
 Imports only torch, triton and the oracle's validation helpers (`seerlib.reference`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -18,6 +18,9 @@ LOG2E = 1.4426950408889634
 # Key block numbers and the row-half bits share one int32 index entry: block | (bits << 24).
 ENTRY_BITS_SHIFT = 24
 ENTRY_BLOCK_MASK = (1 << ENTRY_BITS_SHIFT) - 1
+# The same constants as seen from inside @triton.jit (compiled Triton reads only constexpr globals).
+ENTRY_SHIFT_TL = tl.constexpr(ENTRY_BITS_SHIFT)
+ENTRY_BLOCK_MASK_TL = tl.constexpr(ENTRY_BLOCK_MASK)
 
 
 def interpreting() -> bool:
@@ -74,10 +77,6 @@ def check_out(out, like: torch.Tensor, name: str = "out") -> torch.Tensor:
     if out.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dim")
     return out
-
-
-def resolve_scale(scale, d: int) -> float:
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
 def default_launch(block_m: int, d: int) -> dict:

@@ -18,7 +18,7 @@ Design (bench/NOTES.md has the measurements):
   block that did not keep the key block are masked. QPT = 1 wastes nothing; QPT = 2 with b = 64
   gives 128-row tiles (twice the reuse of each K/V tile, a full-size wgmma) at the price of
   computing rows of the union that one half did not keep. `choose_rows_per_tile` picks it from the
-  mask.
+  mask; `build_block_index` (kernels/block_index.py) builds the lists.
 - Entries are split: those strictly before the program's first query block need no causal mask
   (loop 1, no boundary checks: those key blocks are always complete); the last <= QPT entries
   touch the diagonal and the partial last key block (loop 2, masked, done last).
@@ -29,31 +29,25 @@ Design (bench/NOTES.md has the measurements):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import check_block_mask, index_to_mask, num_blocks
+from seerlib.reference import default_scale
 
 from ._common import (
-    ENTRY_BITS_SHIFT,
-    ENTRY_BLOCK_MASK,
+    ENTRY_BLOCK_MASK_TL,
+    ENTRY_SHIFT_TL,
     LOG2E,
     check_inputs,
     check_out,
     default_launch,
     last_dim_contiguous,
-    resolve_scale,
     softmax_step,
 )
+from .block_index import BlockIndex, build_block_index
 
-__all__ = ["block_sparse_attention", "BlockIndex", "build_block_index", "choose_rows_per_tile"]
-
-# The same constants as seen from inside @triton.jit (compiled Triton reads only constexpr globals).
-_SHIFT = tl.constexpr(ENTRY_BITS_SHIFT)
-_BLOCK_MASK = tl.constexpr(ENTRY_BLOCK_MASK)
+__all__ = ["block_sparse_attention"]
 
 
 @triton.jit
@@ -115,19 +109,19 @@ def _block_sparse_fwd(
     # Loop 1: key blocks strictly before this tile's first query block; complete, no causal mask.
     for n in tl.range(0, n_full):
         e = tl.load(e_base + n)
-        cols = (e & _BLOCK_MASK) * BLOCK + offs_n
+        cols = (e & ENTRY_BLOCK_MASK_TL) * BLOCK + offs_n
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
         s = tl.dot(q, kT) * qk_scale
         if QPT > 1:
-            keep = ((e >> _SHIFT) >> row_blk) & 1
+            keep = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
             s = tl.where(keep[:, None] != 0, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, QPT > 1)
 
     # Loop 2: the key blocks that meet the diagonal (and the partial last block); masked, last.
     for n in tl.range(n_full, count):
         e = tl.load(e_base + n)
-        cols = (e & _BLOCK_MASK) * BLOCK + offs_n
+        cols = (e & ENTRY_BLOCK_MASK_TL) * BLOCK + offs_n
         col_ok = cols < S
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
                      other=0.0)
@@ -135,7 +129,7 @@ def _block_sparse_fwd(
         s = tl.dot(q, kT) * qk_scale
         keep = offs_m[:, None] >= cols[None, :]
         if QPT > 1:
-            bits = ((e >> _SHIFT) >> row_blk) & 1
+            bits = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
             keep = keep & (bits[:, None] != 0)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, True)
@@ -144,207 +138,6 @@ def _block_sparse_fwd(
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
-
-
-@dataclass(frozen=True)
-class BlockIndex:
-    """Kept key blocks per tile of `rows_per_tile` query blocks, as the kernel reads them.
-
-    counts: (B, H, n_tiles) int32, entries per tile. n_full: (B, H, n_tiles) int32, entries before
-    the tile's first query block (no causal mask). entries: (B, H, n_tiles, L) int32, ascending key
-    blocks, each `block | (bits << 24)` where bit r says query block `tile * rows_per_tile + r`
-    keeps it. Only key blocks on or below the block diagonal appear.
-    """
-
-    counts: torch.Tensor
-    n_full: torch.Tensor
-    entries: torch.Tensor
-    block_size: int
-    rows_per_tile: int
-    seq_len: int
-
-    @property
-    def shape(self):
-        return tuple(self.counts.shape[:2])
-
-
-def _as_mask(block_mask_or_index, B, H, nb):
-    if isinstance(block_mask_or_index, torch.Tensor):
-        check_block_mask(block_mask_or_index, B, H, nb)
-        return block_mask_or_index
-    if isinstance(block_mask_or_index, (tuple, list)) and len(block_mask_or_index) == 2:
-        counts, indices = block_mask_or_index
-        if not (isinstance(counts, torch.Tensor) and isinstance(indices, torch.Tensor)):
-            raise ValueError("a block index must be the (counts, indices) tensors of mask_to_index")
-        if (tuple(counts.shape) != (B, H, nb) or indices.dim() != 4
-                or tuple(indices.shape[:3]) != (B, H, nb)):
-            raise ValueError(
-                f"block index must be counts (B, H, nb) = {(B, H, nb)} and indices (B, H, nb, m); "
-                f"got {tuple(counts.shape)} and {tuple(indices.shape)}"
-            )
-        ints = (torch.int32, torch.int64)
-        if counts.dtype not in ints or indices.dtype not in ints:
-            raise ValueError(
-                f"counts and indices must be int32 or int64; got {counts.dtype}, {indices.dtype}"
-            )
-        return index_to_mask(counts, indices, nb)
-    raise ValueError(
-        "block_mask_or_index must be a bool mask (B, H, nb, nb), a (counts, indices) pair from "
-        f"mask_to_index, or a BlockIndex; got {type(block_mask_or_index).__name__}"
-    )
-
-
-_MAX_WASTE = 1.3
-# Index builder used on CUDA by default: the kernel, verified there and 3-10x faster than the
-# sort-based torch builder at S = 32768 (bench/NOTES.md).
-_DEFAULT_INDEX_METHOD = "triton"
-
-
-def choose_rows_per_tile(
-    block_mask: torch.Tensor, block_size: int, max_waste: float = _MAX_WASTE
-) -> int:
-    """Query blocks per program: the largest tile up to 128 rows whose union of kept lists computes
-    at most `max_waste` times the rows the mask asks for (1 where b-row tiles are already 128)."""
-    nb = block_mask.shape[-1]
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril_()
-    m = block_mask & causal
-    need = m.sum().item() * block_size
-    qpt = max(1, 128 // block_size)
-    while qpt > 1:
-        pad = (-nb) % qpt
-        u = torch.nn.functional.pad(m, (0, 0, 0, pad)).reshape(*m.shape[:2], -1, qpt, nb).any(3)
-        if need == 0 or u.sum().item() * qpt * block_size <= max_waste * need:
-            return qpt
-        qpt //= 2
-    return 1
-
-
-@triton.jit
-def _index_pass(
-    MASK, COUNTS, NFULL, ROWS, ENTRIES,
-    smz, smh, smi,
-    H, NB, N_TILES, L,
-    QPT: tl.constexpr,
-    NB_P2: tl.constexpr,
-    WRITE: tl.constexpr,
-):
-    """One program per (batch*head, tile): union of the tile's QPT mask rows (on or below the
-    diagonal), its row bits, count, n_full and the summed per-row counts; with WRITE, the
-    compacted entries (cumsum positions, ascending)."""
-    pid_bh = tl.program_id(0)
-    t = tl.program_id(1)
-    z = pid_bh // H
-    h = pid_bh % H
-    cols = tl.arange(0, NB_P2)
-    base = MASK + z.to(tl.int64) * smz + h.to(tl.int64) * smh
-    bits = tl.zeros([NB_P2], dtype=tl.int32)
-    rows_kept = 0
-    for r in tl.static_range(QPT):
-        i = t * QPT + r
-        ok = (cols < NB) & (cols <= i) & (i < NB)
-        row = (tl.load(base + i.to(tl.int64) * smi + cols, mask=ok, other=0) != 0).to(tl.int32)
-        bits = bits | (row << r)
-        rows_kept += tl.sum(row, 0)
-    keep = (bits != 0).to(tl.int32)
-    meta = pid_bh.to(tl.int64) * N_TILES + t
-    count = tl.sum(keep, 0)
-    if WRITE:
-        pos = tl.cumsum(keep, 0) - 1
-        tl.store(ENTRIES + meta * L + pos, cols | (bits << _SHIFT), mask=keep != 0)
-    else:
-        tl.store(COUNTS + meta, count)
-        tl.store(NFULL + meta, tl.sum(tl.where(cols < t * QPT, keep, 0), 0))
-        tl.store(ROWS + meta, rows_kept)
-
-
-def _index_counts(mask_u8, batch, heads, nb, qpt):
-    n_tiles = -(-nb // qpt)
-    counts, n_full, rows = (
-        torch.empty(batch, heads, n_tiles, dtype=torch.int32, device=mask_u8.device)
-        for _ in range(3)
-    )
-    _index_pass[(batch * heads, n_tiles)](
-        mask_u8, counts, n_full, rows, counts,
-        mask_u8.stride(0), mask_u8.stride(1), mask_u8.stride(2),
-        heads, nb, n_tiles, 1,
-        QPT=qpt, NB_P2=triton.next_power_of_2(nb), WRITE=False,
-    )
-    return counts, n_full, rows
-
-
-def _build_block_index_triton(mask, batch, heads, seq_len, block_size, rows_per_tile):
-    nb = mask.shape[-1]
-    m8 = mask.contiguous().view(torch.uint8)
-    qpt = max(1, 128 // block_size) if rows_per_tile is None else rows_per_tile
-    while True:
-        counts, n_full, rows = _index_counts(m8, batch, heads, nb, qpt)
-        used, need, longest = torch.stack(
-            [counts.sum(dtype=torch.int64), rows.sum(dtype=torch.int64),
-             counts.max().to(torch.int64)]
-        ).tolist()
-        if rows_per_tile is not None or qpt == 1 or used * qpt <= _MAX_WASTE * need:
-            break
-        qpt //= 2
-    n_tiles = counts.shape[-1]
-    L = max(1, longest)
-    entries = torch.zeros(batch, heads, n_tiles, L, dtype=torch.int32, device=mask.device)
-    _index_pass[(batch * heads, n_tiles)](
-        m8, counts, n_full, rows, entries,
-        m8.stride(0), m8.stride(1), m8.stride(2),
-        heads, nb, n_tiles, L,
-        QPT=qpt, NB_P2=triton.next_power_of_2(nb), WRITE=True,
-    )
-    return BlockIndex(counts=counts, n_full=n_full, entries=entries, block_size=block_size,
-                      rows_per_tile=qpt, seq_len=seq_len)
-
-
-def build_block_index(
-    block_mask_or_index, batch: int, heads: int, seq_len: int, block_size: int,
-    rows_per_tile: int | None = None, method: str = "auto",
-) -> BlockIndex:
-    """Turn a bool mask (B, H, nb, nb) or mask_to_index's (counts, indices) into a BlockIndex.
-
-    Blocks above the diagonal are dropped (they contribute nothing under the causal mask).
-    rows_per_tile (query blocks per program, 1, 2 or 4) defaults to `choose_rows_per_tile`'s rule.
-    method: "triton" (a small kernel, two passes over the mask) or "torch" (sort-based; the
-    oracle for the kernel's tests); "auto" takes `_DEFAULT_INDEX_METHOD` on CUDA, torch on CPU.
-    """
-    nb = num_blocks(seq_len, block_size)
-    mask = _as_mask(block_mask_or_index, batch, heads, nb)
-    if rows_per_tile is not None and int(rows_per_tile) not in (1, 2, 4, 8):
-        raise ValueError(f"rows_per_tile must be 1, 2, 4 or 8; got {rows_per_tile}")
-    if method not in ("auto", "triton", "torch"):
-        raise ValueError(f"method must be 'auto', 'triton' or 'torch'; got {method!r}")
-    if method == "auto":
-        method = _DEFAULT_INDEX_METHOD if mask.is_cuda else "torch"
-    if method == "triton":
-        rpt = None if rows_per_tile is None else int(rows_per_tile)
-        return _build_block_index_triton(mask, batch, heads, seq_len, block_size, rpt)
-    qpt = choose_rows_per_tile(mask, block_size) if rows_per_tile is None else int(rows_per_tile)
-    dev = mask.device
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril_()
-    m = mask & causal  # (B, H, nb, nb)
-    n_tiles = -(-nb // qpt)
-    m = torch.nn.functional.pad(m, (0, 0, 0, n_tiles * qpt - nb))
-    m = m.reshape(batch, heads, n_tiles, qpt, nb)  # (B, H, nT, QPT, nb)
-    union = m.any(3)  # (B, H, nT, nb)
-    weights = (1 << torch.arange(qpt, device=dev, dtype=torch.int32)).view(qpt, 1)
-    bits = (m.to(torch.int32) * weights).sum(3, dtype=torch.int32)  # (B, H, nT, nb)
-    counts = union.sum(-1, dtype=torch.int32)
-    L = max(1, int(counts.max().item()))
-    cols = torch.arange(nb, device=dev, dtype=torch.int32)
-    key = torch.where(union, cols, cols + nb)
-    idx = key.sort(dim=-1).values[..., :L]  # kept columns first, ascending
-    valid = idx < nb
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    ent_bits = torch.gather(bits, -1, idx.long())
-    entries = torch.where(valid, idx | (ent_bits << ENTRY_BITS_SHIFT), torch.zeros_like(idx))
-    first = (torch.arange(n_tiles, device=dev, dtype=torch.int32) * qpt).view(n_tiles, 1)
-    n_full = (union & (cols.view(1, nb) < first)).sum(-1, dtype=torch.int32)
-    return BlockIndex(
-        counts=counts.contiguous(), n_full=n_full.contiguous(), entries=entries.contiguous(),
-        block_size=block_size, rows_per_tile=qpt, seq_len=seq_len,
-    )
 
 
 def block_sparse_attention(
@@ -360,6 +153,7 @@ def block_sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     kv_major: bool = True,
+    sync_free: bool = False,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -372,6 +166,8 @@ def block_sparse_attention(
         out: optional (B, Hq, S, d) buffer to write into.
         rows_per_tile, num_warps, num_stages: launch overrides (benchmarks, tests).
         kv_major: launch order; True runs one kv head's programs together (L2 reuse of its K/V).
+        sync_free: build the index without a device-to-host read (`build_block_index`;
+            rows_per_tile defaults to 1 then).
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
@@ -390,7 +186,10 @@ def block_sparse_attention(
     else:
         if isinstance(block_mask_or_index, torch.Tensor) and block_mask_or_index.device != q.device:
             raise ValueError(f"block_mask is on {block_mask_or_index.device}; q is on {q.device}")
-        index = build_block_index(block_mask_or_index, B, Hq, S, block_size, rows_per_tile)
+        if sync_free and rows_per_tile is None:
+            rows_per_tile = 1
+        index = build_block_index(block_mask_or_index, B, Hq, S, block_size, rows_per_tile,
+                                  sync_free=sync_free)
         if index.counts.device != q.device:
             raise ValueError(f"the block index is on {index.counts.device}; q is on {q.device}")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -402,7 +201,7 @@ def block_sparse_attention(
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
-    qk_scale = resolve_scale(scale, d) * LOG2E
+    qk_scale = default_scale(d, scale) * LOG2E
     grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
     _block_sparse_fwd[grid](
         q, k, v, out, index.counts, index.n_full, index.entries,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import num_blocks
+from seerlib.reference import default_scale, num_blocks
 
 from ._common import (
     LOG2E,
@@ -34,7 +34,6 @@ from ._common import (
     check_out,
     default_launch,
     last_dim_contiguous,
-    resolve_scale,
     softmax_step,
 )
 
@@ -157,7 +156,7 @@ def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
-    qk_scale = resolve_scale(scale, d) * LOG2E
+    qk_scale = default_scale(d, scale) * LOG2E
     nb_chunk = min(64, triton.next_power_of_2(nb))
 
     if pooled is not None:

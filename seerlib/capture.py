@@ -78,6 +78,8 @@ def pre_rope_hooks(model: nn.Module, store: dict, layers: Iterable[int] | None =
 
 
 def _delegate(impl: str) -> Callable:
+    # Lazy here and below: transformers takes seconds to import, and `import seerlib.capture`
+    # (the LayerQKV record, reached through seerlib.metrics) should not pay for it.
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -97,6 +99,7 @@ def attention_override(model: nn.Module, fn: Callable):
     (call it to compute dense attention). It returns (out (B, S, Hq, d), weights or None), like any
     transformers attention function. The model's previous implementation is restored on exit.
     """
+    # Lazy, as in _delegate: transformers takes seconds to import.
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -14,13 +14,12 @@ partial, -inf above the block diagonal.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from seerlib.reference import check_block_size, num_blocks
+from seerlib.reference import causal_block_mask, check_block_size, default_scale, num_blocks
 
 __all__ = ["POOL_OPS", "AttnGate", "BlockRoPE", "GateSet", "pool_blocks"]
 
@@ -56,19 +55,23 @@ def pool_blocks(x: torch.Tensor, block_size: int, ops: Sequence[str]) -> torch.T
     B, H, S, d = x.shape
     nb = num_blocks(S, b)
     pad = nb * b - S
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = []
     for op in ops:
+        # (B, H, S, d) -> (B, H, nb, b, d): a view when S is a multiple of b (no copy of x; the
+        # reductions accumulate in `acc` and only the small (B, H, nb, d) result is converted)
         if op == "avg":
-            xs = nn.functional.pad(x, (0, 0, 0, pad)).reshape(B, H, nb, b, d).sum(dim=3)
-            count = torch.full((nb, 1), float(b), dtype=x.dtype, device=x.device)
+            xs = nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+            total = xs.reshape(B, H, nb, b, d).sum(dim=3, dtype=acc)
+            count = torch.full((nb, 1), float(b), dtype=acc, device=x.device)
             count[-1] = b - pad
-            out.append(xs / count)  # (B, H, nb, d)
+            out.append(total / count)  # (B, H, nb, d)
         else:
             fill = float("-inf") if op == "max" else float("inf")
-            # (B, H, S, d) -> (B, H, nb, b, d), padding never wins the max / min
-            xs = nn.functional.pad(x, (0, 0, 0, pad), value=fill).reshape(B, H, nb, b, d)
-            out.append(xs.amax(dim=3) if op == "max" else xs.amin(dim=3))
+            # padding never wins the max / min
+            xs = nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x
+            xs = xs.reshape(B, H, nb, b, d)
+            out.append((xs.amax(dim=3) if op == "max" else xs.amin(dim=3)).to(acc))
     return torch.cat(out, dim=-1)
 
 
@@ -92,6 +95,7 @@ class BlockRoPE(nn.Module):
 
     def __init__(self, config, dim: int):
         super().__init__()
+        # Lazy: transformers takes seconds to import; pooling and the gate math do not need it.
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if dim <= 0 or dim % 2:
@@ -225,10 +229,10 @@ class AttnGate(nn.Module):
             q = torch.einsum("bhnc,hcg->bhng", q, self.q_proj)  # (B, Hq, nb, d_gate)
         if self.rope is not None:
             q, k = self.rope(q, self.block_size), self.rope(k, self.block_size)
-        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d_gate)  # (B, Hq, nb, nb)
-        nb = logits.shape[-1]
-        above = torch.ones(nb, nb, dtype=torch.bool, device=logits.device).triu(1)
-        return logits.float().masked_fill(above, float("-inf"))
+        # the scale on the small q side, so the (B, Hq, nb, nb) logits are written once
+        logits = torch.matmul(q * default_scale(self.d_gate), k.transpose(-1, -2)).float()
+        above = ~causal_block_mask(logits.shape[-1], logits.device)
+        return logits.masked_fill_(above, float("-inf"))  # (B, Hq, nb, nb)
 
     def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor) -> torch.Tensor:
         """Block-causal gate logits.

@@ -1,34 +1,22 @@
 """SeerAttention inside a transformers model: block-sparse prefill in one line.
 
-    with sparsify(model, "gate", gates=gates, density=0.3) as sp:
+    with sparsify(model, "recommended", gates=gates) as sp:    # a preset
         logits = model(input_ids).logits
     print(sp.stats.achieved_density)
 
+`sparsify(model, config)` takes a `SparseConfig`, a preset name (`seerlib.methods.PRESETS`), a
+label ("gate+sink@0.3", "oracle-max@t=0.01") or a method name with `selection=Selection(...)`.
 Every attention layer is routed through a function of ours registered in transformers'
 AttentionInterface (`seerlib.capture.attention_override`); the gate reads the pre-RoPE Q/K taken by
 forward hooks (`seerlib.capture.pre_rope_hooks`). No modeling code is copied. On exit the model's
 previous attention is restored. `sparsify(...).enable()` is the permanent form (`.disable()` undoes
-it).
-
-Modes (which blocks a prefill keeps):
-- "dense": the model's own attention (the stats still count every block).
-- "gate": AttnGate logits -> `select_blocks` (top-k by `density`, or `threshold`).
-- "oracle": the ground truth itself, `pooling="max"` (max-pooled attention map, the gate's training
-  target, `ops.pooled_attention`) or `pooling="sum"` (the exact attention mass of each tile,
-  `metrics.block_mass`): top-k by `density`, or `threshold` on the row-normalized map.
-- "sink_window": the first block(s) plus the latest blocks (StreamingLLM-like).
-- "vertical_slash": per head, key-block columns and block diagonals ranked by the attention of the
-  last query block (MInference-like).
-
-With a `density`, "gate", "oracle" and "sink_window" keep the same k blocks per query-block row
-(`select.density_to_k`), so their achieved densities are equal; "vertical_slash" takes whole lines
-until the same number of blocks is met, so it lands near it, not on it. `sp.stats` reports what was
-kept.
+it). Which blocks each layer keeps is the method's business (`seerlib.methods`); `sp.stats` reports
+what was kept.
 
 Single-token decode steps (and any call whose query is shorter than its keys, i.e. a cached
 continuation) stay dense. The block-sparse product goes through `seerlib.ops` (Triton on CUDA, the
 exact reference on CPU) or, with `attention="flex"`, through FlexAttention with the selection's
-`BlockMask` (`to_flex_block_mask`), compiled: on CPU this is the fast path (it skips dropped tiles;
+`BlockMask` (`seerlib.flex`), compiled: on CPU this is the fast path (it skips dropped tiles;
 the reference computes every score).
 """
 
@@ -36,143 +24,29 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from seerlib import ops
 from seerlib.capture import attention_layers, attention_override, pre_rope_hooks
-from seerlib.reference import check_block_size, mask_to_index, num_blocks
-from seerlib.select import check_budget_options
+from seerlib.flex import flex_sparse_attention
+from seerlib.gate import GateSet
+from seerlib.graphs import StepGraphs
+from seerlib.io import config_hash
+from seerlib.methods import LayerInputs, SparseConfig, layer_block_mask, resolve_config
+from seerlib.reference import causal_block_count, num_blocks
+from seerlib.select import Selection
 
-__all__ = [
-    "ATTENTIONS",
-    "MODES",
-    "POOLINGS",
-    "SparseConfig",
-    "Sparsified",
-    "SparsityStats",
-    "layer_block_mask",
-    "sparsify",
-    "sparsify_config",
-    "to_flex_block_mask",
-]
-
-MODES = ("dense", "gate", "oracle", "sink_window", "vertical_slash")
-POOLINGS = ("max", "sum")
-ATTENTIONS = ("ops", "flex")
-_DENSITY_ONLY = ("sink_window", "vertical_slash")
+__all__ = ["Sparsified", "SparsityStats", "count_blocks", "sparsify"]
 
 
-@dataclass(frozen=True)
-class SparseConfig:
-    """What a sparse prefill keeps and how it computes it (validated on construction).
-
-    Attributes:
-        mode: one of MODES.
-        density: target kept share of the causal blocks, in (0, 1] (top-k per row).
-        threshold: keep blocks whose softmax score over the row exceeds it ("gate", "oracle").
-        block_size: tile size b.
-        pooling: "oracle" ground truth, "max" (pooled map) or "sum" (attention mass).
-        num_sink: leading key blocks of "sink_window".
-        keep_sink: "gate"/"oracle": also always keep key block 0 (counts toward k).
-        keep_local: "gate"/"oracle": also always keep the this-many key blocks left of the
-            diagonal (counts toward k).
-        dense_last_rows: "gate"/"oracle": keep the last this-many query-block rows dense.
-        adaptive: "gate"/"oracle" with a density: top-k's block budget spread over all heads and
-            rows of the layer by row-softmax score (`select_blocks(adaptive=True)`).
-        relative: with `adaptive`, rank by the score relative to a uniform row (softmax × the
-            row's causal block count), so long rows are not starved (`select_blocks`).
-        row_floor: with `adaptive`, in [0, 1]: every row keeps at least ceil(row_floor × top-k's
-            count for the row) of its best blocks, out of the same budget (`select_blocks`).
-        attention: "ops" (the dispatch point) or "flex" (FlexAttention with a BlockMask).
-        compile_flex: compile FlexAttention (needed for speed; eager flex computes every score).
-    """
-
-    mode: str
-    density: float | None = None
-    threshold: float | None = None
-    block_size: int = 64
-    pooling: str = "max"
-    num_sink: int = 1
-    keep_sink: bool = False
-    keep_local: int = 0
-    dense_last_rows: int = 0
-    adaptive: bool = False
-    relative: bool = False
-    row_floor: float = 0.0
-    attention: str = "ops"
-    compile_flex: bool = True
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
-        check_block_size(self.block_size)
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}; got {self.attention!r}")
-        if self.density is not None and self.threshold is not None:
-            raise ValueError(
-                f"give density or threshold, not both; got density={self.density}, "
-                f"threshold={self.threshold}"
-            )
-        if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1]; got {self.density}")
-        if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1); got {self.threshold}")
-        if self.mode == "dense":
-            if self.threshold is not None or self.density not in (None, 1.0):
-                raise ValueError(
-                    f"mode 'dense' keeps every block; got density={self.density}, "
-                    f"threshold={self.threshold}"
-                )
-        elif self.density is None and self.threshold is None:
-            raise ValueError(f"mode {self.mode!r} needs a density or a threshold; got neither")
-        if self.mode in _DENSITY_ONLY and self.threshold is not None:
-            raise ValueError(
-                f"mode {self.mode!r} selects by density only; got threshold={self.threshold}"
-            )
-        if self.adaptive and (self.mode not in ("gate", "oracle") or self.density is None):
-            raise ValueError(
-                f"adaptive selection needs mode 'gate' or 'oracle' with a density; got mode "
-                f"{self.mode!r}, density={self.density}"
-            )
-        check_budget_options(self.adaptive, self.relative, self.row_floor)
-        if self.num_sink < 0 or self.dense_last_rows < 0 or self.keep_local < 0:
-            raise ValueError(
-                f"num_sink, dense_last_rows and keep_local must be >= 0; got {self.num_sink}, "
-                f"{self.dense_last_rows}, {self.keep_local}"
-            )
-
-    @property
-    def label(self) -> str:
-        """A short name for tables: "oracle-max@0.3", "gate@t=0.001", "gate+sink@0.3",
-        "gate+sink+local@a=0.3" (sink, one local block, adaptive), "gate+sink+local+last@a=0.3"
-        (and the last query-block row dense), "gate+sink+local@r=0.3" (relative adaptive),
-        "gate+sink+local+floor0.5@a=0.3" (adaptive, every row at least half its top-k blocks),
-        "dense"."""
-        name = f"oracle-{self.pooling}" if self.mode == "oracle" else self.mode
-        name += "+sink" if self.keep_sink else ""
-        if self.keep_local:
-            name += "+local" + (str(self.keep_local) if self.keep_local > 1 else "")
-        if self.dense_last_rows:
-            name += "+last" + (str(self.dense_last_rows) if self.dense_last_rows > 1 else "")
-        if self.row_floor:
-            name += f"+floor{self.row_floor:g}"
-        if self.adaptive:
-            return f"{name}@{'r' if self.relative else 'a'}={self.density:g}"
-        if self.density is not None and self.mode != "dense":
-            return f"{name}@{self.density:g}"
-        if self.threshold is not None:
-            return f"{name}@t={self.threshold:g}"
-        return name
-
-
-@dataclass
 class SparsityStats:
     """What the sparse prefills kept, summed over layers and calls since the last `reset()`.
+
+    The kept counts stay on the device while the model runs (reading one is the only host sync
+    they cost), so a prefill never waits for them.
 
     Attributes:
         kept_blocks: kept causal (query block, key block) tiles, over batch and heads.
@@ -182,33 +56,51 @@ class SparsityStats:
         dense_calls: calls that stayed dense (decode steps, cached continuations).
     """
 
-    kept_blocks: int = 0
-    causal_blocks: int = 0
-    per_layer: dict[int, list[int]] = field(default_factory=dict)
-    prefill_calls: int = 0
-    dense_calls: int = 0
+    def __init__(self):
+        self._kept: dict[int, list] = {}  # layer -> kept counts (device scalars or ints)
+        self._causal: dict[int, int] = {}
+        self.prefill_calls = 0
+        self.dense_calls = 0
+
+    def __repr__(self) -> str:
+        return f"SparsityStats({self.as_dict()})"
+
+    @property
+    def per_layer(self) -> dict[int, list[int]]:
+        return {layer: [int(sum(int(x) for x in kept)), self._causal[layer]]
+                for layer, kept in self._kept.items()}
+
+    @property
+    def kept_blocks(self) -> int:
+        return sum(kept for kept, _ in self.per_layer.values())
+
+    @property
+    def causal_blocks(self) -> int:
+        return sum(self._causal.values())
 
     @property
     def achieved_density(self) -> float:
         """Kept share of the causal tiles over every sparse prefill (nan before any)."""
-        return self.kept_blocks / self.causal_blocks if self.causal_blocks else float("nan")
+        causal = self.causal_blocks
+        return self.kept_blocks / causal if causal else float("nan")
 
     def layer_density(self, layer: int) -> float:
         kept, causal = self.per_layer[layer]
         return kept / causal
 
-    def add(self, layer: int, mask: torch.Tensor) -> None:
-        kept, causal = count_blocks(mask)
-        self.kept_blocks += kept
-        self.causal_blocks += causal
-        row = self.per_layer.setdefault(layer, [0, 0])
-        row[0] += kept
-        row[1] += causal
+    def add(self, layer: int, mask: torch.Tensor | None, kept: torch.Tensor | None = None,
+            shape: tuple[int, ...] | None = None) -> None:
+        """Count a (B, H, nb, nb) selection of `layer` (without waiting for the device), or, with
+        `kept` (its kept causal tiles, a 0-d tensor) and `shape`, one counted already."""
+        B, H, nb, _ = mask.shape if shape is None else shape
+        self._kept.setdefault(layer, []).append(mask.tril().sum() if kept is None else kept)
+        self._causal[layer] = self._causal.get(layer, 0) + B * H * causal_block_count(nb)
         self.prefill_calls += 1
 
     def reset(self) -> None:
-        self.kept_blocks = self.causal_blocks = self.prefill_calls = self.dense_calls = 0
-        self.per_layer.clear()
+        self._kept.clear()
+        self._causal.clear()
+        self.prefill_calls = self.dense_calls = 0
 
     def as_dict(self) -> dict:
         return {
@@ -220,210 +112,13 @@ class SparsityStats:
         }
 
 
-# ---------------------------------------------------------------- FlexAttention
-
-
-def _causal_mask_mod(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int = 64,
-                       mask_mod_from_blocks: bool = False):
-    """A FlexAttention `BlockMask` computing exactly the kept tiles of a selection, causally.
-
-    Kept tiles strictly below the diagonal are passed as full blocks (no per-score mask), the
-    diagonal tiles as partial blocks with the causal `mask_mod`. Compiled `flex_attention` visits
-    only the listed blocks; uncompiled (eager) `flex_attention` ignores the block lists and applies
-    `mask_mod` to every score, so for eager use pass `mask_mod_from_blocks=True`, which also encodes
-    the selection in `mask_mod` (a new function per call: under torch.compile it would recompile).
-
-    Args:
-        block_mask: (B, H, nb, nb) bool, nb = ceil(seq_len / block_size); tiles above the block
-            diagonal are ignored.
-        seq_len: S, query and key length.
-        block_size: tile size b.
-        mask_mod_from_blocks: make `mask_mod` causal AND in a kept tile (eager flex_attention).
-    Returns:
-        torch.nn.attention.flex_attention.BlockMask with BLOCK_SIZE (b, b) and seq_lengths (S, S);
-        its `to_dense()` (cropped to nb x nb) equals the causal part of `block_mask`.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    b = check_block_size(block_size)
-    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-        got = block_mask.dtype if torch.is_tensor(block_mask) else type(block_mask).__name__
-        raise ValueError(f"block_mask must be a torch.bool tensor (B, H, nb, nb); got {got}")
-    nb = num_blocks(seq_len, b)
-    if block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != (nb, nb):
-        raise ValueError(
-            f"block_mask has shape {tuple(block_mask.shape)}; seq_len {seq_len} at block size {b} "
-            f"needs (B, H, {nb}, {nb})"
-        )
-    eye = torch.eye(nb, dtype=torch.bool, device=block_mask.device)
-    below = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril(-1)
-    partial_counts, partial_idx = mask_to_index(block_mask & eye)
-    full_counts, full_idx = mask_to_index(block_mask & below)
-    mask_mod = _causal_mask_mod
-    if mask_mod_from_blocks:
-        kept = block_mask.tril()
-
-        def mask_mod(b_, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & kept[b_, h, q_idx // b, kv_idx // b]
-
-    # entries past each row's count are -1 in mask_to_index; flex reads only the first `count`
-    # entries in its kernels but its dense conversion indexes them all, so keep them in range
-    return BlockMask.from_kv_blocks(
-        partial_counts,
-        partial_idx.clamp_min(0),
-        full_counts,
-        full_idx.clamp_min(0),
-        BLOCK_SIZE=b,
-        mask_mod=mask_mod,
-        seq_lengths=(seq_len, seq_len),
-    )
-
-
-_COMPILED_FLEX = None
-
-
-def _flex(compiled: bool):
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not compiled:
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
-
-
-def _sparse_attention(q, k, v, mask, cfg: SparseConfig, scale: float) -> torch.Tensor:
-    """(B, Hq, S, d) block-sparse attention of the kept tiles, by the configured path."""
-    if cfg.attention == "ops":
-        return ops.block_sparse_attention(q, k, v, mask, cfg.block_size, scale=scale)
-    bm = to_flex_block_mask(mask, q.shape[2], cfg.block_size,
-                            mask_mod_from_blocks=not cfg.compile_flex)
-    fn = _flex(cfg.compile_flex)
-    kw = {}
-    if q.is_cuda and cfg.block_size < 128:
-        # the CUDA kernel's default tiles (128) must divide the mask's block size
-        kw["kernel_options"] = {"BLOCK_M": cfg.block_size, "BLOCK_N": cfg.block_size}
-    with _warnings_off():
-        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **kw)
-
-
-@contextlib.contextmanager
-def _warnings_off():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-# ---------------------------------------------------------------- selection
-
-
-def _threshold_scores(weights: torch.Tensor) -> torch.Tensor:
-    """Log of a non-negative map, so that `select_blocks`' row softmax is the row-normalized map."""
-    return torch.log(weights.float().clamp_min(0))
-
-
-def layer_block_mask(
-    cfg: SparseConfig,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None = None,
-    *,
-    gate: nn.Module | None = None,
-    q_pre: torch.Tensor | None = None,
-    k_pre: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One layer's block selection under `cfg` (what `sparsify` runs inside each layer).
-
-    Args:
-        cfg: the SparseConfig.
-        q: (B, Hq, S, d) post-RoPE queries; k, v: (B, Hkv, S, d) post-RoPE keys and values.
-        gate: the layer's AttnGate ("gate" mode), reading q_pre (B, Hq, S, d) and
-            k_pre (B, Hkv, S, d), the projections before RoPE.
-        weights: (B, Hq, nb, nb) ground-truth map for "oracle" (max-pooled or mass, per
-            cfg.pooling); computed from q, k, v when None.
-        scale: score scale (1 / sqrt(d) by default).
-    Returns:
-        (B, Hq, nb, nb) bool, False above the block diagonal.
-    """
-    from seerlib import patterns
-    from seerlib.select import causal_block_mask, select_blocks
-
-    B, Hq, S, _ = q.shape
-    b = cfg.block_size
-    nb = num_blocks(S, b)
-    # forced blocks and the budget rule (adaptive/relative are False on the oracle's top-k path)
-    extras = dict(keep_sink=cfg.keep_sink, keep_local=cfg.keep_local,
-                  dense_last_rows=cfg.dense_last_rows, adaptive=cfg.adaptive,
-                  relative=cfg.relative, row_floor=cfg.row_floor)
-    if cfg.mode == "dense":
-        return causal_block_mask(nb, q.device).expand(B, Hq, nb, nb).clone()
-    if cfg.mode == "gate":
-        if gate is None or q_pre is None or k_pre is None:
-            raise ValueError("mode 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
-        with torch.no_grad():
-            logits = gate(q_pre, k_pre)
-        return select_blocks(logits, density=cfg.density, threshold=cfg.threshold, **extras)
-    if cfg.mode == "oracle":
-        if weights is None:
-            weights = ground_truth(q, k, v, b, cfg.pooling, scale)
-        if cfg.threshold is not None or cfg.adaptive:
-            return select_blocks(_threshold_scores(weights), density=cfg.density,
-                                 threshold=cfg.threshold, **extras)
-        if cfg.keep_sink or cfg.keep_local or cfg.dense_last_rows:
-            return select_blocks(weights.float(), density=cfg.density, **extras)
-        return patterns.oracle(weights, cfg.density)
-    if cfg.mode == "sink_window":
-        return patterns.sink_window(nb, cfg.density, num_sink=cfg.num_sink, batch=B,
-                                    num_heads=Hq, device=q.device)
-    if cfg.density == 1.0:  # its lines overlap, so a full budget of lines can miss blocks
-        return causal_block_mask(nb, q.device).expand(B, Hq, nb, nb).clone()
-    # vertical_slash fills a block budget; give it the budget the top-k modes really keep
-    return patterns.vertical_slash(q, k, topk_density(cfg.density, nb), b, scale=scale)
-
-
-def topk_density(density: float, nb: int) -> float:
-    """The kept share of causal blocks of top-k selection at `density` with nb blocks: row i keeps
-    min(i + 1, k) of its i + 1 blocks, k = `select.density_to_k(density, nb)` (at 4096 tokens and
-    block 64, density 0.3 keeps 0.286)."""
-    from seerlib.select import density_to_k
-
-    k = density_to_k(density, nb)
-    return sum(min(i + 1, k) for i in range(nb)) / (nb * (nb + 1) / 2)
-
-
-def ground_truth(q, k, v, block_size: int, pooling: str, scale: float | None = None):
-    """The oracle's map (B, Hq, nb, nb): "max" = `ops.pooled_attention`'s max-pooled attention,
-    "sum" = `metrics.block_mass`, the exact attention mass of each tile (rows sum to 1)."""
-    from seerlib.metrics import block_mass
-
-    if pooling == "max":
-        if v is None:
-            v = k
-        return ops.pooled_attention(q, k, v, block_size, scale=scale)[1]
-    if pooling == "sum":
-        return block_mass(q, k, block_size, scale=scale)
-    raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
-
-
 # ---------------------------------------------------------------- the model switch
 
 
 def _check_gates(gates, model, block_size: int) -> None:
-    from seerlib.gate import GateSet
-    from seerlib.io import config_hash
-
     if not isinstance(gates, GateSet):
         raise ValueError(
-            f"mode 'gate' needs a seerlib GateSet (see seerlib.io.load_gates); got "
+            f"method 'gate' needs a seerlib GateSet (see seerlib.io.load_gates); got "
             f"{type(gates).__name__}"
         )
     layers = attention_layers(model)
@@ -451,10 +146,11 @@ class Sparsified:
     """
 
     def __init__(self, model: nn.Module, cfg: SparseConfig, gates=None, weights=None,
-                 record_masks: bool = False):
+                 record_masks: bool = False, cuda_graphs: bool = False):
         self.model, self.config, self.gates = model, cfg, gates
         self.weights = weights
         self.record_masks = record_masks
+        self.graphs = StepGraphs() if cuda_graphs else None
         self.masks: dict[int, torch.Tensor] = {}
         self.stats = SparsityStats()
         self._stack: contextlib.ExitStack | None = None
@@ -470,7 +166,7 @@ class Sparsified:
             raise RuntimeError("this sparsify handle is already enabled")
         stack = contextlib.ExitStack()
         try:
-            if self.config.mode == "gate":
+            if self.config.spec.needs_gate:
                 stack.enter_context(pre_rope_hooks(self.model, self._pre))
             stack.enter_context(attention_override(self.model, self._attend))
         except BaseException:
@@ -485,6 +181,8 @@ class Sparsified:
         if stack is not None:
             stack.close()
         self._pre.clear()
+        if self.graphs is not None:
+            self.graphs.clear()  # the captured graphs' memory goes back with them
 
     def __enter__(self) -> Sparsified:
         return self.enable()
@@ -511,35 +209,75 @@ class Sparsified:
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         gate = self.gates[layer] if self.gates is not None else None
         weights = self.weights.get(layer) if self.weights is not None else None
-        mask = layer_block_mask(
-            cfg, query, key, value, gate=gate,
-            q_pre=pre["q_pre"] if pre else None, k_pre=pre["k_pre"] if pre else None,
-            weights=weights, scale=scale,
-        )
+        q_pre, k_pre = (pre["q_pre"], pre["k_pre"]) if pre else (None, None)
+        if self.graphs is not None and query.is_cuda and cfg.spec.sparse and cfg.attention == "ops":
+            out = self._graphed(layer, query, key, value, q_pre, k_pre, weights, gate, scale)
+            return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
+        layer_in = LayerInputs(query, key, value, cfg.block_size, scale=scale, gate=gate,
+                               q_pre=q_pre, k_pre=k_pre, weights=weights)
+        mask = layer_block_mask(cfg, layer_in)
         self.stats.add(layer, mask)
         if self.record_masks:
             self.masks[layer] = mask
-        if cfg.mode == "dense":
+        if not cfg.spec.sparse:
             return default(module, query, key, value, attention_mask, **kwargs)
-        out = _sparse_attention(query, key, value, mask, cfg, scale)  # (B, Hq, S, d)
+        if cfg.attention == "flex":
+            out = flex_sparse_attention(query, key, value, mask, cfg.block_size,
+                                        scale=layer_in.scale, compiled=cfg.compile_flex)
+        else:
+            out = ops.block_sparse_attention(query, key, value, mask, cfg.block_size,
+                                             scale=layer_in.scale, sync_free=True)  # (B, Hq, S, d)
         return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
+
+
+    def _graphed(self, layer, query, key, value, q_pre, k_pre, weights, gate, scale):
+        """The layer's selection and sparse attention as one CUDA graph (`seerlib.graphs`)."""
+        cfg, b = self.config, self.config.block_size
+        named = {"q_pre": q_pre, "k_pre": k_pre, "weights": weights}
+        extra = [n for n, t in named.items() if t is not None]
+
+        def step(q, k, v, *rest):
+            *given, out = rest
+            layer_in = LayerInputs(q, k, v, b, scale=scale, gate=gate,
+                                   **dict(zip(extra, given, strict=True)))
+            mask = layer_block_mask(cfg, layer_in)
+            ops.block_sparse_attention(q, k, v, mask, b, scale=scale, sync_free=True, out=out)
+            # the mask stays in the graph's memory only when it is recorded
+            return (mask if self.record_masks else None), mask.tril().sum()
+
+        out, (mask, kept) = self.graphs.run(
+            (layer, scale, tuple(extra)), step, [query, key, value, *(named[n] for n in extra)],
+            out_like=query)
+        B, Hq, S, _ = query.shape
+        nb = num_blocks(S, b)
+        # the graph's count and mask are overwritten by its next replay: keep copies
+        self.stats.add(layer, None, kept=kept.clone(), shape=(B, Hq, nb, nb))
+        if mask is not None:
+            self.masks[layer] = mask.clone()
+        return out
 
 
 def count_blocks(mask: torch.Tensor) -> tuple[int, int]:
     """(kept causal tiles, all causal tiles) of a (B, H, nb, nb) block mask."""
     B, H, nb, _ = mask.shape
-    return int(mask.tril().sum()), B * H * nb * (nb + 1) // 2
+    return int(mask.tril().sum()), B * H * causal_block_count(nb)
 
 
-def _check_no_padding(attention_mask, S: int) -> None:
-    """Sparse prefill assumes plain causal attention: refuse padding masks."""
+def _check_no_padding(attention_mask, S: int, rows: int = 1024) -> None:
+    """Sparse prefill assumes plain causal attention: refuse padding masks. (transformers passes
+    None for a plain causal prefill; a given mask is compared in slices of `rows` query rows, so
+    the check allocates no S x S tensor of its own.)"""
     if attention_mask is None:
         return
     m = attention_mask[..., -S:, -S:]
-    allowed = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 where allowed
-    causal = torch.ones(S, S, dtype=torch.bool, device=m.device).tril()
-    ok = bool((allowed == causal).all())
-    if not ok:
+    col = torch.arange(S, device=m.device)
+    ok = torch.ones((), dtype=torch.bool, device=m.device)
+    for r0 in range(0, S, rows):
+        part = m[..., r0:r0 + rows, :]
+        allowed = part if part.dtype == torch.bool else part == 0  # additive masks: 0 = allowed
+        causal = col[None, :] <= torch.arange(r0, r0 + part.shape[-2], device=m.device)[:, None]
+        ok &= (allowed == causal).all()
+    if not bool(ok):
         raise NotImplementedError(
             "sparse prefill takes plain causal attention only; got an attention mask with padding "
             "or other masked positions (run batches of equal-length, unpadded sequences)"
@@ -548,85 +286,66 @@ def _check_no_padding(attention_mask, S: int) -> None:
 
 def sparsify(
     model: nn.Module,
-    mode: str,
+    config,
     *,
+    selection: Selection | None = None,
     gates=None,
-    density: float | None = None,
-    threshold: float | None = None,
     block_size: int | None = None,
-    pooling: str = "max",
-    num_sink: int = 1,
-    keep_sink: bool = False,
-    keep_local: int = 0,
-    dense_last_rows: int = 0,
-    adaptive: bool = False,
-    relative: bool = False,
-    row_floor: float = 0.0,
-    attention: str = "ops",
-    compile_flex: bool = True,
+    attention: str | None = None,
+    compile_flex: bool | None = None,
     oracle_weights: dict[int, torch.Tensor] | None = None,
     record_masks: bool = False,
+    cuda_graphs: bool = False,
 ) -> Sparsified:
     """Make a transformers Llama-family model run block-sparse prefill.
 
     Args:
         model: the transformers causal LM (its attention layers need q/k/v projections).
-        mode: "dense" | "gate" | "oracle" | "sink_window" | "vertical_slash" (module docstring).
-        gates: a `GateSet` for this model (mode "gate"), e.g. `seerlib.io.load_gates(path, model)`.
-        density: target kept share of the causal blocks, in (0, 1] (top-k per query-block row).
-            density=1.0 keeps everything and reproduces dense logits.
-        threshold: "gate"/"oracle": keep blocks whose softmax score over the row exceeds it.
-        block_size: tile size b; default the gates' block size in "gate" mode, else 64.
-        pooling: "oracle" ground truth, "max" or "sum".
-        num_sink: leading key blocks of "sink_window".
-        keep_sink, keep_local, dense_last_rows: "gate"/"oracle" forced blocks (see
-            `select_blocks`).
-        adaptive: "gate"/"oracle" with a density: keep top-k's number of blocks per layer, spread
-            over heads and rows by row-softmax score (`select_blocks(adaptive=True)`); the
-            achieved density equals top-k's.
-        relative: with `adaptive`, rank by the score relative to a uniform row, so long rows
-            (the last ones, where a prompt's question sits) are not starved of blocks.
-        row_floor: with `adaptive`, in [0, 1]: each row first keeps ceil(row_floor × top-k's count
-            for it) of its best blocks, out of the same budget.
-        attention: "ops" (seerlib.ops dispatch point) or "flex" (FlexAttention BlockMask).
-        compile_flex: compile FlexAttention (leave on except for tiny tests).
+        config: a `SparseConfig`, a preset name ("recommended"), a label ("gate+sink@0.3",
+            "sink_window@0.2", "dense"), or a method name ("gate", "oracle-max", ...) with
+            `selection`. A density of 1.0 keeps everything and reproduces dense logits.
+        selection: the `Selection` for a method name given as `config`.
+        gates: a `GateSet` for this model (methods that need a gate), e.g.
+            `seerlib.io.load_gates(path, model)`.
+        block_size: tile size b; default the gates' block size for gate methods, else the
+            config's (64 unless it says otherwise).
+        attention: "ops" (seerlib.ops dispatch point) or "flex" (FlexAttention BlockMask);
+            default the config's ("ops").
+        compile_flex: compile FlexAttention (leave on except for tiny tests); default the config's.
         oracle_weights: {layer: (B, Hq, nb, nb)} ground-truth maps to select from instead of
             computing them inside each layer (e.g. from a dense pass over the same tokens).
         record_masks: keep the last prefill's block mask of each layer in `.masks`.
+        cuda_graphs: on CUDA with attention "ops", run each layer's selection and sparse attention
+            as a CUDA graph, captured on a layer's first prefill of a shape and replayed after
+            (`seerlib.graphs`): short prefills are bound by launch cost, which this removes.
+            Inputs are copied into static buffers shared by the layers.
     Returns:
         A `Sparsified` handle: a context manager, or `.enable()` for the permanent form.
     Raises:
-        ValueError: unknown mode, both density and threshold, neither (sparse modes), a threshold
-            for a density-only mode, gates missing or made for another model or block size.
+        ValueError: an unknown method, preset or label, a selection the method does not honour,
+            gates missing or made for another model or block size.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if block_size is None:
-        block_size = getattr(gates, "block_size", 64) if mode == "gate" else 64
-    cfg = SparseConfig(
-        mode=mode, density=density, threshold=threshold, block_size=block_size, pooling=pooling,
-        num_sink=num_sink, keep_sink=keep_sink, keep_local=keep_local,
-        dense_last_rows=dense_last_rows, adaptive=adaptive, relative=relative, row_floor=row_floor,
-        attention=attention, compile_flex=compile_flex,
-    )
-    if mode == "gate":
+    if selection is not None:
+        if not isinstance(config, str) or "+" in config or "@" in config:
+            raise ValueError(f"selection= goes with a method name such as 'gate'; got {config!r}")
+        config = SparseConfig(config, selection)
+    cfg = resolve_config(config)
+    if block_size is None and cfg.spec.needs_gate and gates is not None:
+        block_size = getattr(gates, "block_size", None)
+    changes = {k: v for k, v in dict(block_size=block_size, attention=attention,
+                                     compile_flex=compile_flex).items() if v is not None}
+    cfg = replace(cfg, **changes) if changes else cfg
+    if cfg.spec.needs_gate:
         if gates is None:
-            raise ValueError("mode 'gate' needs gates=GateSet (see seerlib.io.load_gates)")
-        _check_gates(gates, model, block_size)
+            raise ValueError(f"method {cfg.method!r} needs gates=GateSet (see "
+                             "seerlib.io.load_gates)")
+        _check_gates(gates, model, cfg.block_size)
     elif gates is not None:
-        raise ValueError(f"gates are only used by mode 'gate'; got mode {mode!r} with gates")
-    if oracle_weights is not None and mode != "oracle":
-        raise ValueError(f"oracle_weights are only used by mode 'oracle'; got mode {mode!r}")
+        raise ValueError(f"gates are only used by methods that read a gate; got method "
+                         f"{cfg.method!r} with gates")
+    if oracle_weights is not None and cfg.spec.ground_truth is None:
+        raise ValueError(f"oracle_weights are only used by the oracle methods; got method "
+                         f"{cfg.method!r}")
     attention_layers(model)  # fails early on a model without attention layers
-    return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks)
-
-
-def sparsify_config(model: nn.Module, cfg: SparseConfig, *, gates=None, **kwargs) -> Sparsified:
-    """`sparsify` with every setting taken from a SparseConfig (e.g. `eval.parse_config(spec)`).
-
-    `gates` are passed on in "gate" mode only, so one GateSet can serve a list of configs of
-    several modes; `kwargs` are `sparsify`'s other arguments (oracle_weights, record_masks).
-    """
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "mode"}
-    return sparsify(model, cfg.mode, gates=gates if cfg.mode == "gate" else None, **settings,
-                    **kwargs)
+    return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks,
+                      cuda_graphs=cuda_graphs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import types
 
 import torch
 
@@ -90,8 +91,7 @@ def _kernels():
     Submodules are imported by name: under an editable install run from outside the repo,
     setuptools can resolve `seerlib.kernels` as a namespace package whose __init__ never ran.
     """
-    import types
-
+    # Lazy on purpose: importing the kernels imports triton, which `import seerlib` must not.
     from seerlib.kernels.block_sparse_attention import block_sparse_attention
     from seerlib.kernels.pooled_attention import attention, pooled_attention
 
@@ -143,6 +143,8 @@ def block_sparse_attention(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    sync_free: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """Causal attention over kept (query block, key block) tiles.
 
@@ -151,12 +153,15 @@ def block_sparse_attention(
         block_mask_or_index: bool mask (B, Hq, nb, nb), or `mask_to_index`'s (counts, indices), or
             (kernel path) a `seerlib.kernels.BlockIndex` built once and reused.
         block_size: tile size b.
+        sync_free: (kernel path) build the block index without reading the device from the host,
+            so the call never waits for the GPU (`seerlib.kernels.build_block_index`).
+        out: (kernel path) a (B, Hq, S, d) buffer to write into (a CUDA graph's static output).
     Returns:
         out (B, Hq, S, d); a row with nothing kept is zeros.
     """
     if _use_kernels(q, backend, block_size):
         return _kernels().block_sparse_attention(
-            q, k, v, block_mask_or_index, block_size, scale=scale
+            q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free, out=out
         )
     mask = block_mask_or_index
     if isinstance(mask, (tuple, list)) and len(mask) == 2:

@@ -8,21 +8,26 @@ a mask really keeps with `seerlib.select.achieved_density(mask)`.
 
 - `sink_window(nb, density)`: the first `num_sink` key blocks plus the most recent blocks
   (StreamingLLM-like), static.
-- `oracle(weights, density)`: the top-k blocks of the ground truth itself (an upper bound).
 - `vertical_slash(q, k, density, block_size)`: MInference-like, per head: vertical lines (key
   blocks) and slash lines (block diagonals) ranked by the attention of the last query block.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from seerlib.reference import check_block_size, check_qkv, num_blocks
-from seerlib.select import causal_block_mask, density_to_k, select_blocks
+from seerlib.reference import (
+    causal_block_count,
+    causal_block_mask,
+    check_block_size,
+    check_qkv,
+    default_scale,
+    grouped_scores,
+    num_blocks,
+)
+from seerlib.select import density_to_k
 
-__all__ = ["oracle", "sink_window", "vertical_slash"]
+__all__ = ["sink_window", "vertical_slash"]
 
 
 def sink_window(
@@ -59,20 +64,6 @@ def sink_window(
     return mask.expand(batch, num_heads, nb, nb).clone()
 
 
-def oracle(weights: torch.Tensor, density: float, keep_diagonal: bool = True) -> torch.Tensor:
-    """Top-k of the ground truth: per row keep the k heaviest causal blocks of `weights`.
-
-    Args:
-        weights: (B, H, nb, nb) ground-truth block weights: the pooled map of `pooled_attention`
-            or the exact mass of `seerlib.metrics.block_mass` (rank the blocks, any scale).
-        density: target kept share of the causal blocks, in (0, 1].
-        keep_diagonal: the diagonal counts as one of the k and is always kept.
-    Returns:
-        (B, H, nb, nb) bool.
-    """
-    return select_blocks(weights.float(), density=density, keep_diagonal=keep_diagonal)
-
-
 def vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,12 +95,9 @@ def vertical_slash(
     density_to_k(density, 1)  # validates the range
     nb = num_blocks(S, b)
     last_q = min(S, b if last_q is None else int(last_q))
-    group = Hq // Hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qpos = torch.arange(S - last_q, S, device=q.device)
     kpos = torch.arange(S, device=q.device)
-    qs = q[:, :, S - last_q :].float().reshape(B, Hkv, group, last_q, d)
-    s = torch.matmul(qs, k.float().unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, last_q, S) * scale
+    s = grouped_scores(q[:, :, S - last_q :].float(), k.float(), default_scale(d, scale))
     s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # (B, Hq, last_q, S)
     vert = torch.zeros(B, Hq, nb, device=q.device).index_add_(-1, kpos // b, p.sum(dim=2))
@@ -124,7 +112,7 @@ def vertical_slash(
     score = torch.cat([vert, slash], dim=-1)  # (B, Hq, 2nb)
     order = score.argsort(dim=-1, descending=True)
     cum = cover[order].cumsum(dim=-1)
-    budget = density * nb * (nb + 1) / 2
+    budget = density * causal_block_count(nb)
     # take candidates until the budget is reached (the one that crosses it included)
     take_sorted = torch.cat(
         [torch.ones_like(cum[..., :1], dtype=torch.bool), cum[..., :-1] < budget], dim=-1

@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 __all__ = [
@@ -60,7 +61,7 @@ SMALL_PARAMETERS: dict[str, dict] = {
                       "EVAL_WINDOWS": 1, "EVAL_EVERY": 2, "WARMUP": 1,
                       "OUT": "reports/gates/nb03_small.safetensors"},
     "04_sparsity_vs_quality": {"SEQ_LEN": 256, "N_WINDOWS": 1, "DENSITIES": [0.3],
-                               "METHODS": ["gate", "gate+sink+local+floor0.5 relative",
+                               "METHODS": ["gate", "recommended",
                                            "oracle-max"],
                                "PASSKEY_LEN": 256,
                                "PASSKEY_DEPTHS": [0.5]},
@@ -114,6 +115,7 @@ def find_notebooks(names: Sequence[str] | None = None, root: Path = NOTEBOOKS) -
 
 def declared_parameters(path: Path) -> dict:
     """{name: default source text} of the notebook's `parameters` cell."""
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import papermill
 
     return {k: v.get("default") for k, v in papermill.inspect_notebook(str(path)).items()}
@@ -145,6 +147,7 @@ def _kernel_name() -> str:
     """The `seerlib` kernel when it runs this very interpreter (the .venv one), else `python3`
     (ipykernel's native spec, which also runs this interpreter)."""
     try:
+        # Lazy: part of the notebook stack (see declared_parameters)
         from jupyter_client.kernelspec import KernelSpecManager
 
         spec = KernelSpecManager().get_kernel_spec("seerlib")
@@ -157,6 +160,7 @@ def _kernel_name() -> str:
 
 def _describe_failure(src: Path, exc) -> str:
     """'notebooks/x.ipynb, cell 5 (In [4]: `first line`): ValueError: message'."""
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import nbformat
 
     source = (exc.source or "").strip()
@@ -190,6 +194,7 @@ def run_notebook(path: Path, out_dir: Path = REPORTS, parameters: Mapping | None
     Returns:
         NotebookResult; `ok` False and `error` set when a cell raised.
     """
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -222,9 +227,10 @@ def run_notebook(path: Path, out_dir: Path = REPORTS, parameters: Mapping | None
 
 def collect_key_figures(ipynb: Path) -> dict:
     """The key figures a notebook displayed with `seerlib.viz.key_figures` (merged, in order)."""
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import nbformat
 
-    from seerlib.viz import KEY_FIGURES_MIME
+    from seerlib.viz import KEY_FIGURES_MIME  # plotly too
 
     figures: dict = {}
     for cell in nbformat.read(str(ipynb), as_version=4).cells:
@@ -239,7 +245,7 @@ def collect_key_figures(ipynb: Path) -> dict:
 
 
 def _plotly_script() -> str:
-    from plotly.offline import get_plotlyjs
+    from plotly.offline import get_plotlyjs  # lazy: plotly takes a second to import
 
     return f'<script type="text/javascript">{get_plotlyjs()}</script>'
 
@@ -250,6 +256,7 @@ def export_html(ipynb: Path, html_path: Path) -> Path:
     plotly.js goes before anything else, so that it defines `window.Plotly` before nbconvert's
     require.js can claim it as an AMD module; the figures' scripts then draw offline.
     """
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -266,7 +273,7 @@ def export_html(ipynb: Path, html_path: Path) -> Path:
 
 def _device() -> str:
     try:
-        import torch
+        import torch  # lazy and optional: the index says 'cpu' without it
 
         if torch.cuda.is_available():
             return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
@@ -287,7 +294,6 @@ def _git_commit() -> str:
 def write_index(results: Sequence[NotebookResult], out_dir: Path = REPORTS,
                 title: str = "seerlib reports") -> Path:
     """`out_dir/index.html`: one row per notebook (link, status, time, parameters, key figures)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         __version__ = version("seerlib")

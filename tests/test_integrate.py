@@ -1,140 +1,57 @@
 import copy
-import math
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from seerlib import reference
 from seerlib.gate import GateSet
-from seerlib.integrate import (
-    SparseConfig,
-    _sparse_attention,
-    layer_block_mask,
-    sparsify,
-    sparsify_config,
-    to_flex_block_mask,
-    topk_density,
-)
-from seerlib.select import achieved_density, select_blocks
+from seerlib.integrate import sparsify
+from seerlib.methods import PRESETS, SparseConfig, parse_config
+from seerlib.select import Selection, topk_density
 
 B16 = 16  # small blocks, so a 192-token slice has 12 blocks per row
 S = 192
 
 
-def qkv(B=1, Hq=4, Hkv=2, S=100, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, S, d, generator=g), torch.randn(B, Hkv, S, d, generator=g),
-            torch.randn(B, Hkv, S, d, generator=g))
-
-
-# ---------------------------------------------------------------- FlexAttention (no model)
-
-
-@pytest.mark.parametrize("S_, b", [(100, 16), (128, 32), (97, 8)])
-def test_flex_block_mask_round_trips(S_, b):
-    nb = math.ceil(S_ / b)
-    mask = select_blocks(torch.randn(2, 3, nb, nb), density=0.4)
-    mask[0, 0, -1, 0] = True  # an off-diagonal block the top-k might not have picked
-    bm = to_flex_block_mask(mask, S_, b)
-    assert bm.BLOCK_SIZE == (b, b) and bm.seq_lengths == (S_, S_)
-    assert torch.equal(bm.to_dense()[..., :nb, :nb].bool(), mask)
-    # tiles above the diagonal are never kept
-    upper = torch.ones(2, 3, nb, nb, dtype=torch.bool)
-    assert torch.equal(to_flex_block_mask(upper, S_, b).to_dense()[..., :nb, :nb].bool(),
-                       upper.tril())
-
-
-def test_flex_block_mask_errors():
-    with pytest.raises(ValueError, match=r"needs \(B, H, 7, 7\)"):
-        to_flex_block_mask(torch.ones(1, 1, 6, 6, dtype=torch.bool), 100, 16)
-    with pytest.raises(ValueError, match="torch.bool"):
-        to_flex_block_mask(torch.ones(1, 1, 7, 7), 100, 16)
-
-
-@pytest.mark.parametrize("S_, b", [(100, 16), (64, 64)])
-def test_flex_path_matches_reference_block_sparse(S_, b):
-    q, k, v = qkv(S=S_)
-    nb = math.ceil(S_ / b)
-    mask = select_blocks(torch.randn(1, 4, nb, nb), density=0.4)
-    cfg = SparseConfig("sink_window", density=0.4, block_size=b, attention="flex",
-                       compile_flex=False)
-    out = _sparse_attention(q, k, v, mask, cfg, 0.25)
-    ref = reference.block_sparse_attention(q, k, v, mask, b, scale=0.25)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_compiled_flex_skips_dropped_tiles_exactly():
-    """The path the evaluation runs: compiled flex_attention with the plain causal mask_mod."""
-    q, k, v = qkv(S=96)
-    mask = select_blocks(torch.randn(1, 4, 6, 6), density=0.3)
-    cfg = SparseConfig("sink_window", density=0.3, block_size=16, attention="flex")
-    out = _sparse_attention(q, k, v, mask, cfg, 0.25)
-    ref = reference.block_sparse_attention(q, k, v, mask, 16, scale=0.25)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-# ---------------------------------------------------------------- selections (no model)
-
-
-def test_topk_modes_keep_equal_density_and_vertical_slash_is_close():
-    q, k, v = qkv(S=64 * 48, d=16, seed=1)
-    nb = 48
-    cfgs = {m: SparseConfig(m, density=0.3) for m in ("oracle", "sink_window", "vertical_slash")}
-    masks = {m: layer_block_mask(c, q, k, v) for m, c in cfgs.items()}
-    masks["gate-like"] = select_blocks(torch.randn(1, 4, nb, nb), density=0.3)
-    dens = {m: achieved_density(x) for m, x in masks.items()}
-    assert dens["oracle"] == dens["sink_window"] == dens["gate-like"]
-    assert dens["oracle"] == pytest.approx(topk_density(0.3, nb)) and 0.25 < dens["oracle"] <= 0.3
-    assert abs(dens["vertical_slash"] - dens["oracle"]) < 0.03
-
-
-def test_oracle_threshold_selects_on_the_normalized_map():
-    w = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.05, 0.05, 0.9]]).expand(1, 1, 3, 3)
-    q, k, v = qkv(Hq=1, Hkv=1, S=48)
-    mask = layer_block_mask(SparseConfig("oracle", threshold=0.2, block_size=16), q, k, v,
-                            weights=w)
-    assert mask[0, 0].tolist() == [[True, False, False], [True, True, False],
-                                   [False, False, True]]
+# ---------------------------------------------------------------- arguments (no model)
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "args, kwargs, match",
     [
-        (dict(mode="sparse", density=0.3), "unknown mode 'sparse'"),
-        (dict(mode="oracle", density=0.3, threshold=0.01), "not both"),
-        (dict(mode="oracle"), "needs a density or a threshold"),
-        (dict(mode="sink_window", threshold=0.01), "density only"),
-        (dict(mode="oracle", density=1.5), r"density must be in \(0, 1\]"),
-        (dict(mode="oracle", density=0.3, pooling="mean"), "pooling must be one of"),
-        (dict(mode="oracle", density=0.3, attention="cuda"), "attention must be one of"),
-        (dict(mode="gate", density=0.3), "needs gates=GateSet"),
-        (dict(mode="dense", density=0.5), "keeps every block"),
-        (dict(mode="vertical_slash", density=0.3, adaptive=True), "adaptive selection needs"),
-        (dict(mode="oracle", threshold=0.01, adaptive=True), "adaptive selection needs"),
-        (dict(mode="oracle", density=0.3, relative=True), "relative ranking .* adaptive=True"),
-        (dict(mode="oracle", density=0.3, row_floor=0.5), "row_floor .* adaptive=True"),
-        (dict(mode="oracle", density=0.3, adaptive=True, row_floor=-0.1), r"row_floor must be"),
+        (("sparse@0.3",), {}, "unknown method 'sparse'"),
+        (("oracle-max@0.3",), {"attention": "cuda"}, "attention must be one of"),
+        (("gate@0.3",), {}, "needs gates=GateSet"),
+        (("recommended",), {}, "needs gates=GateSet"),
+        (("dense@0.5",), {}, "keeps every block"),
+        (("oracle-max@0.3",), {"selection": Selection(density=0.3)}, "selection= goes with"),
+        (("oracle-max",), {"selection": Selection()}, "needs a density or a threshold"),
+        ((0.3,), {}, "expected a SparseConfig, a preset name"),
+        (("sink_window@0.3",), {"oracle_weights": {}}, "only used by the oracle methods"),
     ],
 )
-def test_bad_arguments_are_clear_errors(kwargs, match):
-    model = _TinyModel()
-    mode = kwargs.pop("mode")
+def test_bad_arguments_are_clear_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        sparsify(model, mode, **kwargs)
+        sparsify(_TinyModel(), *args, **kwargs)
 
 
-def test_sparsify_config_takes_every_setting_from_the_config():
+def test_sparsify_takes_a_config_a_preset_a_label_or_a_method_and_selection():
     model = _TinyModel()
     gates = GateSet.from_config(model.config, block_size=16)
-    for cfg in [SparseConfig("gate", density=0.3, block_size=16, keep_sink=True, keep_local=2,
-                             adaptive=True, relative=True, row_floor=0.5, attention="flex",
-                             compile_flex=False),
-                SparseConfig("oracle", threshold=0.01, pooling="sum", dense_last_rows=1),
-                SparseConfig("sink_window", density=0.2, num_sink=2)]:
-        sp = sparsify_config(model, cfg, gates=gates)  # gates go to "gate" mode only
-        assert sp.config == cfg
-        assert (sp.gates is gates) == (cfg.mode == "gate")
+    cfg = SparseConfig("gate", Selection(density=0.3, budget="relative", row_floor=0.5,
+                                         forced={"sink": 1, "local": 2}),
+                       block_size=16, attention="flex", compile_flex=False)
+    assert sparsify(model, cfg, gates=gates).config == cfg
+    assert sparsify(model, cfg.label, gates=gates, attention="flex",
+                    compile_flex=False).config == cfg  # block size from the gates
+    assert sparsify(model, "gate", selection=cfg.selection, gates=gates, attention="flex",
+                    compile_flex=False).config == cfg
+    rec = sparsify(model, "recommended", gates=gates).config
+    assert rec == replace(PRESETS["recommended"], block_size=16)  # the gates' block size
+    oracle = sparsify(model, "oracle-sum+last@t=0.01")
+    assert oracle.config == parse_config("oracle-sum+last@t=0.01") and oracle.gates is None
+    assert sparsify(model, "sink_window+sink2@0.2").config.selection.count("sink") == 2
 
 
 def test_gates_for_another_model_are_refused():
@@ -144,14 +61,14 @@ def test_gates_for_another_model_are_refused():
                                             num_key_value_heads=2, vocab_size=101),
                                 block_size=16)
     with pytest.raises(ValueError, match="config hash"):
-        sparsify(model, "gate", gates=other, density=0.3)
+        sparsify(model, "gate@0.3", gates=other)
     mine = GateSet.from_config(model.config, block_size=16)
     with pytest.raises(ValueError, match="block size 16; sparsify was given 32"):
-        sparsify(model, "gate", gates=mine, density=0.3, block_size=32)
+        sparsify(model, "gate@0.3", gates=mine, block_size=32)
     with pytest.raises(ValueError, match="GateSet"):
-        sparsify(model, "gate", gates={"not": "gates"}, density=0.3)
-    with pytest.raises(ValueError, match="only used by mode 'gate'"):
-        sparsify(model, "oracle", gates=mine, density=0.3)
+        sparsify(model, "gate@0.3", gates={"not": "gates"})
+    with pytest.raises(ValueError, match="only used by methods that read a gate"):
+        sparsify(model, "oracle-max@0.3", gates=mine)
 
 
 class _TinyModel(torch.nn.Module):
@@ -184,22 +101,24 @@ def dense_logits(small, slice_ids):
         return small[0](input_ids=slice_ids, use_cache=False).logits
 
 
+def _as_config(x):
+    return x if isinstance(x, SparseConfig) else parse_config(x)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
 
 
 @pytest.mark.model
-@pytest.mark.parametrize(
-    "mode, kw",
-    [("gate", {}), ("oracle", {"pooling": "max"}), ("oracle", {"pooling": "sum"}),
-     ("sink_window", {}), ("vertical_slash", {})],
-)
-def test_density_one_reproduces_dense_logits(small, slice_ids, dense_logits, mode, kw):
+@pytest.mark.parametrize("method", ["gate", "oracle-max", "oracle-sum", "sink_window",
+                                    "vertical_slash"])
+def test_density_one_reproduces_dense_logits(small, slice_ids, dense_logits, method):
     model = small[0]
-    if mode == "gate":
+    kw = {}
+    if method == "gate":
         kw = {"gates": GateSet.from_config(model.config, block_size=B16)}
-    with sparsify(model, mode, density=1.0, block_size=B16, **kw) as sp:
+    with sparsify(model, f"{method}@1", block_size=B16, **kw) as sp:
         out = _logits(model, slice_ids)
     assert sp.stats.achieved_density == 1.0
     assert sp.stats.prefill_calls == model.config.num_hidden_layers
@@ -212,33 +131,29 @@ def test_sparse_modes_reach_the_same_density_and_change_the_logits(small, slice_
     model = small[0]
     gates = GateSet.from_config(model.config, block_size=B16)
     achieved = {}
-    for mode, kw in [("gate", {"gates": gates}), ("oracle", {}), ("oracle", {"pooling": "sum"}),
-                     ("sink_window", {}), ("vertical_slash", {}),
-                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True,
-                               "keep_local": 1}),
-                     ("gate", {"gates": gates, "adaptive": True, "keep_sink": True,
-                               "keep_local": 1, "relative": True, "row_floor": 0.5}),
-                     ("oracle", {"adaptive": True})]:
-        with sparsify(model, mode, density=0.5, block_size=B16, record_masks=True, **kw) as sp:
+    for label in ["gate@0.5", "oracle-max@0.5", "oracle-sum@0.5", "sink_window@0.5",
+                  "vertical_slash@0.5", "gate+sink+local@a=0.5",
+                  PRESETS["recommended"].at(density=0.5), "oracle-max@a=0.5"]:
+        cfg = replace(_as_config(label), block_size=B16)
+        kw = {"gates": gates} if cfg.spec.needs_gate else {}
+        with sparsify(model, cfg, record_masks=True, **kw) as sp:
             out = _logits(model, slice_ids)
-        label = (f"{mode}-{kw.get('pooling', '')}{'-a' * kw.get('adaptive', False)}"
-                 f"{'-r' * kw.get('relative', False)}{'-f' * bool(kw.get('row_floor'))}")
-        achieved[label] = sp.stats.achieved_density
+        achieved[cfg.label] = sp.stats.achieved_density
         assert len(sp.masks) == model.config.num_hidden_layers
         assert not torch.allclose(out, dense_logits, atol=1e-2)  # really sparse
         assert torch.isfinite(out).all()
     topk = {v for k, v in achieved.items() if not k.startswith("vertical")}
     assert topk == {topk_density(0.5, S // B16)}, achieved  # gate, oracles, sink+window: same k
-    assert abs(achieved["vertical_slash-"] - topk.pop()) < 0.1, achieved
+    assert abs(achieved["vertical_slash@0.5"] - topk.pop()) < 0.1, achieved
 
 
 @pytest.mark.model
 def test_threshold_gate_and_oracle(small, slice_ids):
     model = small[0]
-    with sparsify(model, "oracle", threshold=0.02, pooling="sum", block_size=B16) as sp:
+    with sparsify(model, "oracle-sum@t=0.02", block_size=B16) as sp:
         _logits(model, slice_ids)
     lo = sp.stats.achieved_density
-    with sparsify(model, "oracle", threshold=0.002, pooling="sum", block_size=B16) as sp:
+    with sparsify(model, "oracle-sum@t=0.002", block_size=B16) as sp:
         _logits(model, slice_ids)
     assert 0 < lo < sp.stats.achieved_density < 1  # a lower threshold keeps more
 
@@ -247,7 +162,7 @@ def test_threshold_gate_and_oracle(small, slice_ids):
 def test_decode_steps_stay_dense(small, slice_ids):
     model = small[0]
     n_layers = model.config.num_hidden_layers
-    with torch.no_grad(), sparsify(model, "sink_window", density=0.3, block_size=B16) as sp:
+    with torch.no_grad(), sparsify(model, "sink_window@0.3", block_size=B16) as sp:
         pre = model(input_ids=slice_ids, use_cache=True)
         cache = copy.deepcopy(pre.past_key_values)
         nxt = pre.logits[:, -1:].argmax(-1)
@@ -263,13 +178,13 @@ def test_attention_restored_after_exit_and_permanent_form(small, slice_ids, dens
     model = small[0]
     before = model.config._attn_implementation
     with pytest.raises(RuntimeError, match="boom"):
-        with sparsify(model, "sink_window", density=0.2, block_size=B16):
+        with sparsify(model, "sink_window@0.2", block_size=B16):
             assert model.config._attn_implementation != before
             raise RuntimeError("boom")
     assert model.config._attn_implementation == before
     torch.testing.assert_close(_logits(model, slice_ids), dense_logits)
 
-    sp = sparsify(model, "sink_window", density=0.2, block_size=B16).enable()
+    sp = sparsify(model, "sink_window@0.2", block_size=B16).enable()
     try:
         assert sp.enabled
         sparse = _logits(model, slice_ids)
@@ -287,6 +202,49 @@ def test_padding_is_refused(small, slice_ids):
     model = small[0]
     mask = torch.ones_like(slice_ids)
     mask[:, :5] = 0
-    with sparsify(model, "sink_window", density=0.3, block_size=B16):
+    with sparsify(model, "sink_window@0.3", block_size=B16):
         with pytest.raises(NotImplementedError, match="padding"):
             model(input_ids=slice_ids, attention_mask=mask, use_cache=False)
+
+
+@pytest.mark.model
+def test_a_new_forced_rule_and_a_new_method_work_end_to_end(small, slice_ids, dense_logits):
+    """Extension through the public points only: `seerlib.forced_rule` and
+    `seerlib.register_method` (then a label names both)."""
+    import seerlib
+    from seerlib.methods import METHODS
+    from seerlib.select import FORCED_BLOCKS
+
+    model = small[0]
+
+    @seerlib.forced_rule("every_other")
+    def every_other(nb, n, device=None):
+        """Every n-th key block from block 0: (nb, nb) bool."""
+        out = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+        out[:, ::n + 1] = True
+        return out
+
+    @seerlib.register_method("recent_first")
+    def recent_first(layer, selection):
+        """Rank key blocks by recency (a sliding window by score) through the Selection."""
+        nb = layer.nb
+        score = torch.arange(nb, dtype=torch.float32).expand(*layer.q.shape[:2], nb, nb)
+        return seerlib.select_blocks(score, selection)
+
+    try:
+        with sparsify(model, "recent_first+every_other5@0.5", block_size=B16,
+                      record_masks=True) as sp:
+            out = _logits(model, slice_ids)
+        nb = S // B16
+        mask = sp.masks[0]
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+        assert mask[..., causal & every_other(nb, 5)].all()  # the forced rule held
+        assert sp.config.label == "recent_first+every_other5@0.5"
+        assert sp.stats.achieved_density == topk_density(0.5, nb)  # forced blocks count toward k
+        assert torch.isfinite(out).all() and not torch.allclose(out, dense_logits, atol=1e-2)
+        with sparsify(model, "recent_first@1", block_size=B16):
+            torch.testing.assert_close(_logits(model, slice_ids), dense_logits, atol=2e-3,
+                                       rtol=1e-3)
+    finally:
+        METHODS.pop("recent_first")
+        FORCED_BLOCKS.pop("every_other")

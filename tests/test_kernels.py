@@ -19,11 +19,8 @@ import itertools  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from seerlib.kernels.block_sparse_attention import (  # noqa: E402
-    BlockIndex,
-    block_sparse_attention,
-    build_block_index,
-)
+from seerlib.kernels.block_index import BlockIndex, build_block_index  # noqa: E402
+from seerlib.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from seerlib.kernels.pooled_attention import attention, pooled_attention  # noqa: E402
 
 from seerlib import reference as ref  # noqa: E402
@@ -265,4 +262,31 @@ def test_sequences_shorter_than_a_tile(S, b, rows_per_tile):
     mask = _random_mask(1, 2, nb, 0.7, seed=12)
     out = _poisoned(q.shape)
     block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=rows_per_tile)
+    _assert_close(out, ref.block_sparse_attention(q, k, v, mask, b))
+
+
+@pytest.mark.parametrize("method", ["torch", "triton"])
+@pytest.mark.parametrize("S,b,rows_per_tile", [(1025, 64, 1), (97, 32, 2), (200, 16, 4)])
+def test_sync_free_index_holds_the_same_lists(S, b, rows_per_tile, method):
+    """The sync-free builder (no device-to-host read) sizes the entries for nb and leaves the
+    unused tail unwritten; the lists the kernel reads are the usual ones."""
+    nb = num_blocks(S, b)
+    mask = _random_mask(2, 3, nb, 0.3, seed=S, keep_diag=True)
+    a = build_block_index(mask, 2, 3, S, b, rows_per_tile, method=method)
+    c = build_block_index(mask, 2, 3, S, b, rows_per_tile, method=method, sync_free=True)
+    assert c.entries.shape[-1] == nb and c.rows_per_tile == a.rows_per_tile
+    assert torch.equal(a.counts, c.counts) and torch.equal(a.n_full, c.n_full)
+    valid = torch.arange(a.entries.shape[-1], device=DEVICE) < a.counts.unsqueeze(-1)
+    assert torch.equal(a.entries[valid], c.entries[..., : a.entries.shape[-1]][valid])
+    with pytest.raises(ValueError, match="sync_free=True needs rows_per_tile"):
+        build_block_index(mask, 2, 3, S, b, None, method=method, sync_free=True)
+
+
+@pytest.mark.parametrize("S,group,d", [(1025, 3, 64), (97, 1, 128), (200, 4, 64)])
+def test_sync_free_kernel_matches_reference(S, group, d):
+    b = 64 if S > 200 else 32
+    q, k, v = _qkv(1, 2 * group, 2, S, d, seed=S + d)
+    mask = _random_mask(1, 2 * group, num_blocks(S, b), 0.3, seed=S, keep_diag=True)
+    mask[0, 0, -1] = False  # an empty last row
+    out = block_sparse_attention(q, k, v, mask, b, out=_poisoned(q.shape), sync_free=True)
     _assert_close(out, ref.block_sparse_attention(q, k, v, mask, b))

@@ -1,8 +1,7 @@
 import torch
 
 from seerlib.metrics import block_maps, block_mass, kl_div, normalize_rows, recall
-from seerlib.reference import pooled_attention
-from seerlib.select import causal_block_mask
+from seerlib.reference import causal_block_mask, pooled_attention
 
 
 def qk(B=1, Hq=4, Hkv=2, S=97, d=16, seed=0):
@@ -61,21 +60,3 @@ def test_block_maps_pooled_equals_reference():
         _, want = pooled_attention(q, k, k, b)
         torch.testing.assert_close(pooled, want)
         torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass[..., 0]))
-
-
-def test_recall_table_on_a_tiny_model():
-    from seerlib.distill import tiny_model
-    from seerlib.gate import GateSet
-    from seerlib.metrics import recall_markdown, recall_table
-
-    model = tiny_model()
-    windows = torch.randint(0, 211, (2, 160), generator=torch.Generator().manual_seed(0))
-    gates = {"g": GateSet.from_config(model.config, block_size=16)}
-    t = recall_table(model, windows, gates, 16, (0.5, 0.1))
-    assert set(t["recall"]) == {"g", "oracle", "sink_window", "vertical_slash"}
-    for m, row in t["recall"].items():
-        assert 0 < row["0.1"] <= row["0.5"] <= 1 + 1e-6, m
-        assert len(t["per_layer"][m]["0.5"]) == 2
-    assert t["recall"]["oracle"]["0.1"] >= t["recall"]["sink_window"]["0.1"] - 0.02
-    md = recall_markdown(t)
-    assert "| oracle |" in md and "density 0.1" in md

@@ -178,3 +178,81 @@ def test_bad_masks_and_block_sizes_are_named():
         R.attention(q.long(), k, v)
     with pytest.raises(ValueError, match="block_mask must be a torch.bool tensor"):
         R.mask_to_index(torch.ones(1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------- shared primitives
+
+
+def test_default_scale():
+    assert R.default_scale(64) == 1.0 / math.sqrt(64) == 0.125
+    assert R.default_scale(96) == 1.0 / math.sqrt(96)
+    assert R.default_scale(64, 0.5) == 0.5 and isinstance(R.default_scale(64, 2), float)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_grouped_scores_equal_repeated_kv_heads(group):
+    q = torch.randn(2, 2 * group, 7, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, 11, 16, dtype=torch.float64)  # R = 7 query rows, S = 11 keys
+    want = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * 0.3
+    got = R.grouped_scores(q, k, 0.3)
+    assert got.shape == (2, 2 * group, 7, 11) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(R.grouped_scores(q, k), want / 0.3 / math.sqrt(16))
+    torch.testing.assert_close(R.grouped_scores(q * 0.3, k, 1.0), want)  # q scaled already
+    with pytest.raises(ValueError, match="Hkv dividing Hq"):
+        R.grouped_scores(torch.randn(1, 4, 7, 16), torch.randn(1, 3, 7, 16))
+
+
+@pytest.mark.parametrize("nb", [1, 2, 7, 64])
+def test_causal_block_count_and_mask(nb):
+    mask = R.causal_block_mask(nb)
+    assert mask.shape == (nb, nb) and mask.dtype == torch.bool
+    assert R.causal_block_count(nb) == int(mask.sum()) == nb * (nb + 1) // 2
+    assert torch.equal(mask, torch.ones(nb, nb, dtype=torch.bool).tril())
+    assert mask.diagonal().all() and not mask.triu(1).any()
+
+
+# ---------------------------------------------------------------- non-finite values, dropped tiles
+
+
+@pytest.mark.parametrize("where", ["v", "k", "q"])
+def test_block_sparse_nan_in_a_dropped_tile_stays_out(where):
+    """A NaN (or inf) in a tile no row keeps changes nothing: dropped tiles are never computed.
+
+    Before, the reference multiplied the dropped tiles' zero probabilities by V, and 0 * NaN
+    reached every row; the Triton kernel, which never loads a dropped tile, stayed finite."""
+    S, b = 97, 32  # nb = 4, the last block partial; GQA 3 (9 query heads over 3 kv heads)
+    q, k, v = qkv(1, 9, 3, S, 64)
+    nb = -(-S // b)
+    mask = torch.rand(1, 9, nb, nb, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask |= torch.eye(nb, dtype=torch.bool)  # every row keeps its diagonal tile
+    mask[..., 1] = False  # key block 1 is dropped by every query head and row
+    bad = {"v": v, "k": k, "q": q}[where].clone()
+    if where == "q":
+        mask[:, :, 1] = False  # query block 1 (rows 32..63) keeps no tile: its rows give zeros
+        bad[:, :, 40] = float("nan")
+    else:
+        bad[:, 1, 40] = float("nan")  # kv head 1, key 40: inside key block 1
+        bad[:, 2, 50] = float("inf")
+    args = {"q": q, "k": k, "v": v, where: bad}
+    out = R.block_sparse_attention(args["q"], args["k"], args["v"], mask, b)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, R.block_sparse_attention(q, k, v, mask, b))
+    ref, _ = brute(args["q"].nan_to_num(0, 0, 0), args["k"].nan_to_num(0, 0, 0),
+                   args["v"].nan_to_num(0, 0, 0), keep=mask, block_size=b)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_block_sparse_nan_in_a_kept_tile_reaches_only_rows_that_keep_it():
+    S, b = 97, 32
+    q, k, v = qkv(1, 9, 3, S, 64)
+    mask = torch.ones(1, 9, 4, 4, dtype=torch.bool)
+    mask[:, 3:6, :, 1] = False  # the query heads of kv head 1 drop key block 1 ...
+    mask[:, 3, 2, 1] = True  # ... but head 3's query block 2 keeps it
+    v = v.clone()
+    v[:, 1, 40] = float("nan")  # kv head 1, key 40 (key block 1)
+    out = R.block_sparse_attention(q, k, v, mask, b)
+    rows = torch.arange(S)
+    reached = torch.zeros(9, S, dtype=torch.bool)
+    reached[3, (rows >= 64) & (rows < 96)] = True  # head 3, query block 2: keeps the tile
+    assert torch.equal(out[0].isnan().any(-1), reached)

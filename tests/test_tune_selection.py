@@ -36,3 +36,13 @@ def test_choose_falls_back_to_the_best_passkey_when_none_is_near_dense():
     ppl, pk = _results([0.1, 0.2, 0.3, 0.15, 0.4, 0.5], [5, 7, 7, 6, 3, 2])
     best, _ = tune.choose(ppl, pk)
     assert best == tune.CANDIDATES[1]  # 7 keys like candidate 2, with the lower increase
+
+
+def test_the_committed_choice_is_the_recommended_preset():
+    import json
+
+    from seerlib.methods import PRESETS
+
+    doc = json.loads((_PATH.parent / "results" / "tune-selection.json").read_text())
+    assert doc["chosen"] == PRESETS["recommended"].label
+    assert [r["spec"] for r in doc["summary"]] == tune.CANDIDATES

@@ -1,0 +1,89 @@
+"""Figures and interactive panels for the notebooks, one module per story.
+
+Every `*_figure` builder returns a plain `plotly.graph_objects.Figure`: it renders in JupyterLab,
+survives papermill and exports to self-contained HTML (`seerlib.report` embeds plotly.js once per
+page). A `*_panel` builder returns ipywidgets only when `interactive=True`; otherwise it returns the
+plain figures of its default view, so the report path never holds widget state.
+
+Importing this package registers the plotly renderer "seerlib" and makes it the default
+(`seerlib.viz.common`): each figure is emitted both as plotly JSON (JupyterLab's plotly renderer
+draws it) and as an HTML div without plotly.js or MathJax (what nbconvert exports; the report adds
+plotly.js to the page).
+
+Panels redraw plain figures inside `ipywidgets.Output` areas, so no widget-backed figure (and no
+`anywidget`) is needed.
+
+Modules: `common` (renderer, `show`, `key_figures`, shared heatmaps, tables, paths), `maps`
+(notebook 01, attention maps), `gate_truth` (02, gate vs ground truth), `training` (03, gate
+training), `quality` (04, sparsity vs quality), `speed` (05, kernel speed).
+"""
+
+from __future__ import annotations
+
+# `viz.pio.renderers["seerlib"]` is the registered renderer, as when viz was one module
+import plotly.io as pio  # noqa: F401
+
+from seerlib.viz.common import (
+    KEY_FIGURES_MIME,
+    gate_files,
+    key_figures,
+    layer_head_heatmap,
+    repo_path,
+    show,
+    table_figure,
+)
+from seerlib.viz.gate_truth import GateComparison, gate_panel, gate_vs_truth_figure
+from seerlib.viz.maps import (
+    AttentionMaps,
+    attention_grid_figure,
+    attention_head_figure,
+    attention_maps_panel,
+    blocks_to_cover,
+    coverage_density,
+    display_tokens,
+    sparsity_by_layer_figure,
+    sparsity_heatmap_figure,
+)
+from seerlib.viz.quality import passkey_figure, quality_figure
+from seerlib.viz.speed import (
+    PROVIDER_NAMES,
+    bench_records,
+    dense_throughput_figure,
+    speed_panel,
+    speedup_figure,
+    speedups,
+)
+from seerlib.viz.training import LossCurve, layer_loss_figure, loss_curve_figure
+
+__all__ = [
+    "KEY_FIGURES_MIME",
+    "PROVIDER_NAMES",
+    "AttentionMaps",
+    "GateComparison",
+    "LossCurve",
+    "attention_grid_figure",
+    "attention_head_figure",
+    "attention_maps_panel",
+    "bench_records",
+    "blocks_to_cover",
+    "coverage_density",
+    "dense_throughput_figure",
+    "display_tokens",
+    "gate_files",
+    "gate_panel",
+    "gate_vs_truth_figure",
+    "key_figures",
+    "layer_head_heatmap",
+    "layer_loss_figure",
+    "loss_curve_figure",
+    "passkey_figure",
+    "quality_figure",
+    "repo_path",
+    "show",
+    "sparsity_by_layer_figure",
+    "sparsity_heatmap_figure",
+    "speed_panel",
+    "speedup_figure",
+    "speedups",
+    "table_figure",
+]

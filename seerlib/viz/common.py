@@ -1,0 +1,164 @@
+"""What every story's figures share: the "seerlib" plotly renderer, `show`, `key_figures`, the
+log-scaled map traces, the layer x head heatmap, plain tables and repo-relative paths.
+
+Importing this module registers the plotly renderer "seerlib" and makes it the default: each figure
+is emitted both as plotly JSON (JupyterLab's plotly renderer draws it) and as an HTML div without
+plotly.js or MathJax (what nbconvert exports; the report adds plotly.js to the page).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+
+# Colour range of log-scaled attention maps: probabilities below 10**LOG_FLOOR share one colour.
+LOG_FLOOR = -4.0
+MAP_COLORSCALE = "Viridis"
+KEY_FIGURES_MIME = "application/vnd.seerlib.key-figures+json"
+
+
+# ---------------------------------------------------------------- rendering
+
+
+class _OfflineRenderer(pio.base_renderers.MimetypeRenderer):
+    """Plotly JSON for JupyterLab plus an HTML div that needs a page-level plotly.js."""
+
+    def to_mimebundle(self, fig_dict):
+        bundle = pio.base_renderers.PlotlyRenderer().to_mimebundle(fig_dict)
+        bundle["text/html"] = pio.to_html(
+            fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+            default_height="520px", validate=False,
+        )
+        return bundle
+
+
+pio.renderers["seerlib"] = _OfflineRenderer()
+pio.renderers.default = "seerlib"
+
+
+def show(fig: go.Figure) -> None:
+    """Display a figure through the "seerlib" renderer (same as ending a cell with `fig`)."""
+    fig.show(renderer="seerlib")
+
+
+def key_figures(figures: Mapping[str, object], title: str = "Key figures") -> None:
+    """Display a notebook's headline numbers as a table; `seerlib.report` collects them for the
+    report index (mimetype `KEY_FIGURES_MIME`)."""
+    from IPython.display import display  # lazy: IPython costs ~0.25 s and only notebooks display
+
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{_fmt(value)}</td></tr>" for name, value in figures.items()
+    )
+    html = f"<h4>{title}</h4><table><tr><th>figure</th><th>value</th></tr>{rows}</table>"
+    # a list of pairs: notebook JSON sorts object keys, and the order is the author's
+    data = {"figures": [[k, v if isinstance(v, (int, float, str, bool)) or v is None else str(v)]
+                        for k, v in figures.items()]}
+    display({KEY_FIGURES_MIME: data, "text/html": html,
+             "text/plain": "\n".join(f"{k}: {_fmt(v)}" for k, v in figures.items())}, raw=True)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- log-scaled maps
+
+
+def _log_map(m: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log10(np.clip(m, 10**LOG_FLOOR, None)).astype(np.float32)
+
+
+def _log_colorbar(**kw) -> dict:
+    ticks = list(range(int(LOG_FLOOR), 1))
+    return dict(tickvals=ticks, ticktext=[f"1e{t}" if t else "1" for t in ticks], **kw)
+
+
+def _map_trace(m: np.ndarray, labels: Sequence[str] | None, show_scale: bool,
+               hover: bool = True) -> go.Heatmap:
+    return go.Heatmap(
+        z=_log_map(m), x=labels, y=labels, zmin=LOG_FLOOR, zmax=0.0,
+        colorscale=MAP_COLORSCALE, showscale=show_scale,
+        colorbar=_log_colorbar(title=dict(text="prob.")),
+        hovertemplate="query %{y}<br>key %{x}<br>log10 p = %{z:.2f}<extra></extra>"
+        if hover else None,
+    )
+
+
+# ---------------------------------------------------------------- generic
+
+
+def layer_head_heatmap(z: np.ndarray, title: str, colorbar: str, zrange=(0.0, 1.0),
+                       colorscale: str = "Viridis", reverse: bool = False, fmt: str = ".2f",
+                       layers: Sequence[int] | None = None) -> go.Figure:
+    """A layer (rows) x head (columns) heatmap with the values written in the cells."""
+    L, H = z.shape
+    layers = list(range(L)) if layers is None else list(layers)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"h{h}" for h in range(H)], y=layers, zmin=zrange[0], zmax=zrange[1],
+        colorscale=colorscale, reversescale=reverse, texttemplate=f"%{{z:{fmt}}}",
+        textfont_size=9, colorbar=dict(title=dict(text=colorbar)),
+        hovertemplate=f"layer %{{y}}, %{{x}}<br>{colorbar} %{{z:.4f}}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed", title="layer", dtick=1, tickfont_size=9)
+    fig.update_xaxes(title="head")
+    fig.update_layout(title=title, height=max(360, 22 * L + 140), width=620,
+                      margin=dict(l=40, r=20, t=60, b=40))
+    return fig
+
+
+def table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
+                 title: str = "", formats: Mapping[str, str] | None = None,
+                 headers: Mapping[str, str] | None = None) -> go.Figure:
+    """A plain table (list of dicts) as a plotly Table, so it survives HTML export.
+
+    Args:
+        rows: one dict per row.
+        columns: keys to show, in order (default: the first row's).
+        title: figure title.
+        formats: format spec per column for floats (default ".4g").
+        headers: display name per column (default: the key).
+    """
+    columns = list(columns or (rows[0].keys() if rows else []))
+    formats = dict(formats or {})
+    headers = dict(headers or {})
+
+    def cell(v, c):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return format(v, formats.get(c, ".4g"))
+        return str(v)
+
+    fig = go.Figure(go.Table(
+        header=dict(values=[headers.get(c, c) for c in columns], align="left",
+                    fill_color="#e8e8e8"),
+        cells=dict(values=[[cell(r.get(c), c) for r in rows] for c in columns], align="left")))
+    fig.update_layout(title=title, height=min(900, (60 if title else 20) + 22 * (len(rows) + 2)),
+                      margin=dict(l=10, r=10, t=50 if title else 10, b=10))
+    return fig
+
+
+def gate_files(gate: str | None, gate_dir: str) -> list:
+    """Trained gate files for a notebook: `gate` first (when given and present), then every
+    `*.safetensors` in `gate_dir` that is not a training checkpoint; paths relative to the repo."""
+    files = [repo_path(gate)] if gate else []
+    folder = repo_path(gate_dir)
+    if folder.is_dir():
+        files += sorted(folder.glob("*.safetensors"))
+    return [f for f in dict.fromkeys(files) if f.exists() and ".ckpt" not in f.name]
+
+
+def repo_path(relative: str):
+    """A path inside the source tree (where pyproject.toml is), for notebook parameters."""
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").exists() and (p / "seerlib").is_dir():
+            return p / relative
+    return Path(__file__).resolve().parents[2] / relative  # seerlib/viz/common.py -> the repo

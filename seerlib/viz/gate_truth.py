@@ -1,0 +1,198 @@
+"""Gate against ground truth (notebook 02): a trained gate's block predictions and selections next
+to the model's own attention, with recall and KL per layer and head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from seerlib.metrics import block_maps, kl_div, normalize_rows, recall
+from seerlib.select import Selection, achieved_density, causal_block_mask, select_blocks
+from seerlib.viz.common import _map_trace, layer_head_heatmap, show
+
+
+@dataclass
+class GateComparison:
+    """A trained gate set against the model's own attention on one text, per layer, cached.
+
+    Args:
+        captured: {layer: LayerQKV} from `capture_qkv` (batch of one).
+        gates: a `seerlib.gate.GateSet` (its block size is the comparison's).
+    """
+
+    captured: Mapping[int, object]
+    gates: object
+    _layers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.gates.block_size
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.captured)
+
+    def layer(self, layer: int) -> dict:
+        """{"mass", "truth", "logits", "pred"}, each (1, Hq, nb, nb): exact block mass, the
+        row-normalized max-pooled map (the training target), gate logits and their softmax."""
+        if layer not in self._layers:
+            c = self.captured[layer]
+            mass, pooled = block_maps(c.q, c.k, self.block_size)
+            with torch.no_grad():
+                logits = self.gates[layer](c.q_pre, c.k_pre).float()
+            self._layers[layer] = {"mass": mass, "truth": normalize_rows(pooled),
+                                   "logits": logits, "pred": torch.softmax(logits, dim=-1)}
+        return self._layers[layer]
+
+    def masks(self, layer: int, density: float | None = None,
+              threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate mask, oracle mask), (1, Hq, nb, nb) bool. The gate's blocks come from
+        `select_blocks`; the oracle keeps the heaviest blocks of the exact mass at the same
+        per-head density."""
+        d = self.layer(layer)
+        mask = select_blocks(d["logits"], Selection(density=density, threshold=threshold))
+        if density is not None:
+            return mask, select_blocks(d["mass"].float(), Selection(density=density))
+        heads = [select_blocks(d["mass"][:, h:h + 1].float(), Selection(
+                     density=max(1e-3, achieved_density(mask[:, h:h + 1]))))
+                 for h in range(mask.shape[1])]
+        return mask, torch.cat(heads, dim=1)
+
+    def scores(self, density: float | None = None,
+               threshold: float | None = None) -> dict[str, np.ndarray]:
+        """Per layer and head, (L, H) arrays: "recall" of the exact mass by the gate's blocks,
+        "oracle_recall" at the same density, "kl" (target ‖ gate) and the achieved "density"."""
+        out = {k: [] for k in ("recall", "oracle_recall", "kl", "density")}
+        for layer in self.layers:
+            d = self.layer(layer)
+            mask, orc = self.masks(layer, density, threshold)
+            out["recall"].append(recall(d["mass"], mask, per_head=True)[0].numpy())
+            out["oracle_recall"].append(recall(d["mass"], orc, per_head=True)[0].numpy())
+            out["kl"].append(kl_div(d["truth"], d["logits"], reduction="none")[0].mean(-1)
+                             .numpy())
+            nb = mask.shape[-1]
+            kept = (mask & causal_block_mask(nb)).sum(dim=(-1, -2))[0].float()
+            out["density"].append((kept / (nb * (nb + 1) / 2)).numpy())
+        return {k: np.stack(v) for k, v in out.items()}
+
+
+_DIFF_COLORS = [(0, "#f2f2f2"), (1, "#2b8cbe"), (2, "#fdae61"), (3, "#d7191c")]
+
+
+def gate_vs_truth_figure(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray,
+                         oracle_mask: np.ndarray, layer: int, head: int,
+                         block_size: int, recall: float | None = None) -> go.Figure:
+    """Ground truth, gate prediction, selected blocks and their difference from the oracle,
+    side by side for one head. Maps are (nb, nb); masks bool (nb, nb)."""
+    nb = truth.shape[-1]
+    upper = ~np.tri(nb, dtype=bool)
+    fig = make_subplots(rows=1, cols=4, horizontal_spacing=0.04, subplot_titles=[
+        "ground truth (pooled, row-normalized)", "gate prediction (softmax)",
+        "selected blocks", "selection vs oracle"])
+    for col, m in ((1, truth), (2, pred)):
+        m = np.array(m, dtype=np.float32)
+        m[upper] = np.nan
+        fig.add_trace(_map_trace(m, None, show_scale=col == 1), row=1, col=col)
+    sel = np.where(upper, np.nan, np.asarray(mask, dtype=np.float32))
+    fig.add_trace(go.Heatmap(z=sel, zmin=0, zmax=1, showscale=False,
+                             colorscale=[[0, "#f2f2f2"], [1, "#08306b"]],
+                             hovertemplate="q %{y} k %{x}: kept %{z}<extra></extra>"),
+                  row=1, col=3)
+    m, o = np.asarray(mask, bool), np.asarray(oracle_mask, bool)
+    diff = np.select([m & o, m & ~o, ~m & o], [1, 2, 3], 0).astype(np.float32)
+    diff[upper] = np.nan
+    scale = []
+    for i, (_, c) in enumerate(_DIFF_COLORS):
+        scale += [[i / 4, c], [(i + 1) / 4, c]]
+    fig.add_trace(go.Heatmap(
+        z=diff, zmin=-0.5, zmax=3.5, colorscale=scale,
+        colorbar=dict(x=1.08, tickvals=[0, 1, 2, 3],
+                      ticktext=["neither", "both", "gate only", "oracle only"]),
+        hovertemplate="q %{y} k %{x}: %{z}<extra></extra>"), row=1, col=4)
+    fig.update_xaxes(showgrid=False, constrain="domain", title=f"key block (b={block_size})")
+    fig.update_yaxes(showgrid=False, autorange="reversed")
+    fig.update_yaxes(title="query block", row=1, col=1)
+    extra = "" if recall is None else f"; recall of the mass {recall:.3f}"
+    fig.update_layout(title=f"Layer {layer}, head {head}: gate vs ground truth{extra}",
+                      height=400, plot_bgcolor="white", margin=dict(l=40, r=40, t=80, b=40))
+    return fig
+
+
+def gate_panel(comparisons: Mapping[int, GateComparison], layer: int, head: int,
+               density: float | None, threshold: float | None, interactive: bool,
+               densities: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
+               thresholds: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)):
+    """Gate vs truth for one head plus recall and KL per head across layers, with controls.
+
+    Args:
+        comparisons: {block size: GateComparison}, one per available gate file.
+    Returns:
+        interactive: an `ipywidgets.VBox` with layer, head, block size and density / threshold
+        controls. Otherwise: [side-by-side figure, recall heatmap, KL heatmap].
+    """
+    def figures(b, layer, head, density, threshold):
+        gc = comparisons[b]
+        d = gc.layer(layer)
+        mask, orc = gc.masks(layer, density, threshold)
+        sc = gc.scores(density, threshold)
+        rule = f"density {density}" if density is not None else f"threshold {threshold:g}"
+        return (
+            gate_vs_truth_figure(d["truth"][0, head].numpy(), d["pred"][0, head].numpy(),
+                                 mask[0, head].numpy(), orc[0, head].numpy(), layer, head, b,
+                                 float(sc["recall"][gc.layers.index(layer), head])),
+            layer_head_heatmap(sc["recall"], f"Recall of the attention mass, gate at {rule} "
+                               f"(mean {sc['recall'].mean():.3f}; oracle "
+                               f"{sc['oracle_recall'].mean():.3f})", "recall",
+                               colorscale="Viridis", layers=gc.layers),
+            layer_head_heatmap(sc["kl"], f"KL(truth ‖ gate) per head (mean {sc['kl'].mean():.3f})",
+                               "KL", zrange=(0.0, float(max(0.5, np.percentile(sc["kl"], 95)))),
+                               colorscale="Magma", reverse=True, layers=gc.layers),
+        )
+
+    b0 = next(iter(comparisons))
+    if not interactive:
+        return list(figures(b0, layer, head, density, threshold))
+
+    import ipywidgets as W  # lazy: only interactive panels need widgets (~0.35 s to import)
+
+    gc = comparisons[b0]
+    style = {"description_width": "initial"}
+    w_block = W.Dropdown(options=sorted(comparisons), value=b0, description="block size",
+                         style=style)
+    w_layer = W.IntSlider(value=layer, min=min(gc.layers), max=max(gc.layers),
+                          description="layer", continuous_update=False, style=style)
+    w_head = W.IntSlider(value=head, min=0, max=gc.layer(layer)["logits"].shape[1] - 1,
+                         description="head", continuous_update=False, style=style)
+    w_rule = W.ToggleButtons(options=["density", "threshold"],
+                             value="density" if density is not None else "threshold")
+    w_density = W.SelectionSlider(options=sorted(set(densities) | {density or 0.3}),
+                                  value=density or 0.3, description="density",
+                                  continuous_update=False, style=style)
+    w_threshold = W.SelectionSlider(options=sorted(set(thresholds) | {threshold or 1e-3}),
+                                    value=threshold or 1e-3, description="threshold",
+                                    continuous_update=False, style=style)
+    status = W.Label()
+    out_head, out_recall, out_kl = W.Output(), W.Output(), W.Output()
+
+    def redraw(*_):
+        status.value = "computing…"
+        dens = w_density.value if w_rule.value == "density" else None
+        thr = w_threshold.value if w_rule.value == "threshold" else None
+        figs = figures(w_block.value, w_layer.value, w_head.value, dens, thr)
+        for out, fig in zip((out_head, out_recall, out_kl), figs, strict=True):
+            with out:
+                out.clear_output(wait=True)
+                show(fig)
+        status.value = ""
+
+    for w in (w_block, w_layer, w_head, w_rule, w_density, w_threshold):
+        w.observe(redraw, "value")
+    redraw()
+    controls = W.VBox([W.HBox([w_block, w_layer, w_head]),
+                       W.HBox([w_rule, w_density, w_threshold, status])])
+    return W.VBox([controls, out_head, W.HBox([out_recall, out_kl])])

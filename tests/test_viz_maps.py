@@ -1,0 +1,89 @@
+"""seerlib.viz.maps (notebook 01): blocks to cover a mass share, attention maps, their figures and
+panel."""
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from seerlib import viz
+from seerlib.capture import LayerQKV
+from seerlib.metrics import block_mass
+
+
+def fake_maps(S=40, layers=3, Hq=6, Hkv=2, d=16, seed=0, token_level_max=32):
+    g = torch.Generator().manual_seed(seed)
+    captured = {}
+    for i in range(layers):
+        q, k, v = (torch.randn(1, h, S, d, generator=g) for h in (Hq, Hkv, Hkv))
+        captured[i] = LayerQKV(q_pre=q, k_pre=k, q=q, k=k, v=v)
+    return viz.AttentionMaps(captured, [f"t{i}" for i in range(S)], token_level_max)
+
+
+def test_blocks_to_cover_by_hand():
+    # one head, 3 blocks; rows: [1], [0.7, 0.3], [0.5, 0.1, 0.4]
+    mass = torch.tensor([[1.0, 0, 0], [0.7, 0.3, 0], [0.5, 0.1, 0.4]])[None, None]
+    assert viz.blocks_to_cover(mass, 0.5).tolist() == [[[1, 1, 1]]]
+    assert viz.blocks_to_cover(mass, 0.7).tolist() == [[[1, 1, 2]]]
+    assert viz.blocks_to_cover(mass, 0.95).tolist() == [[[1, 2, 3]]]
+    assert viz.blocks_to_cover(mass, 1.0).tolist() == [[[1, 2, 3]]]
+    # densities are shares of the 6 causal blocks
+    assert viz.coverage_density(mass, 0.7).item() == pytest.approx(4 / 6)
+    assert viz.coverage_density(mass, 1.0).item() == pytest.approx(1.0)
+
+
+def test_blocks_to_cover_bounds_and_errors():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 97, 16, generator=g), torch.randn(1, 2, 97, 16, generator=g)
+    mass = block_mass(q, k, 16)  # nb = 7, last block partial
+    need = viz.blocks_to_cover(mass, 0.99)
+    assert need.shape == (1, 4, 7)
+    assert (need >= 1).all() and (need <= torch.arange(1, 8)).all()
+    assert (viz.blocks_to_cover(mass, 0.5) <= need).all()  # monotone in the coverage
+    with pytest.raises(ValueError, match="coverage"):
+        viz.blocks_to_cover(mass, 0.0)
+    with pytest.raises(ValueError, match="nb, nb"):
+        viz.blocks_to_cover(mass[..., :3], 0.9)
+
+
+def test_attention_maps_token_and_block_level():
+    short = fake_maps(S=24, token_level_max=32)
+    assert short.map_block(16) == 1
+    m = short.maps(0, 16)
+    assert m.shape == (6, 24, 24)
+    assert np.isnan(m[:, 0, 1]).all() and not np.isnan(np.tril(m[0])).any()
+    np.testing.assert_allclose(np.nansum(m, axis=-1), 1.0, rtol=1e-5)  # token rows: probabilities
+    long = fake_maps(S=40, token_level_max=32)
+    assert long.map_block(16) == 16 and long.maps(1, 16).shape == (6, 3, 3)
+    assert len(long.labels(16)) == 3 and len(set(long.labels(1))) == 40
+    table = long.sparsity(16, [0.5, 0.99])
+    assert table.shape == (3, 6, 2)
+    assert (table[..., 0] <= table[..., 1]).all() and (table > 0).all() and (table <= 1).all()
+
+
+def test_figures_are_plain_plotly():
+    am = fake_maps()
+    b = am.map_block(16)
+    grid = viz.attention_grid_figure(am.maps(0, 16), 0, b, am.labels(b))
+    assert isinstance(grid, go.Figure) and len(grid.data) == 6
+    assert all(t.type == "heatmap" for t in grid.data)
+    head = viz.attention_head_figure(am.maps(0, 16)[2], 0, 2, b, am.labels(b))
+    assert "head 2" in head.layout.title.text
+    table = am.sparsity(16, [0.9, 0.95])
+    heat = viz.sparsity_heatmap_figure(table[:, :, 0], 0.9, 16, am.layers)
+    assert np.asarray(heat.data[0].z).shape == (3, 6)
+    lines = viz.sparsity_by_layer_figure(table, [0.9, 0.95], 16)
+    assert [t.name for t in lines.data if t.showlegend is not False] == ["90%", "95%"]
+
+
+def test_panel_plain_figures_unless_interactive():
+    am = fake_maps()
+    figs = viz.attention_maps_panel(am, 1, 0, 16, 0.9, interactive=False)
+    assert len(figs) == 3 and all(isinstance(f, go.Figure) for f in figs)
+    import ipywidgets as W
+
+    panel = viz.attention_maps_panel(am, 1, 0, 16, 0.9, interactive=True)
+    assert isinstance(panel, W.VBox)
+    sliders = [w for w in panel.children[0].children if isinstance(w, W.IntSlider)]
+    assert [s.description for s in sliders] == ["layer", "head"]
+    sliders[0].value = 2  # redraws without error (Outputs are inert outside a kernel)
