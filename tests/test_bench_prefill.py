@@ -1,0 +1,92 @@
+"""bench/bench_prefill.py end to end on a CPU: a tiny random Llama at 256 tokens (the CUDA-only
+rows skipped with a reason), its JSON and markdown, a recorded failure, and --merge."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_prefill.py"
+_spec = importlib.util.spec_from_file_location("bench_prefill", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench_prefill"] = bench  # dataclasses look their module up there
+_spec.loader.exec_module(bench)
+
+
+def _records(stem):
+    return json.loads(Path(f"{stem}.json").read_text())
+
+
+def test_cpu_run_records_every_row_and_merges(tmp_path):
+    common = ["--device", "cpu", "--preset", "tiny", "--reps", "2"]
+    stem_a = bench.main([*common, "--seq-lens", "256", "--out", str(tmp_path / "a"), "--tag", "_a"])
+    records = _records(stem_a)
+    rows = {r["provider"]: r for r in records if r["kind"] == "row"}
+    assert list(rows) == bench.row_order(bench.DEFAULT_PROVIDERS)
+    graphed = [p for p in bench.DEFAULT_PROVIDERS if p.startswith("graph:")]
+    for p in ("sdpa_flash", "sdpa_cudnn", "flex", "step@0.1", *graphed):
+        assert rows[p]["status"] == "skipped" and "CUDA" in rows[p]["reason"]
+    ran = {p: r for p, r in rows.items() if r["status"] != "skipped"}
+    for p, r in ran.items():
+        assert r["status"] == "ok", (p, r.get("error"))
+        assert r["ms"] > 0 and len(r["ms_samples"]) == 2 and min(r["ms_samples"]) > 0
+        assert r["seq_len"] == 256 and r["layers"] == 2 and r["vs_sdpa"] > 0
+        assert "random weights" in r["weights"] and r["torch"] == torch.__version__
+        if p == "sdpa":
+            continue
+        assert 0 < r["achieved_density"] <= 1, p
+        bd = r["breakdown"]
+        parts = [bd[f"{n}_ms"] for n in bench.PARTS]
+        assert all(isinstance(x, float) and x >= 0 for x in parts), (p, bd)
+        assert bd["rest_ms"] == pytest.approx(bd["total_ms"] - sum(parts))
+        assert bd["kernel_ms"] > 0 and bd["calls"]["kernel"] == 2, (p, bd)  # one per layer
+        if p.startswith(("gate", "recommended")):
+            assert bd["gate_ms"] > 0 and bd["calls"]["gate"] == 2 and bd["calls"]["selection"] == 2
+            assert r["stats"]["dense_calls"] == 0 and r["gate"] == "untrained"
+    assert rows["ideal@0.1"]["breakdown"]["calls"]["gate"] == 0
+    (check,) = [r for r in records if r["kind"] == "check"]
+    assert check["status"] == "ok" and check["ok"] and check["max_abs_diff"] < 1e-3
+    assert check["achieved_density"] == 1.0
+    md = Path(f"{stem_a}.md").read_text()
+    for p in bench.DEFAULT_PROVIDERS:
+        assert f"| {p} |" in md or bench.row_kind(p) == "step"  # steps: their own table
+    assert "## Breakdown" in md and "## Check" in md and "random weights" in md
+
+    # a second run at another length, with a row that fails (density 2): recorded, not raised
+    stem_b = bench.main([*common, "--seq-lens", "128", "--providers", "sdpa", "gate@0.5",
+                         "ideal@2", "--no-check", "--out", str(tmp_path / "b"), "--tag", "_b"])
+    bad = {r["provider"]: r for r in _records(stem_b)}["ideal@2"]
+    assert bad["status"] == "failed" and "ValueError" in bad["error"]
+    assert "ideal@2 at 128: failed" in Path(f"{stem_b}.md").read_text()
+
+    merged = bench.main(["--merge", f"{stem_a}.json", f"{stem_b}.json", "--out",
+                         str(tmp_path / "m")])
+    both = _records(merged)
+    assert len(both) == len(records) + len(_records(stem_b))
+    assert {r["seq_len"] for r in both} == {128, 256}
+    assert "| provider | 128 | 256 |" in Path(f"{merged}.md").read_text()
+
+
+def test_every_patch_target_resolves_and_is_restored():
+    """The breakdown's patch table names functions that exist now (a rename shows up here, not
+    as a silent n/a in a GPU run), and the instrumented call puts the originals back."""
+    import seerlib.gate
+    import seerlib.methods
+
+    before = (seerlib.gate.AttnGate.forward, seerlib.methods.select_blocks)
+    with bench.instrumented(torch.device("cpu")) as timer:
+        assert not timer.missing and timer.present == set(bench.PARTS)
+        assert seerlib.gate.AttnGate.forward is not before[0]
+    assert (seerlib.gate.AttnGate.forward, seerlib.methods.select_blocks) == before
+
+
+def test_part_timer_subtracts_nested_calls():
+    timer = bench.PartTimer(torch.device("cpu"))
+    inner = timer.wrap("index", lambda: sum(range(20000)))
+    outer = timer.wrap("kernel", lambda: [inner() for _ in range(3)])
+    outer()
+    assert timer.calls == {"gate": 0, "selection": 0, "index": 3, "kernel": 1}
+    assert timer.ms["kernel"] >= 0 and timer.ms["index"] > 0
