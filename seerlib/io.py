@@ -2,17 +2,30 @@
 
 - `save_gates(gates, path, **info)` / `load_gates(path, model)`: a trained `GateSet`. The metadata
   (safetensors header, key "seerlib") holds the model name, a hash of the model config's
-  architecture fields, the gate configuration (block size, pooling, gate dim), and training facts
+  architecture fields, the gate configuration (block size, pooling, gate dim), the dtype the gates
+  were trained in and the one they are stored in, a sha256 of the tensors, and training facts
   (tokens seen, steps, final loss, date, ...). `load_gates` refuses a file made for another model
-  or block size with an error that names both sides.
+  or block size with an error that names both sides, and a damaged file (checksum, dtype,
+  non-finite weights, unreadable header) with an error that names the path.
 - `save_checkpoint` / `load_checkpoint`: gates + AdamW state + scheduler + loop state, to resume.
+- `atomic_write(path)`: the one way seerlib writes a file: into a temporary file beside it, then
+  `os.replace`, the temporary file removed on any failure (and, left by a killed process, on the
+  next write of the same path).
+
+Files written before the checksum existed (the first shipped gates) load as "unchecked": every
+other check still applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import os
+import secrets
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,12 +36,17 @@ from seerlib.gate import GateSet
 
 __all__ = [
     "FORMAT",
+    "GateFileError",
+    "atomic_write",
+    "atomic_write_text",
     "config_hash",
+    "fresh_path",
     "load_checkpoint",
     "load_gates",
     "read_metadata",
     "save_checkpoint",
     "save_gates",
+    "tensor_digest",
 ]
 
 FORMAT = "seerlib-gates/1"
@@ -65,23 +83,186 @@ def _config_of(model_or_config):
     return getattr(model_or_config, "config", model_or_config)
 
 
+class GateFileError(ValueError):
+    """A gate file or checkpoint is unreadable, damaged or inconsistent; the message names it."""
+
+
+# ---------------------------------------------------------------- atomic writes
+
+_TEMP_MARK = ".part-"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_path(path: Path, pid: int | None = None) -> Path:
+    """A hidden temporary name beside `path` that says which process (and host) writes it."""
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.name}{_TEMP_MARK}{pid}-{_HOST}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def _reap_stale_temps(path: Path) -> None:
+    """Remove temporary files of `path` left by writers of this host that no longer run."""
+    for tmp in path.parent.glob(f".{path.name}{_TEMP_MARK}*.tmp"):
+        try:
+            pid, host, _ = tmp.name[len(path.name) + 1 + len(_TEMP_MARK) : -4].split("-")
+            if host == _HOST and not _pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue
+
+
+@contextlib.contextmanager
+def atomic_write(path) -> Iterator[Path]:
+    """Write a file all at once or not at all.
+
+    Yields a temporary path in the same folder (parent folders are created); write the whole file
+    there. On a normal exit it is flushed to disk and renamed over `path` (`os.replace`, atomic on
+    one file system); on any exception, KeyboardInterrupt included, it is removed and `path` is
+    left as it was. Temporary files of `path` left by killed processes of this host are removed
+    first.
+
+    Use: `with atomic_write(p) as tmp: save_file(tensors, str(tmp))`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _reap_stale_temps(path)
+    tmp = _temp_path(path)
+    open(tmp, "xb").close()  # reserve the name; the mode follows the umask, as a plain open's
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """`Path.write_text` through `atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def fresh_path(folder, stem: str, suffix: str = "") -> Path:
+    """folder/<stem>-<UTC time><suffix> (with -2, -3, ... when taken): a path no earlier run
+    wrote, for what a command writes when it is given no path (nothing committed is replaced)."""
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%SZ")
+    folder, n = Path(folder), 1
+    while (path := folder / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{suffix}").exists():
+        n += 1
+    return path
+
+
+# ---------------------------------------------------------------- checks
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_storage_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"dtype must be a floating-point dtype (torch.float16, torch.bfloat16 or "
+            f"torch.float32) to store gate weights in; got {dtype!r}"
+        )
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        name
+        for name, t in sorted(tensors.items())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def _open_error(path, err: Exception, what: str) -> GateFileError:
+    return GateFileError(
+        f"{path} could not be read ({type(err).__name__}: {err}); expected {what}"
+    )
+
+
+def _verify_tensors(path, meta: dict, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Checksum (when the file has one) and finiteness of a file's tensors."""
+    want = meta.get("sha256")
+    if want is not None and tensor_digest(tensors) != want:
+        raise GateFileError(
+            f"{path} is damaged: its tensors do not match the checksum in its header "
+            f"(sha256 {want[:16]}...); expected {what} as written. Restore or retrain it"
+        )
+    bad = _non_finite(tensors)
+    if bad:
+        raise GateFileError(
+            f"{path} holds non-finite weights (inf or NaN) in {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; expected finite weights (a diverged training "
+            "run?)"
+        )
+
+
+# ---------------------------------------------------------------- gate files
+
+_GATE_FILE = "a safetensors file written by seerlib.io.save_gates"
+
+
 def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -> dict:
-    """Write a gate set to a safetensors file with its metadata.
+    """Write a gate set to a safetensors file with its metadata, atomically.
 
     Args:
         gates: the GateSet.
         path: file path (.safetensors); parent folders are created.
-        dtype: store weights in this dtype (e.g. torch.float16 to halve the file); default as is.
+        dtype: store weights in this floating-point dtype (e.g. torch.float16 to halve the file);
+            default as trained.
         **info: JSON-able training facts to record, e.g. tokens_seen, steps, final_loss, command.
     Returns:
         the metadata dict written.
+    Raises:
+        ValueError: `dtype` is not a floating-point dtype, or a weight is non-finite (as trained,
+            or after the cast to `dtype`); nothing is written then.
     """
+    if dtype is not None:
+        _check_storage_dtype(dtype)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    trained = {name: t.detach() for name, t in gates.state_dict().items()}
+    bad = _non_finite(trained)
+    if bad:
+        raise ValueError(
+            f"refusing to save gates with non-finite weights (inf or NaN) in {', '.join(bad[:5])}"
+            f" to {path}; the training run diverged (try a lower learning rate)"
+        )
+    train_dtype = next(iter(trained.values())).dtype
     tensors = {
-        name: (t.detach().to(dtype) if dtype is not None else t.detach()).contiguous().cpu()
-        for name, t in gates.state_dict().items()
+        name: (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+        for name, t in trained.items()
     }
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(
+            f"refusing to save gates to {path}: weights in {', '.join(bad[:5])} become non-finite "
+            f"in {str(dtype).removeprefix('torch.')} (outside its range); store them in a wider "
+            "dtype"
+        )
     meta = {
         "format": FORMAT,
         "model_name": gates.model_name,
@@ -92,32 +273,60 @@ def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -
         "head_dim": gates[0].head_dim,
         **gates.gate_config(),
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "train_dtype": str(train_dtype).removeprefix("torch."),
+        "sha256": tensor_digest(tensors),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **info,
     }
-    save_file(tensors, str(path), metadata={"seerlib": json.dumps(meta)})
+    blob = json.dumps(meta)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"seerlib": blob})
     return meta
 
 
 def read_metadata(path) -> dict:
-    """The metadata dict of a gate file or checkpoint written by this module."""
+    """The metadata dict of a gate file or checkpoint written by this module.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        GateFileError (a ValueError): the file is not a readable safetensors file with seerlib
+            metadata; the message names the path and what was expected.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no gate file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("seerlib")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("seerlib")
+    except Exception as e:  # safetensors raises its own error types, or OSError
+        raise _open_error(path, e, _GATE_FILE) from e
     if raw is None:
-        raise ValueError(f"{path} has no seerlib metadata; expected a file written by save_gates")
-    return json.loads(raw)
+        raise GateFileError(f"{path} has no seerlib metadata; expected {_GATE_FILE}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise GateFileError(
+            f"{path} has unreadable seerlib metadata ({e}); expected {_GATE_FILE}"
+        ) from e
+    if not isinstance(meta, dict):
+        raise GateFileError(f"{path} has seerlib metadata of type {type(meta).__name__}; "
+                            f"expected a JSON object, as in {_GATE_FILE}")
+    return meta
 
 
 def _read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {
-            k[len(prefix) :]: f.get_tensor(k)
-            for k in f.keys()
-            if k.startswith(prefix)  # noqa: SIM118
-        }
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                k[len(prefix) :]: f.get_tensor(k)
+                for k in f.keys()
+                if k.startswith(prefix)  # noqa: SIM118
+            }
+    except Exception as e:
+        raise _open_error(path, e, _GATE_FILE) from e
+
+
+_GATE_FIELDS = ("config_hash", "model_name", "block_size", "q_pool", "k_pool", "d_gate", "q_linear")
 
 
 def load_gates(
@@ -127,7 +336,11 @@ def load_gates(
     model_name: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> GateSet:
-    """Load a gate set saved by `save_gates` for `model`, refusing a mismatch.
+    """Load a gate set saved by `save_gates` for `model`, refusing a mismatch or a damaged file.
+
+    Checked: the format; the model (config hash, name) and block size; the tensors against the
+    header's sha256 (files written before the checksum existed load unchecked); the stored dtype
+    against the header's, and the training dtype is a floating-point one; every weight finite.
 
     Args:
         path: the .safetensors file.
@@ -138,11 +351,18 @@ def load_gates(
     Returns:
         GateSet in eval mode with the file's weights.
     Raises:
+        FileNotFoundError: no file at `path`.
+        GateFileError (a ValueError): the file is unreadable or damaged (message names the path).
         ValueError: the file was made for another model (config hash or name) or block size.
     """
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+        raise GateFileError(f"{path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    missing = [k for k in _GATE_FIELDS if k not in meta]
+    if missing:
+        raise GateFileError(
+            f"{path} lacks the metadata fields {missing}; expected {_GATE_FILE}"
+        )
     config = _config_of(model)
     have = config_hash(config)
     if meta["config_hash"] != have:
@@ -158,6 +378,20 @@ def load_gates(
         raise ValueError(
             f"{path} was trained at block size {meta['block_size']}; expected {block_size}"
         )
+    train_dtype = meta.get("train_dtype")
+    if train_dtype is not None and train_dtype not in _FLOAT_DTYPES:
+        raise GateFileError(
+            f"{path} says its gates were trained in {train_dtype!r}; expected one of "
+            f"{_FLOAT_DTYPES}"
+        )
+    tensors = _read_tensors(path)
+    stored = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    if meta.get("dtype") is not None and stored != {meta["dtype"]}:
+        raise GateFileError(
+            f"{path} holds tensors stored as {', '.join(sorted(stored))} but its header says "
+            f"{meta['dtype']}; expected {_GATE_FILE}"
+        )
+    _verify_tensors(path, meta, tensors, _GATE_FILE)
     gates = GateSet.from_config(
         config,
         block_size=meta["block_size"],
@@ -167,13 +401,23 @@ def load_gates(
         q_linear=meta["q_linear"],
         model_name=meta["model_name"],
     )
-    state = {k: v.to(dtype) for k, v in _read_tensors(path).items()}
-    gates.load_state_dict(state, strict=True)
+    try:
+        gates.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
+    except RuntimeError as e:
+        raise GateFileError(
+            f"{path} holds tensors that do not fit the gates its header describes ({e}); "
+            f"expected {_GATE_FILE}"
+        ) from e
     return gates.to(dtype).eval()
 
 
+# ---------------------------------------------------------------- checkpoints
+
+_CHECKPOINT = "a training checkpoint written by seerlib.io.save_checkpoint"
+
+
 def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> None:
-    """Everything needed to resume training, in one safetensors file.
+    """Everything needed to resume training, in one safetensors file, written atomically.
 
     Args:
         path: file path.
@@ -182,9 +426,10 @@ def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> 
             hyper-parameters in the metadata).
         scheduler: a torch LR scheduler (its state_dict must be JSON-able, as LambdaLR's is).
         state: JSON-able loop state (step, tokens seen, data order seed, history, ...).
+    Raises:
+        ValueError: a gate weight or optimizer tensor is non-finite (nothing is written).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"gate.{k}": v.detach().contiguous().cpu() for k, v in gates.state_dict().items()}
     opt = optimizer.state_dict()
     opt_scalars = {}
@@ -194,6 +439,12 @@ def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> 
                 tensors[f"optim.{pid}.{name}"] = val.detach().contiguous().cpu()
             else:
                 opt_scalars[f"{pid}.{name}"] = val
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(
+            f"refusing to write checkpoint {path}: non-finite values (inf or NaN) in "
+            f"{', '.join(bad[:5])}; the training run diverged"
+        )
     meta = {
         "format": FORMAT + "-checkpoint",
         "gate_config": gates.gate_config(),
@@ -203,19 +454,29 @@ def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> 
         "optim_scalars": opt_scalars,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "state": state,
+        "sha256": tensor_digest(tensors),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"seerlib": json.dumps(meta, default=list)})
-    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint
+    blob = json.dumps(meta, default=list)
+    with atomic_write(path) as tmp:  # a crash never leaves half a checkpoint
+        save_file(tensors, str(tmp), metadata={"seerlib": blob})
 
 
 def load_checkpoint(path, gates: GateSet, optimizer, scheduler) -> dict:
-    """Restore gates, optimizer and scheduler in place from `save_checkpoint`; return the state."""
+    """Restore gates, optimizer and scheduler in place from `save_checkpoint`; return the state.
+
+    The file is checked first (format, gates, checksum, finiteness); nothing is changed in place
+    if it fails.
+    """
     meta = read_metadata(path)
     if meta.get("format") != FORMAT + "-checkpoint":
-        raise ValueError(
-            f"{path} is not a seerlib training checkpoint (format {meta.get('format')!r})"
+        raise GateFileError(
+            f"{path} is not a seerlib training checkpoint (format {meta.get('format')!r}); "
+            f"expected {_CHECKPOINT}"
         )
+    missing = [k for k in ("gate_config", "config_hash", "param_groups", "optim_scalars",
+                           "scheduler", "state") if k not in meta]
+    if missing:
+        raise GateFileError(f"{path} lacks the metadata fields {missing}; expected {_CHECKPOINT}")
     if (
         meta["config_hash"] != config_hash(gates.config)
         or meta["gate_config"] != gates.gate_config()
@@ -224,12 +485,19 @@ def load_checkpoint(path, gates: GateSet, optimizer, scheduler) -> dict:
             f"{path} holds gates {meta['gate_config']} for config hash {meta['config_hash']}; "
             f"the gates to resume are {gates.gate_config()} for {config_hash(gates.config)}"
         )
-    gates.load_state_dict(_read_tensors(path, "gate."), strict=True)
-    opt_tensors = _read_tensors(path, "optim.")
+    tensors = _read_tensors(path)
+    _verify_tensors(path, meta, tensors, _CHECKPOINT)
+    gate_state = {k[5:]: v for k, v in tensors.items() if k.startswith("gate.")}
+    try:
+        gates.load_state_dict(gate_state, strict=True)
+    except RuntimeError as e:
+        raise GateFileError(f"{path} holds gate tensors that do not fit ({e}); "
+                            f"expected {_CHECKPOINT}") from e
     st: dict = {}
-    for key, val in opt_tensors.items():
-        pid, name = key.split(".", 1)
-        st.setdefault(int(pid), {})[name] = val
+    for key, val in tensors.items():
+        if key.startswith("optim."):
+            pid, name = key[6:].split(".", 1)
+            st.setdefault(int(pid), {})[name] = val
     for key, val in meta["optim_scalars"].items():
         pid, name = key.split(".", 1)
         st.setdefault(int(pid), {})[name] = val

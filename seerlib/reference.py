@@ -7,6 +7,9 @@ Shapes (everywhere in seerlib):
 
 Everything is computed in float32 (float64 inputs stay float64) in chunks of query rows, so that
 S = 8192 with 9 heads fits in a few GB on a CPU. This module imports nothing else of ours.
+
+It is also the one home of the small primitives the rest of seerlib shares: `default_scale`,
+`grouped_scores` (GQA scores without repeating k), `causal_block_count` and `causal_block_mask`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ __all__ = [
     "check_qkv",
     "check_block_mask",
     "check_block_size",
+    "default_scale",
+    "grouped_scores",
+    "causal_block_count",
+    "causal_block_mask",
 ]
 
 # Query rows per chunk are sized so one chunk's score matrix holds about this many elements.
@@ -89,6 +96,60 @@ def check_block_mask(block_mask: torch.Tensor, B: int, Hq: int, nb: int) -> None
         )
 
 
+# ---------------------------------------------------------------- shared primitives
+
+
+def default_scale(d: int, scale: float | None = None) -> float:
+    """The attention score scale: `scale` as a float, or 1 / sqrt(d) when it is None.
+
+    Args:
+        d: head dim.
+        scale: an explicit scale, or None.
+    Returns:
+        float.
+    """
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """GQA attention scores q @ k^T * scale without repeating k's heads.
+
+    Query head h reads kv head h // (Hq // Hkv): q is viewed as (B, Hkv, Hq // Hkv, R, d) and
+    multiplied against k broadcast over the group. Computed in the inputs' dtype (cast first).
+
+    Args:
+        q: (B, Hq, R, d) queries (R rows: all of S, or a chunk of it).
+        k: (B, Hkv, S, d) keys, Hkv a divisor of Hq.
+        scale: multiplies the product; 1 / sqrt(d) when None. 1.0 skips the multiply (for callers
+            that scaled q already).
+    Returns:
+        scores: (B, Hq, R, S).
+    """
+    if q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q must be (B, Hq, R, d) and k (B, Hkv, S, d) with Hkv dividing Hq; got "
+            f"{tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    B, Hq, R, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = default_scale(d, scale)
+    qg = q.reshape(B, Hkv, Hq // Hkv, R, d)  # (B, Hq, R, d) -> (B, Hkv, G, R, d)
+    s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, R, S)
+    if scale != 1.0:
+        s = s * scale
+    return s.reshape(B, Hq, R, S)
+
+
+def causal_block_count(nb: int) -> int:
+    """Tiles on or below the diagonal of an nb x nb block map: nb * (nb + 1) / 2."""
+    return nb * (nb + 1) // 2
+
+
+def causal_block_mask(nb: int, device=None) -> torch.Tensor:
+    """(nb, nb) bool, True on and below the block diagonal (the tiles causal attention can use)."""
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -99,15 +160,10 @@ def _chunk_rows(B: int, Hq: int, S: int, multiple: int) -> int:
     return min(rows, S + (-S) % multiple)
 
 
-def _scores(q, k, r0, r1, scale, group):
+def _scores(q, k, r0, r1, scale):
     """Scaled scores of query rows [r0, r1) against all keys: (B, Hq, r1 - r0, S)."""
-    B, Hq, _, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
     dt = _compute_dtype(q)
-    qc = q[:, :, r0:r1].to(dt).reshape(B, Hkv, group, r1 - r0, d)  # (B, Hkv, G, R, d)
-    kc = k.to(dt).unsqueeze(2)  # (B, Hkv, 1, S, d)
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hkv, G, R, S)
-    return s.reshape(B, Hq, r1 - r0, S)
+    return grouped_scores(q[:, :, r0:r1].to(dt), k.to(dt), scale)
 
 
 def _apply_v(p, v, group):
@@ -130,10 +186,6 @@ def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     return p / torch.where(denom > 0, denom, torch.ones_like(denom))
-
-
-def _resolve_scale(scale, d):
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
 def attention(
@@ -179,7 +231,7 @@ def pooled_attention(
     if block_size is not None:
         check_block_size(block_size)
     group = Hq // Hkv
-    scale = _resolve_scale(scale, d)
+    scale = default_scale(d, scale)
     b = block_size or 1
     nb = num_blocks(S, b)
     out = torch.empty_like(q)
@@ -191,7 +243,7 @@ def pooled_attention(
     rows = _chunk_rows(B, Hq, S, b)
     for r0 in range(0, S, rows):
         r1 = min(S, r0 + rows)
-        s = _scores(q, k, r0, r1, scale, group)
+        s = _scores(q, k, r0, r1, scale)
         if causal:
             s = s.masked_fill(~_causal(r0, r1, S, q.device), float("-inf"))
         p = _safe_softmax(s)  # (B, Hq, R, S)
@@ -224,24 +276,51 @@ def block_sparse_attention(
         scale: score scale; 1 / sqrt(d) by default.
     Returns:
         out: (B, Hq, S, d) in q's dtype; a query row whose kept keys are all masked gives zeros.
+        Only kept tiles on or below the diagonal are computed, as in the kernel: a NaN or inf in
+        a tile that a row does not compute never reaches that row.
     """
     B, Hq, Hkv, S, d = check_qkv(q, k, v)
     b = check_block_size(block_size)
     nb = num_blocks(S, b)
     check_block_mask(block_mask, B, Hq, nb)
     group = Hq // Hkv
-    scale = _resolve_scale(scale, d)
+    scale = default_scale(d, scale)
     out = torch.empty_like(q)
     key_block = torch.arange(S, device=q.device) // b  # (S,)
+    # Scores of dropped tiles are replaced (masked_fill), never used. V is multiplied by the
+    # probabilities, and 0 * NaN is NaN: with a non-finite V, each key block's product is kept
+    # only for the rows that compute that tile (torch.where), one key block at a time.
+    finite_v = bool(torch.isfinite(v).all())
     rows = _chunk_rows(B, Hq, S, 1)
     for r0 in range(0, S, rows):
         r1 = min(S, r0 + rows)
-        s = _scores(q, k, r0, r1, scale, group)
+        s = _scores(q, k, r0, r1, scale)
         qb = torch.arange(r0, r1, device=q.device) // b
         keep = block_mask[:, :, qb][..., key_block]  # (B, Hq, R, S)
         keep = keep & _causal(r0, r1, S, q.device)
         p = _safe_softmax(s.masked_fill(~keep, float("-inf")))
-        out[:, :, r0:r1] = _apply_v(p, v, group).to(q.dtype)
+        if finite_v:  # dropped probabilities are exact zeros: one product is the kept tiles' sum
+            o = _apply_v(p, v, group)
+        else:
+            o = _apply_v_kept_tiles(p, v, group, block_mask[:, :, qb], qb, b)
+        out[:, :, r0:r1] = o.to(q.dtype)
+    return out
+
+
+def _apply_v_kept_tiles(p, v, group, row_mask, qb, b):
+    """p @ v summed over the key blocks each row computes: kept, on or below its diagonal.
+
+    p: (B, Hq, R, S); v: (B, Hkv, S, d); row_mask: (B, Hq, R, nb), the block mask of each row's
+    query block; qb: (R,) those query blocks. Returns (B, Hq, R, d).
+    """
+    B, Hq, R, S = p.shape
+    out = torch.zeros(B, Hq, R, v.shape[-1], dtype=p.dtype, device=p.device)
+    for j in range(row_mask.shape[-1]):
+        computed = row_mask[..., j] & (qb >= j)  # (B, Hq, R)
+        if not bool(computed.any()):
+            continue
+        part = _apply_v(p[..., j * b : (j + 1) * b], v[:, :, j * b : (j + 1) * b], group)
+        out += torch.where(computed.unsqueeze(-1), part, torch.zeros_like(part))
     return out
 
 

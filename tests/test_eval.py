@@ -11,57 +11,13 @@ from seerlib.eval import (
     load_results,
     main,
     markdown,
-    parse_config,
     passkey_accuracy,
     passkey_prompt,
     perplexity,
 )
+from seerlib.methods import parse_config
 
 # ---------------------------------------------------------------- no model
-
-
-def test_parse_config_labels_round_trip():
-    for spec in ["dense", "gate@0.3", "gate@t=0.002", "gate+sink@0.1", "oracle-max@0.5",
-                 "oracle-sum@t=0.01", "sink_window@0.2", "vertical_slash@0.1", "gate+sink@a=0.3",
-                 "oracle-max@a=0.2", "gate+sink+local@a=0.3", "gate+local3@0.2",
-                 "gate+sink+local+last@a=0.3", "oracle-max+last2@0.3", "gate+sink+local@r=0.3",
-                 "gate+sink+local+floor0.5@a=0.3", "oracle-max+floor0.25@r=0.2"]:
-        assert parse_config(spec).label == spec
-    c = parse_config("oracle-sum@0.3", block_size=32, attention="flex")
-    assert (c.mode, c.pooling, c.density, c.block_size, c.attention) == ("oracle", "sum", 0.3, 32,
-                                                                         "flex")
-    assert parse_config("gate+sink@t=0.01").keep_sink
-    c = parse_config("gate+sink@a=0.3")
-    assert (c.adaptive, c.density, c.keep_sink) == (True, 0.3, True)
-    c = parse_config("gate+sink+local@a=0.3")
-    assert (c.keep_sink, c.keep_local, c.adaptive) == (True, 1, True)
-    assert parse_config("oracle-max+local2@0.3").keep_local == 2
-    c = parse_config("gate+sink+local+last@a=0.3")
-    assert (c.keep_sink, c.keep_local, c.dense_last_rows, c.adaptive) == (True, 1, 1, True)
-    assert parse_config("gate+last3@t=0.01").dense_last_rows == 3
-    c = parse_config("gate+sink+local@r=0.2")
-    assert (c.adaptive, c.relative, c.density) == (True, True, 0.2)
-    assert not parse_config("gate+sink@a=0.2").relative
-    c = parse_config("gate+sink+local+floor0.5@r=0.3")
-    assert (c.row_floor, c.relative, c.keep_local) == (0.5, True, 1)
-
-
-@pytest.mark.parametrize("spec, match", [("topk@0.3", "unknown mode 'topk'"),
-                                         ("gate@x", "cannot read 'x'"),
-                                         ("sink_window@t=0.1", "density only"),
-                                         ("sink_window@a=0.1", "adaptive selection needs"),
-                                         ("gate@a=x", "adaptive density like a=0.3"),
-                                         ("gate@r=x", "adaptive density like a=0.3 or r=0.3"),
-                                         ("sink_window@r=0.1", "adaptive selection needs"),
-                                         ("gate+window@0.3", r"cannot read '\+window'"),
-                                         ("gate+lastx@0.3", r"cannot read '\+lastx'"),
-                                         ("gate+floor@a=0.3", "a share like"),
-                                         ("gate+floor0.5@0.3", "row_floor .* adaptive"),
-                                         ("gate+floor2@a=0.3", r"row_floor must be in"),
-                                         ("oracle-mean@0.3", "pooling must be one of")])
-def test_parse_config_errors(spec, match):
-    with pytest.raises(ValueError, match=match):
-        parse_config(spec)
 
 
 def test_load_results_keeps_one_gate_and_one_source_per_passkey_method(tmp_path):
@@ -100,7 +56,7 @@ def test_markdown_tables():
                achieved_density=0.3)
     gate = [dict(row, label=f"gate@{d}", mode="gate", density_target=d, achieved_density=a,
                  ppl=p) for d, a, p in [(0.5, 0.48, 9.0), (0.2, 0.18, 10.0)]]
-    # a configuration the table has no name for is listed under its own, not left out
+    # every configuration gets a row, named from its label
     odd = dict(row, label="gate+local2+floor0.25@a=0.3", mode="gate", ppl=9.25)
     md = markdown({"meta": {"command": "python -m seerlib.eval X", "block_size": 64},
                    "rows": [dense, row, thr, *gate, odd],
@@ -108,7 +64,8 @@ def test_markdown_tables():
                                dict(method="dense", length=2048, depth=0.5, correct=False)]})
     assert "| dense | 8.600 | 8.600 | 8.600 |" in md
     assert "| sink + window | – | 9.500 (0.900, 0.286) | – |" in md
-    assert "| gate+local2+floor0.25 adaptive | – | 9.250 (0.900, 0.286) | – |" in md
+    assert ("| gate (learned) + local block ×2, row floor 0.25, adaptive budget | – | "
+            "9.250 (0.900, 0.286) | – |") in md
     # threshold row with the top-k perplexity interpolated at its density (0.3 between 0.18 / 0.48)
     assert re.search(r"\| gate \| 4096 \| 0.01 \| 0.300 \| 9.500 \| 0.900 \| 9.600 \|", md)
     assert "| dense | 2048 | 1/2 |" in md and "python -m seerlib.eval X" in md
@@ -168,7 +125,7 @@ def test_perplexity_is_the_token_weighted_mean(small):
 @pytest.mark.model
 def test_dense_pass_recall_and_density(small):
     from seerlib.data import token_windows
-    from seerlib.integrate import topk_density
+    from seerlib.select import topk_density
 
     model, tok = small
     ids = token_windows(tok, "eval", 256, n=1)
@@ -204,3 +161,160 @@ def test_cli_writes_json_and_markdown(smollm, tmp_path):
           "--densities", "0.3", "--block-size", "16", "--attention", "ops"])  # merges into it
     labels = {r["label"] for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     assert labels == {"dense", "sink_window@0.5", "sink_window@0.3"}
+
+
+# ---------------------------------------------------------------- the CLI's inputs and result files
+
+
+def _meta(**kw):
+    base = dict(model="SmolLM2-135M-Instruct", text="KJV eval split (Isaiah, Luke, Acts)",
+                block_size=64, attention="ops", torch="2.13.0+cpu", device="cpu",
+                dtype="float32")
+    return {**base, **kw}
+
+
+def _row(label, ppl, length=128):
+    density = float(label.split("@")[1]) if "@" in label else None
+    return dict(label=label, method=label.split("@")[0], density_target=density, threshold=None,
+                length=length, windows=1, ppl=ppl, recall=1.0, achieved_density=density or 1.0)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--lengths", "1"], "--lengths: must be an integer >= 2; got 1"),
+        (["--lengths", "0"], "--lengths: must be an integer >= 2"),
+        (["--windows", "0"], "--windows: must be an integer >= 1; got 0"),
+        (["--densities", "0"], r"--densities: must be a number in \(0, 1\]; got 0"),
+        (["--densities", "1.5"], r"--densities: must be a number in \(0, 1\]"),
+        (["--densities", "nan"], r"--densities: must be a number in \(0, 1\]"),
+        (["--thresholds", "1"], r"--thresholds: must be a number in \[0, 1\); got 1"),
+        (["--thresholds", "-0.1"], r"--thresholds: must be a number in \[0, 1\)"),
+        (["--offset", "-1"], "--offset: must be an integer >= 0"),
+        (["--block-size", "0"], "--block-size: must be an integer >= 1"),
+        (["--passkey-depths", "1.5"], r"--passkey-depths: must be a number in \[0, 1\]"),
+        (["--passkey-trials", "0"], "--passkey-trials: must be an integer >= 1"),
+        (["--threads", "0"], "--threads: must be an integer >= 1"),
+    ],
+)
+def test_cli_refuses_bad_numbers_before_loading_the_model(tmp_path, capsys, monkeypatch, args,
+                                                          match):
+    from seerlib.eval import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "q"), "--methods", "dense", *args])
+    assert e.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_out_is_a_fresh_path_not_the_committed_table():
+    from seerlib.eval import cli
+
+    out = cli.default_out()
+    assert re.fullmatch(r"bench/results/runs/quality-\d{8}-\d{6}Z", out.as_posix())
+    assert cli._parser().parse_args([]).out is None
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        (dict(block_size=32), "block_size 64 there, 32 here"),
+        (dict(gates="b.safetensors"), "gates 'a.safetensors' there, 'b.safetensors' here"),
+        (dict(model="Other"), "model 'SmolLM2-135M-Instruct' there, 'Other' here"),
+        (dict(dtype="bfloat16"), "dtype 'float32' there, 'bfloat16' here"),
+        (dict(device="cuda", gpu="NVIDIA H200"), "device 'cpu' there, 'cuda' here"),
+    ],
+)
+def test_results_merge_only_under_the_same_settings(tmp_path, change, named):
+    from seerlib.eval.results import ResultsError, _update_results
+
+    out = tmp_path / "q"
+    _update_results(out, _meta(gates="a.safetensors"), "run 1", rows=[_row("dense", 9.0)])
+    before = out.with_suffix(".json").read_bytes()
+    with pytest.raises(ResultsError, match=re.escape(named)):
+        _update_results(out, _meta(**{"gates": "a.safetensors", **change}), "run 2",
+                        rows=[_row("dense", 1.0)])
+    assert out.with_suffix(".json").read_bytes() == before
+    # same settings (a run without a gate file next to one with it included): merged
+    _update_results(out, _meta(), "run 3", rows=[_row("sink_window@0.3", 9.5)])
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert {r["label"] for r in doc["rows"]} == {"dense", "sink_window@0.3"}
+    assert doc["meta"]["gates"] == "a.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock") == ["q.json", "q.md"]
+
+
+def _fake_eval(monkeypatch, between=None):
+    """main() without the model: evaluate() hands two finished rows to on_row."""
+    from seerlib.eval import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda **kw: (None, None))
+
+    def evaluate(model, tok, configs, lengths, windows, on_row=None, **kw):
+        rows = [_row("dense", 8.5), _row("sink_window@0.5", 9.5)]
+        on_row(rows[0])
+        if between:
+            between()
+        on_row(rows[1])
+        return rows
+
+    monkeypatch.setattr(cli, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b"[1, 2]", b'{"rows": 3}'])
+def test_corrupt_out_is_refused_before_running(tmp_path, monkeypatch, damage):
+    from seerlib.eval import cli
+
+    out = tmp_path / "q"
+    out.with_suffix(".json").write_bytes(damage)
+    monkeypatch.setattr(cli, "load_model", lambda **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=f"{out.with_suffix('.json')}.*nothing was run"):
+        main(["--out", str(out), "--lengths", "128", "--methods", "dense"])
+    assert out.with_suffix(".json").read_bytes() == damage
+
+
+def test_out_of_other_settings_is_refused_before_running(tmp_path, monkeypatch):
+    from seerlib.eval import cli
+    from seerlib.eval.results import _update_results
+
+    out = tmp_path / "q"
+    _update_results(out, _meta(block_size=64), "run 1", rows=[_row("dense", 9.0)])
+    monkeypatch.setattr(cli, "load_model", lambda **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="block_size 64 there, 16 here.*another --out"):
+        main(["--out", str(out), "--lengths", "128", "--methods", "dense", "--block-size", "16"])
+
+
+def test_a_finished_run_survives_its_out_going_bad_mid_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    damaged = b"{half a file"
+    _fake_eval(monkeypatch, between=lambda: out.with_suffix(".json").write_bytes(damaged))
+    main(["--out", str(out), "--lengths", "128", "--methods", "dense", "sink_window",
+          "--densities", "0.5", "--attention", "ops"])
+    assert out.with_suffix(".json").read_bytes() == damaged  # not ours to repair or replace
+    (beside,) = [p for p in tmp_path.glob("q-*.json")]
+    assert {r["label"] for r in json.loads(beside.read_text())["rows"]} == {
+        "dense", "sink_window@0.5"}  # every row of this run, the one written before included
+    assert beside.with_suffix(".md").exists()
+    err = capsys.readouterr().err
+    assert str(beside) in err and str(out.with_suffix(".json")) in err
+
+
+def test_cli_default_out_writes_a_fresh_file(tmp_path, monkeypatch):
+    _fake_eval(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    main(["--lengths", "128", "--methods", "dense", "sink_window", "--densities", "0.5",
+          "--attention", "ops"])
+    (made,) = (tmp_path / "bench" / "results" / "runs").glob("quality-*.json")
+    assert {r["label"] for r in json.loads(made.read_text())["rows"]} == {
+        "dense", "sink_window@0.5"}
+    assert not (tmp_path / "bench" / "results" / "quality-smollm2.json").exists()
+
+
+def test_load_results_names_a_corrupt_file(tmp_path):
+    from seerlib.eval.results import ResultsError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ResultsError, match=f"{bad}.*expected"):
+        load_results([bad])
