@@ -38,3 +38,25 @@ def test_bench_records_and_speedups(tmp_path):
     assert viz.bench_records(tmp_path / "none") == ([], [])
     table = viz.table_figure([row], ["seq_len", "sdpa_flash"], headers={"sdpa_flash": "vs FA2"})
     assert list(table.data[0].header.values) == ["seq_len", "vs FA2"]
+
+
+def test_prefill_figure_draws_the_committed_end_to_end_run(tmp_path):
+    import json
+    import shutil
+
+    from seerlib.viz.common import repo_path
+
+    src = repo_path("bench/results/prefill-H200-2026-12-01.json")
+    shutil.copy(src, tmp_path / src.name)
+    (tmp_path / "H200-2026-12-01.json").write_text(json.dumps(
+        [{"provider": "seer", "seq_len": 8192, "ms": 1.0, "gpu": "H200", "date": "2026-12-01"}]))
+    recs, files = viz.prefill_records(tmp_path)
+    assert files == [src.name] and recs and all(r["status"] == "ok" for r in recs)
+    fig = viz.prefill_figure(recs)
+    bars = {t.name: t for t in fig.data if t.legendgroup}
+    assert "gate, density 0.1, CUDA graphs" in bars and "SDPA cuDNN (dense)" in bars
+    cudnn = [t for t in fig.data if t.name == "SDPA cuDNN (dense)"]
+    assert all(y == 1.0 for t in cudnn for y in t.y if y is not None)  # its own reference
+    # the kernel sweep's reader leaves bench_prefill's files alone
+    kernel, kernel_files = viz.bench_records(tmp_path)
+    assert kernel_files == ["H200-2026-12-01.json"]

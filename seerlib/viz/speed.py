@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -15,6 +16,61 @@ from seerlib.viz.common import show
 
 PROVIDER_NAMES = {"sdpa_flash": "FlashAttention-2 (SDPA)", "sdpa_cudnn": "cuDNN (SDPA)",
                   "flex": "FlexAttention (same mask)", "seer_dense": "our dense kernel"}
+
+
+PREFILL_PREFIX = "prefill-"
+# rows of the end-to-end figure, in order: (provider, legend name)
+PREFILL_ROWS = [("sdpa_cudnn", "SDPA cuDNN (dense)"), ("sdpa_flash", "SDPA flash (dense)"),
+                ("flex", "FlexAttention (dense)"), ("gate@0.1", "gate, density 0.1"),
+                ("graph:gate@0.1", "gate, density 0.1, CUDA graphs"),
+                ("sink_window@0.1", "sink + window, 0.1"),
+                ("ideal@0.1", "ideal: kernel on a prebuilt index")]
+
+
+def prefill_records(folder) -> tuple[list[dict], list[str]]:
+    """Rows of `bench/bench_prefill.py` result files (`prefill-*.json`) in `folder` that ran
+    (status ok), and the file names read."""
+    files = sorted(Path(folder).glob(f"{PREFILL_PREFIX}*.json"))
+    recs = []
+    for p in files:
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, list):
+            recs += [dict(r, _file=p.name) for r in data if isinstance(r, dict)
+                     and r.get("kind") == "row" and r.get("status") == "ok"]
+    return recs, sorted({r["_file"] for r in recs})
+
+
+def prefill_figure(records: Sequence[Mapping]) -> go.Figure:
+    """End-to-end prefill time through `sparsify` against dense, per model shape and length:
+    bars of the speed-up over SDPA's cuDNN backend measured in the same run (> 1: faster)."""
+    shapes = list(dict.fromkeys((r["shape"], r["layers"]) for r in records))
+    fig = make_subplots(rows=1, cols=max(1, len(shapes)), subplot_titles=[
+        f"{s}, {n} layers" for s, n in shapes] or [""])
+    for j, (shape, layers) in enumerate(shapes, start=1):
+        mine = [r for r in records if (r["shape"], r["layers"]) == (shape, layers)]
+        lens = sorted({r["seq_len"] for r in mine})
+        for i, (prov, name) in enumerate(PREFILL_ROWS):
+            by = {r["seq_len"]: r for r in mine if r["provider"] == prov and "vs_sdpa_cudnn" in r}
+            if not by:
+                continue
+            fig.add_trace(go.Bar(
+                x=[f"{S // 1024}k" for S in lens], y=[by[S]["vs_sdpa_cudnn"] if S in by else None
+                                                      for S in lens],
+                name=name, legendgroup=name, showlegend=j == 1,
+                marker_color=px.colors.qualitative.Plotly[i % 10],
+                customdata=[by[S]["ms"] if S in by else None for S in lens],
+                hovertemplate=name + ": %{y:.2f}× cuDNN (%{customdata:.1f} ms)<extra></extra>"),
+                row=1, col=j)
+        fig.add_hline(y=1.0, line_dash="dot", line_color="black", row=1, col=j)
+    gpu = next((r.get("gpu") for r in records if r.get("gpu")), "")
+    fig.update_yaxes(title_text="speed-up over SDPA cuDNN (same run)", row=1, col=1)
+    fig.update_layout(barmode="group", height=440, legend=dict(orientation="h", y=-0.2),
+                      title=f"Whole-model prefill through sparsify vs dense ({gpu}; random "
+                            "weights, untrained gate: timing only)")
+    return fig
 
 
 def bench_records(folder, gpu: str | None = None) -> tuple[list[dict], list[str]]:
@@ -27,7 +83,8 @@ def bench_records(folder, gpu: str | None = None) -> tuple[list[dict], list[str]
         (records, the file names used).
     """
     files = sorted(p for p in Path(folder).glob("*.json")
-                   if not p.stem.endswith("-checks") and "-tune" not in p.stem)
+                   if not p.stem.endswith("-checks") and "-tune" not in p.stem
+                   and not p.stem.startswith(PREFILL_PREFIX))  # bench_prefill's own files
     recs = []
     for p in files:
         try:
