@@ -43,6 +43,8 @@ def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int =
         its `to_dense()` (cropped to nb x nb) equals the causal part of `block_mask`.
     """
     b = check_block_size(block_size)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive number of tokens; got {seq_len!r}")
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
         got = block_mask.dtype if torch.is_tensor(block_mask) else type(block_mask).__name__
         raise ValueError(f"block_mask must be a torch.bool tensor (B, H, nb, nb); got {got}")

@@ -137,6 +137,9 @@ def _check_gates(gates, model, block_size: int) -> None:
         )
 
 
+_ACTIVE = "_seerlib_sparsified"  # the model's attribute naming its enabled handle
+
+
 class Sparsified:
     """A model switched (or switchable) to block-sparse prefill. Made by `sparsify`.
 
@@ -164,6 +167,12 @@ class Sparsified:
         """Switch the model's attention to ours until `disable()`; returns self."""
         if self._stack is not None:
             raise RuntimeError("this sparsify handle is already enabled")
+        other = getattr(self.model, _ACTIVE, None)
+        if other is not None:
+            # two handles would each restore the other's attention on exit and leave the model
+            # silently dense (or broken): one at a time
+            raise RuntimeError(f"this model already runs another sparsify handle ({other!r}); "
+                               "disable it first")
         stack = contextlib.ExitStack()
         try:
             if self.config.spec.needs_gate:
@@ -173,6 +182,7 @@ class Sparsified:
             stack.close()
             raise
         self._stack = stack
+        setattr(self.model, _ACTIVE, self)
         return self
 
     def disable(self) -> None:
@@ -180,6 +190,8 @@ class Sparsified:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
+            if getattr(self.model, _ACTIVE, None) is self:
+                delattr(self.model, _ACTIVE)
         self._pre.clear()
         if self.graphs is not None:
             self.graphs.clear()  # the captured graphs' memory goes back with them

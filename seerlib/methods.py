@@ -181,6 +181,13 @@ def _oracle(layer: LayerInputs, selection: Selection, pooling: str) -> torch.Ten
     w = layer.weights
     if w is None:
         w = ground_truth(layer.q, layer.k, layer.v, layer.block_size, pooling, layer.scale)
+    B, Hq, S, _ = layer.q.shape
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (B, Hq, layer.nb, layer.nb):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(
+            f"the oracle's ground-truth map has shape {got}; {S} tokens at block size "
+            f"{layer.block_size} with {Hq} query heads need (B, Hq, nb, nb) = "
+            f"{(B, Hq, layer.nb, layer.nb)} (oracle_weights from a pass over other tokens?)")
     if selection.threshold is not None or selection.budget != "row":
         # the log of the map, so that the row softmax is the row-normalized map
         return select_blocks(torch.log(w.float().clamp_min(0)), selection)

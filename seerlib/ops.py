@@ -69,9 +69,24 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None) -> bool:
+def _wants_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None,
+                 inputs=()) -> bool:
+    """Whether the Triton kernels take this call. They have no backward yet: when autograd needs
+    one (grad mode on and an input that requires grad), "auto" takes the differentiable reference
+    and "triton" refuses, so gradients are never silently lost."""
     name = get_backend(backend)
     if name == "reference":
+        return False
+    if _wants_grad(inputs):
+        if name == "triton":
+            raise RuntimeError(
+                "the Triton kernels have no backward yet, and an input requires grad: use "
+                "backend='reference' (or 'auto', which takes it), or run under torch.no_grad()")
         return False
     if name == "triton":
         return True
@@ -106,7 +121,7 @@ def attention(
     q, k, v, causal: bool = True, scale: float | None = None, *, backend: str | None = None
 ):
     """Exact softmax attention. q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d)."""
-    if _use_kernels(q, backend):
+    if _use_kernels(q, backend, inputs=(q, k, v)):
         return _kernels().attention(q, k, v, causal=causal, scale=scale)
     return reference.attention(q, k, v, causal=causal, scale=scale)
 
@@ -129,7 +144,7 @@ def pooled_attention(
         out (B, Hq, S, d) in q's dtype, pooled (B, Hq, nb, nb) float32 (largest softmax
         probability of each tile, 0 above the diagonal when causal).
     """
-    if _use_kernels(q, backend, block_size):
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
         return _kernels().pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
     return reference.pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
 
@@ -159,7 +174,7 @@ def block_sparse_attention(
     Returns:
         out (B, Hq, S, d); a row with nothing kept is zeros.
     """
-    if _use_kernels(q, backend, block_size):
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
         return _kernels().block_sparse_attention(
             q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free, out=out
         )

@@ -55,3 +55,8 @@ def test_compiled_flex_skips_dropped_tiles_exactly():
     out = flex_sparse_attention(q, k, v, mask, 16, scale=0.25)
     ref = reference.block_sparse_attention(q, k, v, mask, 16, scale=0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_refuses_an_empty_sequence():
+    with pytest.raises(ValueError, match="seq_len must be a positive number of tokens; got 0"):
+        to_flex_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), 0, 64)

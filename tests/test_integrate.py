@@ -248,3 +248,32 @@ def test_a_new_forced_rule_and_a_new_method_work_end_to_end(small, slice_ids, de
     finally:
         METHODS.pop("recent_first")
         FORCED_BLOCKS.pop("every_other")
+
+
+@pytest.mark.model
+def test_a_second_handle_is_refused_until_the_first_is_disabled(small, slice_ids, dense_logits):
+    model = small[0]
+    first = sparsify(model, "sink_window@0.2", block_size=B16).enable()
+    second = sparsify(model, "sink_window@0.3", block_size=B16)
+    try:
+        with pytest.raises(RuntimeError, match="already runs another sparsify handle"):
+            second.enable()
+        assert not second.enabled and first.enabled
+        sparse = _logits(model, slice_ids)
+        assert not torch.allclose(sparse, dense_logits, atol=1e-2)  # still the first's
+    finally:
+        first.disable()
+    with second:  # now it may
+        assert second.enabled
+        assert not torch.allclose(_logits(model, slice_ids), dense_logits, atol=1e-2)
+    assert not second.enabled
+    torch.testing.assert_close(_logits(model, slice_ids), dense_logits)
+
+
+def test_oracle_weights_of_another_shape_are_named():
+    from seerlib.methods import LayerInputs, layer_block_mask
+
+    q, k = torch.randn(1, 4, 128, 16), torch.randn(1, 2, 128, 16)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 5, 5\); 128 tokens .* \(1, 4, 8, 8\)"):
+        layer_block_mask(parse_config("oracle-max@0.3", block_size=16),
+                         LayerInputs(q, k, k, 16, weights=torch.rand(1, 4, 5, 5)))

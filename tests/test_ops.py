@@ -85,3 +85,20 @@ def test_auto_sends_unsupported_shapes_to_reference(monkeypatch):
     assert not ops._use_kernels(meta, None, 48)
     assert not ops._use_kernels(meta[..., :48], None, 64)
     assert not ops._use_kernels(meta.float(), None, 64)
+
+
+def test_kernels_are_never_silently_non_differentiable():
+    """No backward in the Triton kernels yet: "triton" refuses inputs that need grad, "auto"
+    takes the differentiable reference, and gradients flow."""
+    q = torch.randn(1, 2, 32, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool).tril()
+    with pytest.raises(RuntimeError, match="no backward yet"):
+        ops.block_sparse_attention(q, k, v, mask, 16, backend="triton")
+    with pytest.raises(RuntimeError, match="no backward yet"):
+        ops.pooled_attention(q, k, v, 16, backend="triton")
+    out = ops.block_sparse_attention(q, k, v, mask, 16)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+    with torch.no_grad():  # no grad needed: the kernels may take it
+        assert ops._use_kernels(q, "triton", 16, inputs=(q, k, v))
