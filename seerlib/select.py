@@ -395,9 +395,3 @@ def select_blocks(logits: torch.Tensor, selection: Selection) -> torch.Tensor:
     scores = logits.float().masked_fill(~causal, float("-inf"))
     rule = threshold_rule if selection.threshold is not None else BUDGET_RULES[selection.budget]
     return rule(scores, forced, causal, selection) | forced
-
-
-def with_budget(selection: Selection, density: float | None = None,
-                threshold: float | None = None) -> Selection:
-    """The same Selection at another budget (a sweep point): density or threshold."""
-    return replace(selection, density=density, threshold=threshold)

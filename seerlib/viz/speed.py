@@ -27,10 +27,9 @@ PREFILL_ROWS = [("sdpa_cudnn", "SDPA cuDNN (dense)"), ("sdpa_flash", "SDPA flash
                 ("ideal@0.1", "ideal: kernel on a prebuilt index")]
 
 
-def prefill_records(folder) -> tuple[list[dict], list[str]]:
-    """Rows of `bench/bench_prefill.py` result files (`prefill-*.json`) in `folder` that ran
-    (status ok), and the file names read."""
-    files = sorted(Path(folder).glob(f"{PREFILL_PREFIX}*.json"))
+def _list_records(files, keep) -> list[dict]:
+    """The dict records of the JSON lists in `files` that `keep(record)` accepts, each with its
+    file's name under "_file"; unreadable files are passed over."""
     recs = []
     for p in files:
         try:
@@ -38,8 +37,15 @@ def prefill_records(folder) -> tuple[list[dict], list[str]]:
         except (OSError, ValueError):
             continue
         if isinstance(data, list):
-            recs += [dict(r, _file=p.name) for r in data if isinstance(r, dict)
-                     and r.get("kind") == "row" and r.get("status") == "ok"]
+            recs += [dict(r, _file=p.name) for r in data if isinstance(r, dict) and keep(r)]
+    return recs
+
+
+def prefill_records(folder) -> tuple[list[dict], list[str]]:
+    """Rows of `bench/bench_prefill.py` result files (`prefill-*.json`) in `folder` that ran
+    (status ok), and the file names read."""
+    recs = _list_records(sorted(Path(folder).glob(f"{PREFILL_PREFIX}*.json")),
+                         lambda r: r.get("kind") == "row" and r.get("status") == "ok")
     return recs, sorted({r["_file"] for r in recs})
 
 
@@ -85,15 +91,7 @@ def bench_records(folder, gpu: str | None = None) -> tuple[list[dict], list[str]
     files = sorted(p for p in Path(folder).glob("*.json")
                    if not p.stem.endswith("-checks") and "-tune" not in p.stem
                    and not p.stem.startswith(PREFILL_PREFIX))  # bench_prefill's own files
-    recs = []
-    for p in files:
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, list):
-            recs += [dict(r, _file=p.name) for r in data
-                     if isinstance(r, dict) and {"provider", "seq_len", "ms"} <= set(r)]
+    recs = _list_records(files, lambda r: {"provider", "seq_len", "ms"} <= set(r))
     if not recs:
         return [], []
     if gpu is None:
