@@ -1,8 +1,10 @@
 """Per-layer Q, K and V from a transformers model, taken with hooks (no copy of modeling code).
 
 Two mechanisms, both reusable by the integration:
-- `pre_rope_hooks`: forward hooks on each attention layer's q_proj / k_proj / v_proj give Q, K and V
-  before RoPE, reshaped to (B, H, S, d).
+- `pre_rope_hooks`: forward hooks give each attention layer's Q, K and V as RoPE receives them,
+  reshaped to (B, H, S, d); the model family's adapter (`seerlib.families`) says where: q_proj /
+  k_proj / v_proj, the q_norm / k_norm that follow them (Qwen3, Gemma3), or a fused qkv_proj split
+  in three (Phi-3).
 - `attention_override`: routes every attention layer through a function of ours, registered in
   transformers' AttentionInterface; it sees the post-RoPE Q and K and the un-repeated K/V heads.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from seerlib.families import family_of
 
 __all__ = ["LayerQKV", "attention_layers", "pre_rope_hooks", "attention_override", "capture_qkv"]
 
@@ -34,23 +38,8 @@ class LayerQKV:
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The attention modules (with q/k/v projections and a layer_idx), in layer order."""
-    layers = [
-        m
-        for m in model.modules()
-        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "layer_idx"))
-    ]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no attention modules with q_proj/k_proj/v_proj "
-            "and layer_idx; expected a transformers Llama-family model"
-        )
-    return sorted(layers, key=lambda m: m.layer_idx)
-
-
-def _heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
-    B, S, _ = out.shape
-    return out.view(B, S, -1, head_dim).transpose(1, 2)  # (B, S, H*d) -> (B, H, S, d)
+    """The attention modules of `model`, in layer order, as its family's adapter finds them."""
+    return family_of(model).attention_layers(model)
 
 
 @contextmanager
@@ -60,16 +49,17 @@ def pre_rope_hooks(model: nn.Module, store: dict, layers: Iterable[int] | None =
     Tensors are stored as produced (not detached), so a caller may backpropagate through them.
     """
     wanted = None if layers is None else set(layers)
+    family = family_of(model)
     handles = []
-    for attn in attention_layers(model):
+    for attn in family.attention_layers(model):
         if wanted is not None and attn.layer_idx not in wanted:
             continue
-        for proj, key in ((attn.q_proj, "q_pre"), (attn.k_proj, "k_pre"), (attn.v_proj, "v")):
+        for source, read in family.qkv_hooks(attn):
 
-            def hook(mod, args, out, key=key, attn=attn):
-                store.setdefault(attn.layer_idx, {})[key] = _heads(out, attn.head_dim)
+            def hook(mod, args, out, read=read, layer=attn.layer_idx):
+                store.setdefault(layer, {}).update(read(out))
 
-            handles.append(proj.register_forward_hook(hook))
+            handles.append(source.register_forward_hook(hook))
     try:
         yield store
     finally:
@@ -77,16 +67,23 @@ def pre_rope_hooks(model: nn.Module, store: dict, layers: Iterable[int] | None =
             h.remove()
 
 
-def _delegate(impl: str) -> Callable:
+def _delegate(model: nn.Module, impl: str) -> tuple[Callable, Callable]:
+    """(attention function, mask function) of the model's previous implementation `impl`."""
     # Lazy here and below: transformers takes seconds to import, and `import seerlib.capture`
     # (the LayerQKV record, reached through seerlib.metrics) should not pay for it.
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import eager_mask, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if impl == "eager":
+        # eager is model-specific (Gemma2 soft-caps its scores there): the model's own, with the
+        # additive masks it expects (it takes causality from the mask)
+        eager = family_of(model).eager_attention(model)
+        if eager is not None:
+            return eager, eager_mask
     if impl in ("sdpa", "eager", None):
-        # eager is model-specific in transformers; SDPA computes the same function.
-        return sdpa_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[impl]
+        return sdpa_attention_forward, sdpa_mask
+    return ALL_ATTENTION_FUNCTIONS[impl], sdpa_mask  # our functions take SDPA-style masks
 
 
 @contextmanager
@@ -95,23 +92,24 @@ def attention_override(model: nn.Module, fn: Callable):
 
     `fn(module, query, key, value, attention_mask, *, scaling, dropout, default, **kwargs)` gets
     query (B, Hq, S, d) and key/value (B, Hkv, S_kv, d) after RoPE (and after the KV cache update),
-    the transformers attention mask, and `default`, the attention function the model used before
-    (call it to compute dense attention). It returns (out (B, S, Hq, d), weights or None), like any
-    transformers attention function. The model's previous implementation is restored on exit.
+    the transformers attention mask (boolean, or additive for an eager model), and `default`, the
+    attention function the model used before (call it to compute dense attention). It returns
+    (out (B, S, Hq, d), weights or None), like any transformers attention function. The model's
+    previous implementation is restored on exit.
     """
     # Lazy, as in _delegate: transformers takes seconds to import.
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     previous = model.config._attn_implementation
-    default = _delegate(previous)
+    default, mask_fn = _delegate(model, previous)
     name = f"seerlib_{next(_names)}"
 
     def wrapped(module, query, key, value, attention_mask, **kwargs):
         return fn(module, query, key, value, attention_mask, default=default, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS.register(name, wrapped)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)  # our functions take SDPA-style masks
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)  # the masks `default` expects
     model.set_attn_implementation(name)
     try:
         yield model
@@ -131,7 +129,7 @@ def capture_qkv(
     """Run `model` on `input_ids` and return each requested layer's Q, K, V.
 
     Args:
-        model: a transformers Llama-family causal LM.
+        model: a transformers causal LM of a family `seerlib.families` knows.
         input_ids: (B, S) token ids.
         layers: layer indices to keep (all by default).
         attention_mask: optional (B, S) padding mask, passed to the model.

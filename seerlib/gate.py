@@ -13,12 +13,12 @@ partial, -inf above the block diagonal.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from seerlib.families import family_of
 from seerlib.reference import causal_block_mask, check_block_size, default_scale, num_blocks
 
 __all__ = ["POOL_OPS", "AttnGate", "BlockRoPE", "GateSet", "pool_blocks"]
@@ -83,9 +83,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class BlockRoPE(nn.Module):
     """RoPE at block-start positions, built from a transformers config's own rope settings.
 
-    Uses the model family's rotary class (`LlamaRotaryEmbedding` and its rope init functions: rope
-    theta, and any scaling such as linear, dynamic, YaRN, llama3) on a copy of the config whose
-    head dim is the gate dim, so the rotary dim is `dim`. Positions are the first token of each
+    Uses the model family's rotary class (`seerlib.families`: `LlamaRotaryEmbedding` for most, with
+    its rope init functions: rope theta, and any scaling such as linear, dynamic, YaRN, llama3) on a
+    copy of the config whose head dim is the gate dim, so the rotary dim is `dim` (or the part of
+    it the family rotates). Positions are the first token of each
     block: 0, b, 2b, ...
 
     Args:
@@ -95,20 +96,12 @@ class BlockRoPE(nn.Module):
 
     def __init__(self, config, dim: int):
         super().__init__()
-        # Lazy: transformers takes seconds to import; pooling and the gate math do not need it.
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         if dim <= 0 or dim % 2:
             raise ValueError(f"rotary dim must be a positive even int; got {dim}")
-        cfg = copy.deepcopy(config)
-        cfg.head_dim = dim
-        if getattr(cfg, "rope_parameters", None) is None:
-            raise ValueError(
-                f"config of type {type(config).__name__} has no rope_parameters; a gate needs the "
-                "model's rope settings"
-            )
         self.dim = dim
-        self.rotary = LlamaRotaryEmbedding(cfg)
+        # the family's rotary class and its global layers' settings (Gemma3 keeps one per layer
+        # type; Phi-3 may rotate part of the head dim), built by the adapter
+        self.rotary = family_of(config).rotary_embedding(config, dim)
 
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
         """Rotate x (B, H, nb, dim) as if block i sat at token position i * block_size."""
@@ -246,15 +239,17 @@ class AttnGate(nn.Module):
 
 
 def _config_heads(config) -> tuple[int, int, int, int]:
-    """(num_layers, Hq, Hkv, head_dim) of a transformers decoder config."""
-    Hq = config.num_attention_heads
-    Hkv = getattr(config, "num_key_value_heads", None) or Hq
-    d = getattr(config, "head_dim", None) or config.hidden_size // Hq
-    return config.num_hidden_layers, Hq, Hkv, d
+    """(num_layers, Hq, Hkv, head_dim) of a transformers decoder config, from its family's
+    adapter."""
+    return family_of(config).heads(config)
 
 
 class GateSet(nn.Module):
     """One `AttnGate` per decoder layer of a model, sharing one `BlockRoPE`.
+
+    Every layer has a gate, so `gates[i]` is layer i's in every family; `sparsify` reads the gates
+    of the global layers only (a sliding-window layer keeps the model's own attention, see
+    `seerlib.families`), and the sliding layers' gates stay unused.
 
     Build with `GateSet.from_config(model.config, block_size=64)`. `gates[i]` is layer i's gate;
     `forward({layer: (q_pre, k_pre)})` returns `{layer: logits (B, Hq, nb, nb)}`.

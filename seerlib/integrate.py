@@ -14,10 +14,12 @@ it). Which blocks each layer keeps is the method's business (`seerlib.methods`);
 what was kept.
 
 Single-token decode steps (and any call whose query is shorter than its keys, i.e. a cached
-continuation) stay dense. The block-sparse product goes through `seerlib.ops` (Triton on CUDA, the
-exact reference on CPU) or, with `attention="flex"`, through FlexAttention with the selection's
-`BlockMask` (`seerlib.flex`), compiled: on CPU this is the fast path (it skips dropped tiles;
-the reference computes every score).
+continuation) stay dense, and so do sliding-window layers: they keep the model's own attention and
+its window (which layers, by family: `seerlib.families`). Attention logit soft-capping (Gemma2) is
+refused: the block-sparse path computes a plain softmax. The block-sparse product goes through
+`seerlib.ops` (Triton on CUDA, the exact reference on CPU) or, with `attention="flex"`, through
+FlexAttention with the selection's `BlockMask` (`seerlib.flex`), compiled: on CPU this is the fast
+path (it skips dropped tiles; the reference computes every score).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from seerlib import ops
 from seerlib.capture import attention_layers, attention_override, pre_rope_hooks
+from seerlib.families import family_of
 from seerlib.flex import flex_sparse_attention
 from seerlib.gate import GateSet
 from seerlib.graphs import StepGraphs
@@ -158,6 +161,7 @@ class Sparsified:
         self.stats = SparsityStats()
         self._stack: contextlib.ExitStack | None = None
         self._pre: dict = {}
+        self.family = family_of(model)
 
     @property
     def enabled(self) -> bool:
@@ -176,7 +180,10 @@ class Sparsified:
         stack = contextlib.ExitStack()
         try:
             if self.config.spec.needs_gate:
-                stack.enter_context(pre_rope_hooks(self.model, self._pre))
+                # no hooks on the layers that never run sparse (sliding layers by layer_types)
+                gated = [i for i in range(len(self.gates))
+                         if not self.family.keeps_own_attention(self.model.config, i, 0)]
+                stack.enter_context(pre_rope_hooks(self.model, self._pre, gated))
             stack.enter_context(attention_override(self.model, self._attend))
         except BaseException:
             stack.close()
@@ -215,8 +222,14 @@ class Sparsified:
         if Sq != Sk or Sq == 1:
             self.stats.dense_calls += 1
             return default(module, query, key, value, attention_mask, **kwargs)
-        _check_no_padding(attention_mask, Sq)
+        window = self.family.layer_window(self.model.config, layer)
+        _check_no_padding(attention_mask, Sq, window=window)
+        if self.family.keeps_own_attention(self.model.config, layer, Sk):
+            self.stats.dense_calls += 1  # a sliding layer: the model's attention, its window
+            return default(module, query, key, value, attention_mask, **kwargs)
         cfg = self.config
+        if cfg.spec.sparse and kwargs.get("softcap") is not None:
+            raise NotImplementedError(_softcap_refusal(self.family.name, kwargs["softcap"]))
         scale = kwargs.get("scaling")
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         gate = self.gates[layer] if self.gates is not None else None
@@ -275,10 +288,12 @@ def count_blocks(mask: torch.Tensor) -> tuple[int, int]:
     return int(mask.tril().sum()), B * H * causal_block_count(nb)
 
 
-def _check_no_padding(attention_mask, S: int, rows: int = 1024) -> None:
-    """Sparse prefill assumes plain causal attention: refuse padding masks. (transformers passes
-    None for a plain causal prefill; a given mask is compared in slices of `rows` query rows, so
-    the check allocates no S x S tensor of its own.)"""
+def _check_no_padding(attention_mask, S: int, rows: int = 1024,
+                      window: int | None = None) -> None:
+    """Sparse prefill assumes plain causal attention: refuse padding masks. A layer with a sliding
+    `window` may get the model's sliding-window causal mask (key j seen by queries j .. j+window-1),
+    which is no padding. (transformers passes None for a plain causal prefill; a given mask is
+    compared in slices of `rows` query rows, so the check allocates no S x S tensor of its own.)"""
     if attention_mask is None:
         return
     m = attention_mask[..., -S:, -S:]
@@ -287,13 +302,23 @@ def _check_no_padding(attention_mask, S: int, rows: int = 1024) -> None:
     for r0 in range(0, S, rows):
         part = m[..., r0:r0 + rows, :]
         allowed = part if part.dtype == torch.bool else part == 0  # additive masks: 0 = allowed
-        causal = col[None, :] <= torch.arange(r0, r0 + part.shape[-2], device=m.device)[:, None]
+        row = torch.arange(r0, r0 + part.shape[-2], device=m.device)[:, None]
+        causal = col[None, :] <= row
+        if window is not None:
+            causal &= col[None, :] > row - window
         ok &= (allowed == causal).all()
     if not bool(ok):
         raise NotImplementedError(
             "sparse prefill takes plain causal attention only; got an attention mask with padding "
             "or other masked positions (run batches of equal-length, unpadded sequences)"
         )
+
+
+def _softcap_refusal(family: str, cap) -> str:
+    return (f"{family} soft-caps its attention logits (attn_logit_softcapping={cap}); seerlib's "
+            "block-sparse attention (kernels, reference and flex) computes a plain softmax and "
+            "cannot honour it, so sparse prefill is refused for this model (method 'dense' runs "
+            "the model's own attention)")
 
 
 def sparsify(
@@ -309,10 +334,11 @@ def sparsify(
     record_masks: bool = False,
     cuda_graphs: bool = False,
 ) -> Sparsified:
-    """Make a transformers Llama-family model run block-sparse prefill.
+    """Make a transformers model run block-sparse prefill.
 
     Args:
-        model: the transformers causal LM (its attention layers need q/k/v projections).
+        model: the transformers causal LM, of a family `seerlib.families` knows (Llama, Mistral,
+            Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text, Phi-3).
         config: a `SparseConfig`, a preset name ("recommended"), a label ("gate+sink@0.3",
             "sink_window@0.2", "dense"), or a method name ("gate", "oracle-max", ...) with
             `selection`. A density of 1.0 keeps everything and reproduces dense logits.
@@ -335,7 +361,9 @@ def sparsify(
         A `Sparsified` handle: a context manager, or `.enable()` for the permanent form.
     Raises:
         ValueError: an unknown method, preset or label, a selection the method does not honour,
-            gates missing or made for another model or block size.
+            gates missing or made for another model or block size, a model family seerlib has
+            no adapter for.
+        NotImplementedError: a sparse method on a model that soft-caps its attention logits.
     """
     if selection is not None:
         if not isinstance(config, str) or "+" in config or "@" in config:
@@ -359,5 +387,8 @@ def sparsify(
         raise ValueError(f"oracle_weights are only used by the oracle methods; got method "
                          f"{cfg.method!r}")
     attention_layers(model)  # fails early on a model without attention layers
+    cap = family_of(model).softcapping(model.config)
+    if cfg.spec.sparse and cap is not None:
+        raise NotImplementedError(_softcap_refusal(family_of(model).name, cap))
     return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks,
                       cuda_graphs=cuda_graphs)
