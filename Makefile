@@ -37,4 +37,4 @@ lint: venv
 	$(VENV)/bin/ruff check seerlib kernels tests bench
 
 clean:
-	rm -rf reports/*.ipynb reports/*.html
+	rm -rf reports/*.ipynb reports/*.html reports/plotly.min.js

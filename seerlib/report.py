@@ -1,12 +1,17 @@
-"""Execute the notebooks with papermill and publish them as self-contained HTML.
+"""Execute the notebooks with papermill and publish them as HTML pages that read offline.
 
     python -m seerlib.report [--notebooks 01_attention_maps ...] [--small] [-p KEY VALUE ...]
                              [--out reports] [--timeout SECONDS]
 
 For each notebook in `notebooks/` (all by default; pass stems or paths to pick some) this writes
-`<out>/<name>.ipynb` (the executed copy) and `<out>/<name>.html` (plotly.js embedded once in the
-page, readable offline), then `<out>/index.html`: a table linking every report with its run time,
-parameters and key figures (what the notebook passed to `seerlib.viz.key_figures`).
+`<out>/<name>.ipynb` (the executed copy) and `<out>/<name>.html`, then `<out>/index.html`: a table
+linking every report with its run time, parameters (declared defaults and what was set) and key
+figures (what the notebook passed to `seerlib.viz.key_figures`). The index also links an offline
+export of each committed GPU run in `reports/gpu/` (`<out>/<name>.gpu.html`).
+
+The pages read offline: nothing comes from a CDN (no require.js, MathJax, mermaid or widget
+loader), and every page loads the one `<out>/plotly.min.js` beside it by a relative <script src>.
+Code cells are folded into <details> ("Show code" at the top opens them all).
 
 Parameters: `INTERACTIVE` is always False here (plain figures only: widget state does not survive
 HTML export). `--small` applies each notebook's entry of `SMALL_PARAMETERS` (what CI and the tests
@@ -27,7 +32,6 @@ import html
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -40,17 +44,21 @@ __all__ = [
     "SMALL_PARAMETERS",
     "NotebookResult",
     "ReportError",
+    "committed_runs",
     "export_html",
     "find_notebooks",
     "main",
     "run_notebook",
     "run_report",
     "write_index",
+    "write_plotly_js",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 REPORTS = ROOT / "reports"
+# Executed copies committed from GPU runs (`bench/README.md`): the index links an offline export.
+COMMITTED = REPORTS / "gpu"
 
 # Each notebook's parameters for CI and the tests (`--small`): a few seconds to a minute each on a
 # 2-core CPU, same code paths as the defaults.
@@ -85,6 +93,8 @@ class NotebookResult:
     parameters: dict
     error: str | None = None
     key_figures: dict = field(default_factory=dict)
+    declared: dict = field(default_factory=dict)  # {name: default source text}
+    note: str = ""  # where the run comes from, when not from this command (a committed GPU run)
 
 
 # ---------------------------------------------------------------- finding and parameters
@@ -217,12 +227,36 @@ def run_notebook(path: Path, out_dir: Path = REPORTS, parameters: Mapping | None
         error = f"{path.name}: {type(exc).__name__}: {exc}"
     seconds = time.time() - t0
     result = NotebookResult(name=path.stem, ok=error is None, seconds=seconds, ipynb=out,
-                            html=None, parameters=params, error=error)
+                            html=None, parameters=params, error=error,
+                            declared=declared_parameters(path))
     if out.exists():
         result.key_figures = collect_key_figures(out)
         if html_export:
             result.html = export_html(out, out.with_suffix(".html"))
     return result
+
+
+def committed_runs(out_dir: Path = REPORTS, folder: Path = COMMITTED) -> list[NotebookResult]:
+    """The executed notebooks committed in `folder` (GPU runs), each exported to an offline page
+    `out_dir/<name>.gpu.html` (the committed page loads require.js and MathJax from a CDN)."""
+    # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
+    import nbformat
+
+    results = []
+    for ipynb in sorted(Path(folder).glob("*.ipynb")):
+        meta = nbformat.read(str(ipynb), as_version=4).metadata.get("papermill", {})
+        device = folder / "device.txt"
+        lines = device.read_text().splitlines() if device.exists() else []
+        gpu = lines[1].split(",")[0].strip() if len(lines) > 1 else "a GPU"
+        when = (meta.get("end_time") or "")[:10]
+        page = export_html(ipynb, Path(out_dir) / f"{ipynb.stem}.gpu.html")
+        results.append(NotebookResult(
+            name=ipynb.stem, ok=meta.get("exception") is None,
+            seconds=float(meta.get("duration") or 0.0), ipynb=ipynb, html=page,
+            parameters=dict(meta.get("parameters") or {}), declared=declared_parameters(ipynb),
+            key_figures=collect_key_figures(ipynb),
+            note=f"committed run on {gpu}{', ' + when if when else ''}"))
+    return results
 
 
 def collect_key_figures(ipynb: Path) -> dict:
@@ -243,30 +277,99 @@ def collect_key_figures(ipynb: Path) -> dict:
 
 # ---------------------------------------------------------------- HTML
 
+PLOTLY_JS = "plotly.min.js"  # written once per output folder; every page points at it
 
-def _plotly_script() -> str:
+# nbconvert's "lab" page without anything fetched from a CDN: require.js and MathJax go (no
+# notebook uses LaTeX, and plotly.js runs as a plain script), as do mermaid (unused) and the
+# ipywidgets embed loader (reports draw plain figures only). plotly.js comes from the file beside
+# the page, before the figures' inline scripts call `Plotly.newPlot`. Code cells are folded into
+# <details>; the button at the top opens or closes them all.
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}
+{%- if resources.plotly_js_src %}
+<script src="{{ resources.plotly_js_src }}"></script>
+{%- endif -%}
+{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block extra_css -%}
+<style type="text/css">
+details.seer-code > summary { cursor: pointer; color: var(--jp-content-font-color2, #666);
+  font: 12px var(--jp-code-font-family, monospace); padding: 2px 0 2px 8px; }
+details.seer-code > summary::marker { color: #999; }
+.seer-toolbar { position: sticky; top: 0; z-index: 10; text-align: right; padding: 4px 8px; }
+.seer-toolbar button { font-size: 12px; }
+</style>
+{%- endblock extra_css -%}
+{%- block body_header -%}
+{{ super() }}
+<div class="seer-toolbar"><button type="button" id="seer-toggle-code"
+  onclick="var o = this.textContent.startsWith('Show');
+  document.querySelectorAll('details.seer-code').forEach(function (d) { d.open = o; });
+  this.textContent = o ? 'Hide code' : 'Show code';">Show code</button></div>
+{%- endblock body_header -%}
+{%- block input_group -%}
+<details class="seer-code"><summary>code
+{%- set first = cell.source.strip().splitlines() | first | default('') %}
+{%- if first %}: <code>{{ first | truncate(90) | escape }}</code>{% endif %}</summary>
+{{ super() }}
+</details>
+{%- endblock input_group -%}
+"""
+
+
+def write_plotly_js(out_dir: Path) -> Path:
+    """`out_dir/plotly.min.js`: the installed plotly's plotly.js (rewritten when it differs)."""
     from plotly.offline import get_plotlyjs  # lazy: plotly takes a second to import
 
-    return f'<script type="text/javascript">{get_plotlyjs()}</script>'
+    path = Path(out_dir) / PLOTLY_JS
+    source = get_plotlyjs()
+    if not path.exists() or path.read_text(encoding="utf-8") != source:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source, encoding="utf-8")
+    return path
 
 
-def export_html(ipynb: Path, html_path: Path) -> Path:
-    """Export an executed notebook to HTML with plotly.js embedded at the top of <head>.
+def _draws_plotly(nb) -> bool:
+    """Whether any output of the notebook calls plotly.js (the seerlib renderer's HTML divs)."""
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            html_text = output.get("data", {}).get("text/html", "")
+            if "Plotly.newPlot" in "".join(html_text):
+                return True
+    return False
 
-    plotly.js goes before anything else, so that it defines `window.Plotly` before nbconvert's
-    require.js can claim it as an AMD module; the figures' scripts then draw offline.
+
+def export_html(ipynb: Path, html_path: Path, plotly_js: Path | None = None) -> Path:
+    """Export an executed notebook to an HTML page that needs no network.
+
+    Args:
+        ipynb: the executed notebook.
+        html_path: the page to write.
+        plotly_js: the shared plotly.js the page loads by a relative `<script src>` (default:
+            `plotly.min.js` beside the page, written when missing); loaded only when a figure
+            needs it.
+    Returns:
+        html_path.
     """
     # Lazy: the notebook stack (papermill, nbformat, nbconvert) takes seconds to import.
     import nbformat
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
+    html_path = Path(html_path)
     nb = nbformat.read(str(ipynb), as_version=4)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(
-        nb, resources={"metadata": {"name": ipynb.stem}})
-    match = re.search(r"<head[^>]*>", body)
-    if match is None:
-        raise ReportError(f"nbconvert's HTML for {ipynb.name} has no <head> to embed plotly.js in")
-    body = body[: match.end()] + "\n" + _plotly_script() + body[match.end():]
+    resources: dict = {"metadata": {"name": Path(ipynb).stem}}
+    if _draws_plotly(nb):
+        plotly_js = Path(plotly_js) if plotly_js else write_plotly_js(html_path.parent)
+        if not plotly_js.exists():
+            raise ReportError(f"{plotly_js} does not exist; the page {html_path.name} loads it")
+        src = os.path.relpath(plotly_js.resolve(), html_path.parent.resolve())
+        resources["plotly_js_src"] = Path(src).as_posix()
+    exporter = HTMLExporter(template_name="lab", template_file="seerlib.html.j2",
+                            extra_loaders=[DictLoader({"seerlib.html.j2": _TEMPLATE})])
+    body, _ = exporter.from_notebook_node(nb, resources=resources)
     html_path.write_text(body, encoding="utf-8")
     return html_path
 
@@ -291,6 +394,22 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _parameter_lines(r: NotebookResult) -> list[str]:
+    """'NAME = value' for each parameter the notebook ran with: every declared one (its default,
+    or the injected value, marked) and any injected one it does not declare."""
+    esc = html.escape
+    lines = []
+    for name, default in r.declared.items():
+        if name in r.parameters:
+            lines.append(f'<span class="set" title="set for this run (default {esc(default)})">'
+                         f"{esc(name)} = {esc(repr(r.parameters[name]))}</span>")
+        else:
+            lines.append(f"{esc(name)} = {esc(default)}")
+    lines += [f'<span class="set">{esc(k)} = {esc(repr(v))}</span>'
+              for k, v in r.parameters.items() if k not in r.declared]
+    return lines
+
+
 def write_index(results: Sequence[NotebookResult], out_dir: Path = REPORTS,
                 title: str = "seerlib reports") -> Path:
     """`out_dir/index.html`: one row per notebook (link, status, time, parameters, key figures)."""
@@ -300,12 +419,21 @@ def write_index(results: Sequence[NotebookResult], out_dir: Path = REPORTS,
     except PackageNotFoundError:
         __version__ = "unknown"
     esc = html.escape
+    out_dir = Path(out_dir)
     rows = []
     for r in results:
-        link = (f'<a href="{esc(r.html.name)}">{esc(r.name)}</a>' if r.html else esc(r.name))
+        link = (f'<a href="{esc(_relative(r.html, out_dir))}">{esc(r.name)}</a>' if r.html
+                else esc(r.name))
+        if r.note:
+            link += f"<br><small>{esc(r.note)}"
+            committed = r.ipynb.with_suffix(".html")
+            if committed.exists() and committed != r.html:
+                link += (f' (<a href="{esc(_relative(committed, out_dir))}">committed page</a>,'
+                         " needs a network)")
+            link += "</small>"
         status = ("ok" if r.ok
                   else f'<span class="fail">failed</span><br><code>{esc(r.error or "")}</code>')
-        params = "<br>".join(f"{esc(k)} = {esc(repr(v))}" for k, v in r.parameters.items())
+        params = "<br>".join(_parameter_lines(r))
         figs = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>"
                        for k, v in r.key_figures.items())
         rows.append(f"<tr><td>{link}</td><td>{status}</td><td>{r.seconds:.0f} s</td>"
@@ -317,19 +445,26 @@ def write_index(results: Sequence[NotebookResult], out_dir: Path = REPORTS,
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px;
 vertical-align: top; text-align: left; }} table.k td {{ border: none; padding: 1px 6px; }}
-td.p {{ font-family: monospace; font-size: 85%; }} .fail {{ color: #b00; font-weight: bold; }}
+td.p {{ font-family: monospace; font-size: 85%; }} td.p .set {{ font-weight: bold; }}
+.fail {{ color: #b00; font-weight: bold; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p>Generated {now} on {esc(_device())}; seerlib {esc(__version__)}, commit {esc(_git_commit())}.
-Each report is a self-contained HTML page (plotly.js embedded; no network needed).</p>
+Every page reads offline: nothing is fetched from the network, and the pages share one
+plotly.js ({PLOTLY_JS}) beside them. Code cells are folded; "Show code" opens them.
+Parameters in bold were set for the run; the others are the notebook's defaults.</p>
 <table><tr><th>notebook</th><th>status</th><th>time</th><th>parameters</th>
 <th>key figures</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """
-    path = Path(out_dir) / "index.html"
+    path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
 
 
 def _fmt(value) -> str:
@@ -341,9 +476,11 @@ def _fmt(value) -> str:
 
 def run_report(names: Sequence[str] | None = None, small: bool = False,
                overrides: Mapping[str, object] | None = None, out_dir: Path = REPORTS,
-               timeout: float | None = None, log_output: bool = False) -> list[NotebookResult]:
-    """Run the selected notebooks into out_dir, write the index, and raise `ReportError` naming
-    every failed notebook, cell and error (after all have run)."""
+               timeout: float | None = None, log_output: bool = False,
+               committed: Path | None = COMMITTED) -> list[NotebookResult]:
+    """Run the selected notebooks into out_dir, write the index (with the committed GPU runs in
+    `committed`, exported offline; None: none), and raise `ReportError` naming every failed
+    notebook, cell and error (after all have run)."""
     paths = find_notebooks(names)
     overrides = dict(overrides or {})
     if overrides:
@@ -362,6 +499,8 @@ def run_report(names: Sequence[str] | None = None, small: bool = False,
         print(f"seerlib.report: {path.stem}: {state} ({r.seconds:.0f} s)", file=sys.stderr,
               flush=True)
         results.append(r)
+    if committed is not None:
+        results += committed_runs(out_dir, committed)
     index = write_index(results, out_dir)
     print(f"seerlib.report: wrote {index}", file=sys.stderr)
     failed = [r for r in results if not r.ok]

@@ -5,6 +5,7 @@ import ast
 
 import nbformat
 import pytest
+from test_report import CDN, REMOTE_SOURCE
 
 from seerlib import report
 
@@ -58,7 +59,14 @@ def test_notebook_runs_small(name, tmp_path):
     assert result.ok, result.error
     page = result.html.read_text()
     assert "Plotly.newPlot" in page or "INTERACTIVE" in page
-    assert page.index("plotly.js v") < page.index("</head>"), "plotly.js embedded in the head"
+    # offline, plotly.js shared beside the page, code folded (see test_report.py)
+    assert not REMOTE_SOURCE.search(page) and not CDN.search(page)
+    # plotly.js alone is 4.8 MB; 01 carries 2.7 MB of its own heatmaps
+    assert "plotly.js v" not in page and len(page) < 4_000_000, "plotly.js is inlined"
+    if "Plotly.newPlot" in page:
+        assert page.index('<script src="plotly.min.js">') < page.index("</head>")
+        assert (tmp_path / "plotly.min.js").exists()
+    assert '<details class="seer-code">' in page
     assert result.key_figures, "the notebook reports key figures for the index"
     executed = nbformat.read(str(result.ipynb), as_version=4)
     errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
@@ -94,6 +102,8 @@ def test_failing_cell_fails_the_report_naming_notebook_cell_and_error(tmp_path, 
     assert "ValueError: X was 3; expected 2" in msg and "good.ipynb" not in msg
     index = (out / "index.html").read_text()
     assert "failed" in index and "answer" in index and "42" in index
+    assert ">X = 3</span>" in index, "the value the run was given, marked as set"
+    assert 'href="05_kernel_speed.gpu.html"' in index, "the committed GPU run is linked"
     assert (out / "bad.html").exists() and (out / "good.html").exists()
     assert report.main(["--notebooks", str(src / "bad.ipynb"), "--out", str(out)]) == 1
 

@@ -1,14 +1,14 @@
 """Figures and interactive panels for the notebooks, one module per story.
 
 Every `*_figure` builder returns a plain `plotly.graph_objects.Figure`: it renders in JupyterLab,
-survives papermill and exports to self-contained HTML (`seerlib.report` embeds plotly.js once per
-page). A `*_panel` builder returns ipywidgets only when `interactive=True`; otherwise it returns the
+survives papermill and exports to offline HTML (`seerlib.report` writes plotly.js once, beside the
+pages, and each page loads it by a relative path). A `*_panel` builder returns ipywidgets only when `interactive=True`; otherwise it returns the
 plain figures of its default view, so the report path never holds widget state.
 
 Importing this package registers the plotly renderer "seerlib" and makes it the default
 (`seerlib.viz.common`): each figure is emitted both as plotly JSON (JupyterLab's plotly renderer
-draws it) and as an HTML div without plotly.js or MathJax (what nbconvert exports; the report adds
-plotly.js to the page).
+draws it) and as an HTML div without plotly.js or MathJax (what nbconvert exports; the report's
+pages load the shared plotly.js).
 
 Panels redraw plain figures inside `ipywidgets.Output` areas, so no widget-backed figure (and no
 `anywidget`) is needed.
