@@ -2,8 +2,9 @@
 
 Every `*_figure` builder returns a plain `plotly.graph_objects.Figure`: it renders in JupyterLab,
 survives papermill and exports to offline HTML (`seerlib.report` writes plotly.js once, beside the
-pages, and each page loads it by a relative path). A `*_panel` builder returns ipywidgets only when `interactive=True`; otherwise it returns the
-plain figures of its default view, so the report path never holds widget state.
+pages, and each page loads it by a relative path). A `*_panel` builder returns ipywidgets only when
+`interactive=True`; otherwise it returns the plain figures of its default view, so the report path
+never holds widget state.
 
 Importing this package registers the plotly renderer "seerlib" and makes it the default
 (`seerlib.viz.common`): each figure is emitted both as plotly JSON (JupyterLab's plotly renderer
