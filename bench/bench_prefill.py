@@ -45,7 +45,6 @@ import gc
 import importlib
 import importlib.metadata
 import json
-import math
 import os
 import shlex
 import statistics
@@ -61,8 +60,10 @@ from seerlib import ops
 from seerlib.capture import attention_override
 from seerlib.gate import GateSet
 from seerlib.integrate import sparsify
+from seerlib.io import atomic_write_text
 from seerlib.methods import LayerInputs, SparseConfig, layer_block_mask, parse_config, preset
-from seerlib.select import Selection
+from seerlib.reference import num_blocks
+from seerlib.select import Selection, achieved_density, density_to_k
 
 # What the breakdown times: (part, module, attribute path), looked up where the sparse path looks
 # them up. A target that does not resolve makes its part "n/a" (listed in the record), not a crash.
@@ -389,8 +390,8 @@ def sparse_row(run: Run, provider: str) -> dict:
 
 def topk_mask(B, H, nb, density, device, seed=0) -> torch.Tensor:
     """(B, H, nb, nb) bool: the diagonal plus random earlier blocks, as many per row as top-k at
-    `density` keeps (k = max(1, int((1 - sqrt(1 - density)) * nb)), at most the row's i + 1)."""
-    k = max(1, int((1.0 - math.sqrt(1.0 - density)) * nb))
+    `density` keeps (`seerlib.select.density_to_k`, at most the row's i + 1)."""
+    k = density_to_k(density, nb)
     g = torch.Generator(device=device).manual_seed(seed)
     scores = torch.rand(B, H, nb, nb, device=device, generator=g)
     causal = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
@@ -404,7 +405,7 @@ def ideal_row(run: Run, provider: str) -> dict:
     _, _, arg = provider.partition("@")
     density = float(arg or 0.1)
     c, b, S = run.model.config, run.cfg.block_size, run.ids.shape[1]
-    nb = -(-S // b)
+    nb = num_blocks(S, b)
     mask = topk_mask(1, c.num_attention_heads, nb, density, run.device, seed=S)
     extra = {}
     if run.device.type == "cuda" and run.ids.device.type == "cuda" and run.cfg.dtype != "fp32":
@@ -429,8 +430,7 @@ def ideal_row(run: Run, provider: str) -> dict:
         out = run.measure()
         if run.cfg.breakdown:
             out["breakdown"] = breakdown(run.forward, run.device)
-    kept = int(mask.sum())
-    return {**out, **extra, "achieved_density": kept / (c.num_attention_heads * nb * (nb + 1) / 2)}
+    return {**out, **extra, "achieved_density": achieved_density(mask)}
 
 
 def step_row(run: Run, provider: str) -> dict:
@@ -475,18 +475,13 @@ def step_row(run: Run, provider: str) -> dict:
                      dev, reps, warm)
     graph.replay()
     diff = float((captured.float() - step().float()).abs().max())
-    kept = int(mask.tril().sum())
     return {"ms": replay["ms"], "eager_ms": eager["ms"], "graph_ms": replay["ms"],
             "kernel_ms": kernel["ms"],
             "overhead_share": (eager["ms"] - kernel["ms"]) / kernel["ms"],
             "graph_overhead_share": (replay["ms"] - kernel["ms"]) / kernel["ms"],
             "graph_vs_eager_max_abs_diff": diff,
-            "achieved_density": kept / (Hq * nb_of(S, b) * (nb_of(S, b) + 1) / 2),
+            "achieved_density": achieved_density(mask),
             "peak_mem_gb": eager.get("peak_mem_gb")}
-
-
-def nb_of(S: int, b: int) -> int:
-    return -(-S // b)
 
 
 def check_row(run: Run) -> dict:
@@ -677,13 +672,6 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class Results:
     """Records, written to <stem>.json and <stem>.md after every add (a killed run keeps them)."""
 
@@ -696,8 +684,8 @@ class Results:
 
     def write(self) -> None:
         add_ratios(self.records)
-        _write(self.stem + ".json", json.dumps(self.records, indent=1))
-        _write(self.stem + ".md", markdown(self.records))
+        atomic_write_text(self.stem + ".json", json.dumps(self.records, indent=1))
+        atomic_write_text(self.stem + ".md", markdown(self.records))
 
 
 def merge(paths, out_dir: str, tag: str = "") -> str:

@@ -27,6 +27,7 @@ until the same number of blocks is met, so it lands near it, not on it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -52,6 +53,7 @@ __all__ = [
     "register_method",
     "resolve_config",
     "split_label",
+    "split_method",
 ]
 
 ATTENTIONS = ("ops", "flex")
@@ -271,17 +273,23 @@ class SparseConfig:
                                                threshold=threshold))
 
 
+def split_method(text: str) -> tuple[str, str]:
+    """(method name, the rest) of a label or a series name: "gate+sink@0.3" -> ("gate",
+    "+sink@0.3"), "gate+sink relative" -> ("gate", "+sink relative")."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"a config label is a non-empty string; got {text!r}")
+    name = re.split(r"[+@ ]", text, maxsplit=1)[0]
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {text!r}; expected one of "
+                         f"{tuple(METHODS)} or a preset {tuple(PRESETS)}")
+    return name, text[len(name):]
+
+
 def split_label(label: str) -> tuple[str, Selection]:
     """(method name, Selection) of a label, the method's own checks not applied (a series name
     such as "gate+sink" has no budget yet)."""
-    if not isinstance(label, str) or not label:
-        raise ValueError(f"a config label is a non-empty string; got {label!r}")
-    cut = min((i for i in (label.find("+"), label.find("@")) if i >= 0), default=len(label))
-    name = label[:cut]
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} in {label!r}; expected one of "
-                         f"{tuple(METHODS)} or a preset {tuple(PRESETS)}")
-    return name, parse_selection(label[cut:])
+    name, rest = split_method(label)
+    return name, parse_selection(rest)
 
 
 def parse_config(label: str, block_size: int = 64, attention: str = "ops") -> SparseConfig:

@@ -9,10 +9,9 @@ and plotly picks one).
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
-from seerlib.methods import METHODS, PRESETS, SparseConfig, parse_config
+from seerlib.methods import METHODS, PRESETS, SparseConfig, parse_config, split_method
 from seerlib.select import series_selection
 
 __all__ = ["METHOD_STYLE", "color", "display_name", "series", "sweep"]
@@ -43,15 +42,6 @@ def series(x) -> str:
     return cfg.method + cfg.selection.series()
 
 
-def _split(key: str) -> tuple[str, str]:
-    """(method, the rest) of a series or label."""
-    method = re.split(r"[+@ ]", key, maxsplit=1)[0]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} in {key!r}; expected one of "
-                         f"{tuple(METHODS)} or a preset {tuple(PRESETS)}")
-    return method, key[len(method):]
-
-
 def sweep(key: str, densities, **config) -> list[SparseConfig]:
     """The configs of a series at each density (a CLI's `--methods` entry): `key` is a series
     ("gate+sink+floor0.25 relative", "oracle-max", "dense"), a preset name, or a label whose
@@ -59,7 +49,7 @@ def sweep(key: str, densities, **config) -> list[SparseConfig]:
     (block_size=, attention=). "dense" gives one config."""
     if key in PRESETS:
         return [replace(PRESETS[key].at(density=d), **config) for d in densities]
-    method, tail = _split(key)
+    method, tail = split_method(key)
     if not METHODS[method].sparse:
         return [SparseConfig(method, **config)]
     return [SparseConfig(method, series_selection(tail, d), **config) for d in densities]
@@ -75,7 +65,7 @@ def display_name(key: str) -> str:
     name = _preset_of(key)
     if name is not None:
         return f"{PRESETS[name].method}, {name}"
-    method, tail = _split(key)
+    method, tail = split_method(key)
     return METHOD_STYLE.get(method, (method,))[0] + series_selection(tail, 1.0).describe()
 
 

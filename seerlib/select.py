@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from seerlib.reference import causal_block_mask
+from seerlib.reference import causal_block_count, causal_block_mask
 
 __all__ = [
     "BUDGET_RULES",
@@ -65,7 +65,7 @@ def topk_density(density: float, nb: int) -> float:
     min(i + 1, k) of its i + 1 blocks, k = `density_to_k(density, nb)` (at 4096 tokens and block
     64, density 0.3 keeps 0.286)."""
     k = density_to_k(density, nb)
-    return sum(min(i + 1, k) for i in range(nb)) / (nb * (nb + 1) / 2)
+    return sum(min(i + 1, k) for i in range(nb)) / causal_block_count(nb)
 
 
 def achieved_density(block_mask: torch.Tensor) -> float:
@@ -75,7 +75,7 @@ def achieved_density(block_mask: torch.Tensor) -> float:
     nb = block_mask.shape[-1]
     causal = causal_block_mask(nb, block_mask.device)
     n_mats = block_mask.numel() // (nb * nb)
-    return float((block_mask & causal).sum()) / (n_mats * nb * (nb + 1) / 2)
+    return float((block_mask & causal).sum()) / (n_mats * causal_block_count(nb))
 
 
 # ---------------------------------------------------------------- forced blocks

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from seerlib.eval.passkeys import PasskeyTrial
 from seerlib.io import atomic_write_text
-from seerlib.methods import METHODS, split_label
+from seerlib.methods import METHODS, split_label, split_method
 from seerlib.names import display_name, series
 
 # The settings every row of one file shares (None where a run did not say, e.g. "gpu" on a CPU).
@@ -132,7 +131,7 @@ def _is_dense(row) -> bool:
 def _series_order(keys) -> list[str]:
     """Series sorted by method (the registry's order), then by name."""
     order = list(METHODS)
-    return sorted(keys, key=lambda k: (order.index(re.split(r"[+@ ]", k)[0]), k))
+    return sorted(keys, key=lambda k: (order.index(split_method(k)[0]), k))
 
 
 def markdown(results: dict) -> str:
