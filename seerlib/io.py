@@ -151,9 +151,9 @@ def atomic_write(path) -> Iterator[Path]:
 
 
 def atomic_write_text(path, text: str) -> None:
-    """`Path.write_text` through `atomic_write`."""
+    """`Path.write_text` (UTF-8) through `atomic_write`."""
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def fresh_path(folder, stem: str, suffix: str = "") -> Path:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from seerlib.io import atomic_write_text
+
 __all__ = [
     "SMALL_PARAMETERS",
     "NotebookResult",
@@ -326,8 +328,7 @@ def write_plotly_js(out_dir: Path) -> Path:
     path = Path(out_dir) / PLOTLY_JS
     source = get_plotlyjs()
     if not path.exists() or path.read_text(encoding="utf-8") != source:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(source, encoding="utf-8")
+        atomic_write_text(path, source)
     return path
 
 
@@ -370,7 +371,7 @@ def export_html(ipynb: Path, html_path: Path, plotly_js: Path | None = None) -> 
     exporter = HTMLExporter(template_name="lab", template_file="seerlib.html.j2",
                             extra_loaders=[DictLoader({"seerlib.html.j2": _TEMPLATE})])
     body, _ = exporter.from_notebook_node(nb, resources=resources)
-    html_path.write_text(body, encoding="utf-8")
+    atomic_write_text(html_path, body)
     return html_path
 
 
@@ -459,7 +460,7 @@ Parameters in bold were set for the run; the others are the notebook's defaults.
 </table></body></html>
 """
     path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path
 
 

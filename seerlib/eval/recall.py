@@ -21,7 +21,7 @@ import torch
 from seerlib.data import MODEL_NAME, load_model, token_windows
 from seerlib.eval.quality import dense_pass
 from seerlib.gate import GateSet
-from seerlib.io import load_gates, read_metadata
+from seerlib.io import atomic_write_text, load_gates, read_metadata
 from seerlib.methods import SparseConfig
 from seerlib.select import Selection
 
@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(table, indent=1))
     labels = {"gate": "SeerAttention gate (shipped)", "untrained_gate": "untrained gate",
               "oracle": "oracle top-k (pooled ground truth)", "sink_window": "sink + window",
               "vertical_slash": "vertical-slash (last-block estimate)"}
     md = recall_markdown(table, labels)
-    out.with_suffix(".md").write_text(md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     return 0
 
