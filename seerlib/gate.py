@@ -105,10 +105,13 @@ class BlockRoPE(nn.Module):
 
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
         """Rotate x (B, H, nb, dim) as if block i sat at token position i * block_size."""
-        nb = x.shape[2]
-        pos = (torch.arange(nb, device=x.device) * block_size).unsqueeze(0)  # (1, nb)
-        cos, sin = self.rotary(x.float(), pos)  # (1, nb, rot), rot <= dim
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (1, 1, nb, rot)
+        return self.at(x, torch.arange(x.shape[2], device=x.device) * block_size)
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, n, dim) as if row i sat at token position positions[i] ((n,) int)."""
+        pos = positions.to(x.device).unsqueeze(0)  # (1, n)
+        cos, sin = self.rotary(x.float(), pos)  # (1, n, rot), rot <= dim
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (1, 1, n, rot)
         rot = cos.shape[-1]
         xr, xp = x[..., :rot], x[..., rot:]
         return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)

@@ -1,6 +1,7 @@
 """Gate files and training checkpoints: safetensors plus JSON metadata, never pickle.
 
-- `save_gates(gates, path, **info)` / `load_gates(path, model)`: a trained `GateSet`. The metadata
+- `save_gates(gates, path, **info)` / `load_gates(path, model)`: a trained `GateSet` (prefill) or
+  `seerlib.decode.DecodeGateSet` (decode; the metadata's `phase` says which). The metadata
   (safetensors header, key "seerlib") holds the model name, a hash of the model config's
   architecture fields, the gate configuration (block size, pooling, gate dim), the dtype the gates
   were trained in and the one they are stored in, a sha256 of the tensors, and training facts
@@ -36,6 +37,7 @@ from seerlib.gate import GateSet
 
 __all__ = [
     "FORMAT",
+    "PHASES",
     "GateFileError",
     "atomic_write",
     "atomic_write_text",
@@ -271,6 +273,7 @@ def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -
         "num_heads": gates[0].num_heads,
         "num_kv_heads": gates[0].num_kv_heads,
         "head_dim": gates[0].head_dim,
+        "phase": getattr(gates, "phase", "prefill"),  # which step the gates serve
         **gates.gate_config(),
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
         "train_dtype": str(train_dtype).removeprefix("torch."),
@@ -326,7 +329,14 @@ def _read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
         raise _open_error(path, e, _GATE_FILE) from e
 
 
-_GATE_FIELDS = ("config_hash", "model_name", "block_size", "q_pool", "k_pool", "d_gate", "q_linear")
+# the metadata fields a gate file of each phase must have ("phase" is absent from prefill files
+# written before decode gates existed)
+_GATE_FIELDS = {
+    "prefill": ("config_hash", "model_name", "block_size", "q_pool", "k_pool", "d_gate",
+                "q_linear"),
+    "decode": ("config_hash", "model_name", "block_size", "k_pool", "d_gate"),
+}
+PHASES = tuple(_GATE_FIELDS)
 
 
 def load_gates(
@@ -335,7 +345,8 @@ def load_gates(
     block_size: int | None = None,
     model_name: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> GateSet:
+    phase: str | None = None,
+):
     """Load a gate set saved by `save_gates` for `model`, refusing a mismatch or a damaged file.
 
     Checked: the format; the model (config hash, name) and block size; the tensors against the
@@ -348,8 +359,10 @@ def load_gates(
         block_size: if given, the block size the caller expects; a file of another one is refused.
         model_name: if given, the model name the caller expects (e.g. seerlib.data.MODEL_NAME).
         dtype: parameter dtype of the returned gates.
+        phase: if given, the phase the caller expects ("prefill": a `GateSet`, "decode": a
+            `seerlib.decode.DecodeGateSet`); a file of the other phase is refused.
     Returns:
-        GateSet in eval mode with the file's weights.
+        GateSet (prefill) or DecodeGateSet (decode) in eval mode with the file's weights.
     Raises:
         FileNotFoundError: no file at `path`.
         GateFileError (a ValueError): the file is unreadable or damaged (message names the path).
@@ -358,7 +371,14 @@ def load_gates(
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise GateFileError(f"{path} has format {meta.get('format')!r}; expected {FORMAT!r}")
-    missing = [k for k in _GATE_FIELDS if k not in meta]
+    file_phase = meta.get("phase", "prefill")
+    if file_phase not in PHASES:
+        raise GateFileError(f"{path} says its gates serve phase {file_phase!r}; expected one of "
+                            f"{PHASES}")
+    if phase is not None and phase != file_phase:
+        raise ValueError(f"{path} holds {file_phase} gates; expected {phase} gates "
+                         f"(phase={phase!r})")
+    missing = [k for k in _GATE_FIELDS[file_phase] if k not in meta]
     if missing:
         raise GateFileError(
             f"{path} lacks the metadata fields {missing}; expected {_GATE_FILE}"
@@ -392,15 +412,23 @@ def load_gates(
             f"{meta['dtype']}; expected {_GATE_FILE}"
         )
     _verify_tensors(path, meta, tensors, _GATE_FILE)
-    gates = GateSet.from_config(
-        config,
-        block_size=meta["block_size"],
-        q_pool=meta["q_pool"],
-        k_pool=meta["k_pool"],
-        d_gate=meta["d_gate"],
-        q_linear=meta["q_linear"],
-        model_name=meta["model_name"],
-    )
+    if file_phase == "decode":
+        # lazy: seerlib.decode imports this module (its generation path reads gate files)
+        from seerlib.decode.gate import DecodeGateSet
+
+        gates = DecodeGateSet.from_config(config, block_size=meta["block_size"],
+                                          k_pool=meta["k_pool"], d_gate=meta["d_gate"],
+                                          model_name=meta["model_name"])
+    else:
+        gates = GateSet.from_config(
+            config,
+            block_size=meta["block_size"],
+            q_pool=meta["q_pool"],
+            k_pool=meta["k_pool"],
+            d_gate=meta["d_gate"],
+            q_linear=meta["q_linear"],
+            model_name=meta["model_name"],
+        )
     try:
         gates.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     except RuntimeError as e:

@@ -128,6 +128,9 @@ class Method:
             return
         if not selection.has_budget:
             raise ValueError(f"method {self.name!r} needs a density or a threshold; got neither")
+        if selection.tokens is not None:
+            raise ValueError(f"method {self.name!r} is a prefill method; a token budget "
+                             f"(tokens={selection.tokens}) is for decode (seerlib.decode)")
         if selection.threshold is not None and not self.threshold:
             raise ValueError(f"method {self.name!r} selects by density only; got "
                              f"threshold={selection.threshold}")

@@ -26,6 +26,9 @@ __all__ = [
     "attention",
     "pooled_attention",
     "block_sparse_attention",
+    "decode_attention",
+    "decode_pooled_attention",
+    "sparse_decode_attention",
     "use_backend",
     "get_backend",
     "BACKENDS",
@@ -108,12 +111,14 @@ def _kernels():
     """
     # Lazy on purpose: importing the kernels imports triton, which `import seerlib` must not.
     from seerlib.kernels.block_sparse_attention import block_sparse_attention
+    from seerlib.kernels.decode_truth import decode_pooled_attention
     from seerlib.kernels.pooled_attention import attention, pooled_attention
 
     return types.SimpleNamespace(
         attention=attention,
         pooled_attention=pooled_attention,
         block_sparse_attention=block_sparse_attention,
+        decode_pooled_attention=decode_pooled_attention,
     )
 
 
@@ -190,3 +195,41 @@ def block_sparse_attention(
             f"{type(mask).__name__}"
         )
     return reference.block_sparse_attention(q, k, v, mask, block_size, scale=scale)
+
+
+# ---------------------------------------------------------------- decode (SeerAttention-R)
+
+
+def decode_pooled_attention(q, k, v, block_size: int, scale: float | None = None, *,
+                            backend: str | None = None):
+    """Causal attention plus the decode gate's target in one pass.
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d); block_size: b.
+    Returns:
+        out (B, Hq, S, d) in q's dtype; truth (B, Hkv, S, nb) float32, each row's attention
+        max-pooled over each key block and over the group's heads, normalized
+        (`reference.decode_block_truth`).
+    """
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
+        return _kernels().decode_pooled_attention(q, k, v, block_size, scale=scale)
+    return (reference.attention(q, k, v, causal=True, scale=scale),
+            reference.decode_block_truth(q, k, block_size, scale).float())
+
+
+def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, *,
+                            kv_lens=None, scale: float | None = None,
+                            backend: str | None = None):
+    """One decode query per row over the kept key blocks of its kv head (shapes:
+    `reference.sparse_decode_attention`). Every backend runs the reference for now: the Triton
+    split-KV decode kernel is not in yet, so a decode step on CUDA computes in torch."""
+    get_backend(backend)  # validates the name
+    return reference.sparse_decode_attention(q, k, v, block_index, block_count, block_size,
+                                             kv_lens=kv_lens, scale=scale)
+
+
+def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
+                     backend: str | None = None):
+    """Dense attention of one decode query per row over its KV cache (the reference for now)."""
+    get_backend(backend)
+    return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale)

@@ -377,3 +377,193 @@ def index_to_mask(
     idx = torch.where(valid, indices.long(), torch.full_like(indices.long(), nb))
     mask.scatter_(-1, idx, True)
     return mask[..., :nb]
+
+
+# ---------------------------------------------------------------- decode (SeerAttention-R)
+#
+# Decode shapes: q (B, Hq, 1, d), one new token per sequence; the KV cache k, v (B, Hkv, S, d)
+# with S its capacity and kv_lens (B,) the valid length of each row (default S). A decode
+# selection is per (batch, kv head): every query head of a group reads the same key blocks.
+
+
+def _check_decode(q, k, v, kv_lens):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D floating-point tensor; got {got}")
+    B, Hq, Sq, d = q.shape
+    if Sq != 1:
+        raise ValueError(f"q must be (B, Hq, 1, d): one decode query per row; got {tuple(q.shape)}")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k and v must be (B, Hkv, S, d) = ({B}, Hkv, S, {d}); got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k has {Hkv} heads; q's {Hq} heads need a divisor of {Hq}")
+    if kv_lens is None:
+        kv_lens = torch.full((B,), S, dtype=torch.long, device=q.device)
+    if not isinstance(kv_lens, torch.Tensor) or tuple(kv_lens.shape) != (B,):
+        got = tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else kv_lens
+        raise ValueError(f"kv_lens must be a (B,) = ({B},) integer tensor; got {got}")
+    if bool(((kv_lens < 1) | (kv_lens > S)).any()):
+        raise ValueError(f"kv_lens must lie in [1, {S}] (the cache's capacity); got "
+                         f"{kv_lens.tolist()}")
+    return B, Hq, Hkv, S, d, kv_lens.long()
+
+
+def _decode_softmax_out(q, k, v, keep, scale):
+    """Attention of the one query per row over the keys `keep` (B, Hkv, S) allows: (B, Hq, 1, d)."""
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    s = _scores(q, k, 0, 1, default_scale(d, scale))  # (B, Hq, 1, S)
+    keep = keep.repeat_interleave(Hq // Hkv, dim=1)[:, :, None]  # (B, Hq, 1, S)
+    p = _safe_softmax(s.masked_fill(~keep, float("-inf")))
+    # a dropped key's V never reaches the output, even when it is NaN (0 * NaN is NaN)
+    vv = torch.where(keep.any(2)[:, :: Hq // Hkv, :, None], v.to(p.dtype), 0)
+    return _apply_v(p, vv, Hq // Hkv).to(q.dtype)
+
+
+def decode_attention(q, k, v, kv_lens=None, scale=None) -> torch.Tensor:
+    """Dense attention of one decode query per row over its KV cache.
+
+    Args:
+        q: (B, Hq, 1, d); k, v: (B, Hkv, S, d); kv_lens: (B,) valid keys per row (default S).
+        scale: score scale; 1 / sqrt(d) by default.
+    Returns:
+        out: (B, Hq, 1, d) in q's dtype.
+    """
+    B, Hq, Hkv, S, d, kv_lens = _check_decode(q, k, v, kv_lens)
+    keep = (torch.arange(S, device=q.device)[None] < kv_lens[:, None])  # (B, S)
+    return _decode_softmax_out(q, k, v, keep[:, None].expand(B, Hkv, S), scale)
+
+
+def decode_index_to_mask(block_index, block_count, nb: int) -> torch.Tensor:
+    """The kept key blocks of a decode index as a (B, Hkv, nb) bool mask.
+
+    Args:
+        block_index: (B, Hkv, K) int, kept key blocks; only the first block_count entries count
+            (the rest is padding of any value). Entries at or past nb are ignored.
+        block_count: (B, Hkv) int, in [0, K].
+        nb: key blocks of the cache.
+    """
+    if block_index.dim() != 3 or tuple(block_count.shape) != tuple(block_index.shape[:2]):
+        raise ValueError(f"block_index must be (B, Hkv, K) and block_count (B, Hkv); got "
+                         f"{tuple(block_index.shape)} and {tuple(block_count.shape)}")
+    K = block_index.shape[-1]
+    valid = torch.arange(K, device=block_index.device) < block_count[..., None].long()
+    if bool((valid & (block_index < 0)).any()):
+        raise ValueError("block_index holds negative block numbers among its counted entries")
+    idx = torch.where(valid & (block_index < nb), block_index.long(), nb)
+    mask = torch.zeros(*block_count.shape, nb + 1, dtype=torch.bool, device=block_index.device)
+    return mask.scatter_(-1, idx, True)[..., :nb]
+
+
+def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, kv_lens=None,
+                            scale=None) -> torch.Tensor:
+    """Attention of one decode query per row over the kept key blocks of its kv head.
+
+    Args:
+        q: (B, Hq, 1, d); k, v: (B, Hkv, S, d); kv_lens: (B,) valid keys per row (default S).
+        block_index: (B, Hkv, K) int, the kept key blocks (ascending, no repeats), shared by the
+            group's query heads; entries past block_count, and blocks starting at or after the
+            row's kv_len, are ignored.
+        block_count: (B, Hkv) int, how many entries of block_index count.
+        block_size: b, tokens per key block.
+        scale: score scale; 1 / sqrt(d) by default.
+    Returns:
+        out: (B, Hq, 1, d) in q's dtype; a head that keeps no valid key gives zeros.
+    """
+    B, Hq, Hkv, S, d, kv_lens = _check_decode(q, k, v, kv_lens)
+    b = check_block_size(block_size)
+    blocks = decode_index_to_mask(block_index, block_count, num_blocks(S, b))  # (B, Hkv, nb)
+    pos = torch.arange(S, device=q.device)
+    keep = blocks[..., pos // b] & (pos[None] < kv_lens[:, None])[:, None]  # (B, Hkv, S)
+    return _decode_softmax_out(q, k, v, keep, scale)
+
+
+def decode_block_truth(q, k, block_size: int, scale=None, positions=None) -> torch.Tensor:
+    """The decode gate's ground truth (SeerAttention-R): for each query, its softmax attention
+    over the keys, max-pooled over each key block's columns, then the max over the query heads
+    of each kv group, normalized to sum 1 over the key blocks.
+
+    Args:
+        q: (B, Hq, Sq, d), queries at the last Sq positions of the keys (Sq = S: a causal
+            prefill, every token a decode query of its own past; Sq = 1: one decode step).
+        k: (B, Hkv, S, d) keys (post-RoPE, as attention sees them).
+        block_size: b.
+        scale: score scale; 1 / sqrt(d) by default.
+        positions: (Sq,) int, the queries' positions among the keys (any subset of rows);
+            default S - Sq .. S - 1.
+    Returns:
+        truth: (B, Hkv, Sq, nb) float32 (float64 for float64 inputs), nb = ceil(S / b); 0 for
+        blocks wholly after the query.
+    """
+    B, Hq, Sq, d = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != d or k.shape[2] < Sq or Hq % k.shape[1]:
+        raise ValueError(f"q must be (B, Hq, Sq, d) and k (B, Hkv, S, d) with S >= Sq and Hkv "
+                         f"dividing Hq; got {tuple(q.shape)} and {tuple(k.shape)}")
+    b = check_block_size(block_size)
+    Hkv, S = k.shape[1], k.shape[2]
+    nb, group = num_blocks(S, b), Hq // Hkv
+    if positions is None:
+        positions = torch.arange(S - Sq, S, device=q.device)
+    if tuple(positions.shape) != (Sq,) or bool(((positions < 0) | (positions >= S)).any()):
+        raise ValueError(f"positions must be ({Sq},) key positions in [0, {S}); got "
+                         f"{tuple(positions.shape)}")
+    positions = positions.to(q.device)
+    scale = default_scale(d, scale)
+    truth = torch.zeros(B, Hkv, Sq, nb, dtype=_compute_dtype(q), device=q.device)
+    rows = _chunk_rows(B, Hq, S, 1)
+    for r0 in range(0, Sq, rows):
+        r1 = min(Sq, r0 + rows)
+        s = _scores(q, k, r0, r1, scale)  # (B, Hq, R, S)
+        seen = torch.arange(S, device=q.device)[None, :] <= positions[r0:r1, None]  # (R, S)
+        s = s.masked_fill(~seen, float("-inf"))
+        p = torch.nn.functional.pad(_safe_softmax(s), (0, nb * b - S))  # zeros never win a max
+        m = p.reshape(B, Hkv, group, r1 - r0, nb, b).amax(dim=(2, 5))  # (B, Hkv, R, nb)
+        truth[:, :, r0:r1] = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    return truth
+
+
+def row_sparse_attention(q, k, v, row_blocks, block_size: int, scale=None,
+                         return_mass: bool = False):
+    """Causal attention where each query row reads its own kept key blocks: decode sparsity,
+    teacher-forced (every token of a prefill attends as it would as a decode step).
+
+    Args:
+        q: (B, Hq, S, d); k, v: (B, Hkv, S, d).
+        row_blocks: (B, Hkv, S, nb) bool, the key blocks query row t keeps, shared by the query
+            heads of each kv group; causality holds inside kept blocks.
+        block_size: b.
+        scale: score scale; 1 / sqrt(d) by default.
+        return_mass: also return the recall of attention mass: the share of each row's dense
+            (causal) attention that falls on the keys it keeps.
+    Returns:
+        out: (B, Hq, S, d) in q's dtype; a row with no kept key gives zeros.
+        mass (with return_mass): (B, Hq, S) float32 (float64 for float64 inputs), in [0, 1].
+    """
+    B, Hq, Hkv, S, d = check_qkv(q, k, v)
+    b = check_block_size(block_size)
+    nb = num_blocks(S, b)
+    if not isinstance(row_blocks, torch.Tensor) or row_blocks.dtype != torch.bool or \
+            tuple(row_blocks.shape) != (B, Hkv, S, nb):
+        got = tuple(row_blocks.shape) if isinstance(row_blocks, torch.Tensor) else row_blocks
+        raise ValueError(f"row_blocks must be a bool (B, Hkv, S, nb) = {(B, Hkv, S, nb)} tensor; "
+                         f"got {got}")
+    group, scale = Hq // Hkv, default_scale(d, scale)
+    out = torch.empty_like(q)
+    mass = torch.zeros(B, Hq, S, dtype=_compute_dtype(q), device=q.device) if return_mass else None
+    key_block = torch.arange(S, device=q.device) // b
+    rows = _chunk_rows(B, Hq, S, 1)
+    for r0 in range(0, S, rows):
+        r1 = min(S, r0 + rows)
+        causal = _causal(r0, r1, S, q.device)
+        keep = row_blocks[:, :, r0:r1][..., key_block] & causal
+        keep = keep.repeat_interleave(group, dim=1)  # (B, Hq, R, S)
+        s = _scores(q, k, r0, r1, scale)
+        out[:, :, r0:r1] = _apply_v(_safe_softmax(s.masked_fill(~keep, float("-inf"))), v,
+                                    group).to(q.dtype)
+        if mass is not None:
+            dense = _safe_softmax(s.masked_fill(~causal, float("-inf")))
+            mass[:, :, r0:r1] = (dense * keep).sum(-1)
+    return (out, mass) if return_mass else out

@@ -4,7 +4,8 @@ to a block score map (gate logits, or any monotone score) and returns a (B, H, n
 A Selection has three parts (SEERATTENTION.md §5):
 - **the budget**: a `density` ρ, the target kept share of the causal blocks, spent by a budget
   rule (`BUDGET_RULES`), or a softmax `threshold` τ (keep the blocks whose softmax over the row's
-  key blocks exceeds τ). No budget keeps every causal block.
+  key blocks exceeds τ), or (decode only, `seerlib.decode.select`) a token budget `tokens`: each
+  query reads tokens // b key blocks, forced ones included. No budget keeps every causal block.
 - **the budget rule** (`budget=`), how a density's blocks are spent:
   - "row": top-k per query-block row, k = max(1, int((1 - sqrt(1 - ρ)) * nb)) (at most the
     row's i + 1 causal blocks), so the kept share of the causal triangle is ≈ ρ;
@@ -25,7 +26,8 @@ A Selection has three parts (SEERATTENTION.md §5):
 Blocks above the diagonal are never kept. Each Selection has a short label (`label()`, read back
 by `parse_selection`): "+sink+local2+floor0.25@r=0.2" is a forced sink block and two local blocks,
 a row floor of 0.25 and the relative rule at density 0.2; "@0.3" is top-k, "@a=0.3" the layer
-rule, "@t=0.005" a threshold. `achieved_density(mask)` reports the kept share of the causal blocks.
+rule, "@t=0.005" a threshold, "@tok=1024" a decode token budget. `achieved_density(mask)`
+reports the kept share of the causal blocks.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from seerlib.reference import causal_block_count, causal_block_mask
 
 __all__ = [
     "BUDGET_RULES",
+    "DECODE_FORCED",
     "FORCED_BLOCKS",
     "Selection",
     "achieved_density",
@@ -84,12 +87,15 @@ ForcedRule = Callable[[int, int, torch.device], torch.Tensor]
 # name -> fn(nb, n, device) -> (nb, nb) bool; the order here is the order labels print them in
 FORCED_BLOCKS: dict[str, ForcedRule] = {}
 FORCED_WORDS: dict[str, str] = {}  # name -> what a reader calls it ("sink block")
+# the rules that mean something at decode: there a query in block c reads row c of the rule's mask
+DECODE_FORCED: list[str] = []
 
 
-def forced_rule(name: str, words: str | None = None):
+def forced_rule(name: str, words: str | None = None, decode: bool = False):
     """Register a forced-block rule `fn(nb, n, device) -> (nb, nb) bool` under `name`; a Selection
     then takes `forced={name: n}`, its label reads "+name" (n = 1) or "+nameN", and tables call
-    it `words` (default: the name)."""
+    it `words` (default: the name). `decode=True`: the rule also holds at decode, where a query
+    of key block c is forced to read row c of the mask (`seerlib.decode.select`)."""
     if not re.fullmatch(r"[a-z_]+", name) or name in ("floor", "nodiag"):
         raise ValueError(f"a forced-block rule needs a lower-case name other than floor/nodiag; "
                          f"got {name!r}")
@@ -97,12 +103,14 @@ def forced_rule(name: str, words: str | None = None):
     def register(fn: ForcedRule) -> ForcedRule:
         FORCED_BLOCKS[name] = fn
         FORCED_WORDS[name] = words or name.replace("_", " ")
+        if decode:
+            DECODE_FORCED.append(name)
         return fn
 
     return register
 
 
-@forced_rule("sink", "sink block")
+@forced_rule("sink", "sink block", decode=True)
 def sink_blocks(nb: int, n: int, device=None) -> torch.Tensor:
     """The first n key blocks of every row: (nb, nb) bool."""
     out = torch.zeros(nb, nb, dtype=torch.bool, device=device)
@@ -110,7 +118,7 @@ def sink_blocks(nb: int, n: int, device=None) -> torch.Tensor:
     return out
 
 
-@forced_rule("local", "local block")
+@forced_rule("local", "local block", decode=True)
 def local_band(nb: int, n: int, device=None) -> torch.Tensor:
     """Blocks (i, i - 1) ... (i, i - n), the band left of the diagonal: (nb, nb) bool."""
     causal = causal_block_mask(nb, device)
@@ -140,7 +148,9 @@ class Selection:
     Attributes:
         density: target kept share of the causal blocks, in (0, 1].
         threshold: keep blocks whose softmax over the row's causal key blocks exceeds it, in
-            [0, 1). At most one of density / threshold; neither keeps every causal block.
+            [0, 1).
+        tokens: (decode) key tokens each query reads, a whole number >= 1: tokens // b blocks,
+            at least one. At most one of density / threshold / tokens; none keeps every block.
         budget: how a density is spent: "row" (top-k per row), "layer" (top-k's budget spread
             over the layer's heads and rows by score), "relative" (likewise, score × row length).
         row_floor: with "layer"/"relative", in [0, 1]: each row first keeps its ceil(f × k) best
@@ -151,6 +161,7 @@ class Selection:
 
     density: float | None = None
     threshold: float | None = None
+    tokens: int | None = None
     budget: str = "row"
     row_floor: float = 0.0
     forced: tuple[tuple[str, int], ...] | dict = field(default=())
@@ -167,9 +178,15 @@ class Selection:
         order = list(FORCED_BLOCKS)
         object.__setattr__(self, "forced", tuple(sorted(forced.items(),
                                                         key=lambda x: order.index(x[0]))))
-        if self.density is not None and self.threshold is not None:
-            raise ValueError(f"give density or threshold, not both; got density={self.density}, "
-                             f"threshold={self.threshold}")
+        given = {k: v for k in ("density", "threshold", "tokens")
+                 if (v := getattr(self, k)) is not None}
+        if len(given) > 1:
+            raise ValueError("give one budget (density, threshold or tokens); got "
+                             + ", ".join(f"{k}={v}" for k, v in given.items()))
+        if self.tokens is not None and (isinstance(self.tokens, bool) or
+                                        not isinstance(self.tokens, int) or self.tokens < 1):
+            raise ValueError(f"tokens (a decode token budget) must be a whole number >= 1; got "
+                             f"{self.tokens!r}")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1]; got {self.density}")
         if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
@@ -188,7 +205,7 @@ class Selection:
 
     @property
     def has_budget(self) -> bool:
-        return self.density is not None or self.threshold is not None
+        return self.density is not None or self.threshold is not None or self.tokens is not None
 
     def count(self, rule: str) -> int:
         """The forced blocks of one rule (0 when not forced)."""
@@ -203,6 +220,8 @@ class Selection:
             parts.append("+nodiag")
         if self.threshold is not None:
             parts.append(f"@t={self.threshold:g}")
+        elif self.tokens is not None:
+            parts.append(f"@tok={self.tokens}")
         elif self.density is not None:
             parts.append(f"@{BUDGET_NAMES[self.budget][0]}{self.density:g}")
         return "".join(parts)
@@ -210,7 +229,8 @@ class Selection:
     def series(self) -> str:
         """The label less its budget's number, the rule in a word: "+sink+local+floor0.5
         relative" (rows of one sweep share it; `series_selection` reads it back)."""
-        bare = replace(self, density=None, threshold=None, budget="row", row_floor=0.0).label()
+        bare = replace(self, density=None, threshold=None, tokens=None, budget="row",
+                       row_floor=0.0).label()
         floor = f"+floor{self.row_floor:g}" if self.row_floor else ""
         return bare + floor + BUDGET_NAMES[self.budget][1]
 
@@ -265,11 +285,14 @@ def parse_selection(text: str) -> Selection:
         try:
             if arg.startswith("t="):
                 kw["threshold"] = float(arg[2:])
+            elif arg.startswith("tok="):
+                kw["tokens"] = int(arg[4:])
             else:
                 kw["density"] = float(arg[len(BUDGET_NAMES[budget][0]):])
         except ValueError:
             raise ValueError(f"cannot read {arg!r}{where}; expected a density like 0.3, a layer "
-                             "budget like a=0.3 or r=0.3, or a threshold like t=0.002") from None
+                             "budget like a=0.3 or r=0.3, a threshold like t=0.002 or a token "
+                             "budget like tok=1024") from None
         kw["budget"] = budget
     return Selection(**kw)
 
@@ -380,6 +403,10 @@ def select_blocks(logits: torch.Tensor, selection: Selection) -> torch.Tensor:
     """
     if not isinstance(selection, Selection):
         raise ValueError(f"selection must be a seerlib Selection; got {type(selection).__name__}")
+    if selection.tokens is not None:
+        raise ValueError(f"a token budget (tokens={selection.tokens}) is a decode budget "
+                         "(seerlib.decode.select_decode); a prefill selection takes a density or "
+                         "a threshold")
     if (
         not isinstance(logits, torch.Tensor)
         or logits.dim() != 4

@@ -43,12 +43,14 @@ from seerlib.data import DataError, cache_dir
 from seerlib.gate import POOL_OPS, pool_blocks
 from seerlib.io import atomic_write, config_hash, tensor_digest
 from seerlib.metrics import block_maps, normalize_rows
+from seerlib.reference import decode_block_truth
 
 __all__ = [
     "TARGETS",
     "WindowCache",
     "build_cache",
     "cache_folder",
+    "capture_decode_targets",
     "capture_features",
     "default_target",
     "model_fingerprint",
@@ -407,3 +409,56 @@ class WindowCache:
             )
             for i, (q, k, t) in parts.items()
         }
+
+
+# ---------------------------------------------------------------- decode gates (SeerAttention-R)
+
+
+@torch.no_grad()
+def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows: torch.Tensor,
+                           target: str = "exact", scale: float | None = None) -> dict[int, tuple]:
+    """One frozen forward that keeps, per layer, what the decode gate trains on.
+
+    Unlike the prefill targets, the decode target is per query row ((S, nb) per kv head, 16 times
+    the prefill map at 8k tokens), so it is computed in the training loop rather than cached, and
+    only for the sampled query `rows`.
+
+    Args:
+        model: a transformers model of a family `seerlib.families` knows.
+        input_ids: (B, S) token ids, no padding.
+        block_size: b.
+        rows: (R,) long, the query positions to keep, ascending.
+        target: "exact" (the model's attention plus `reference.decode_block_truth` in fp32) or
+            "kernel" (the attention *is* `ops.decode_pooled_attention`, which emits the target in
+            the same pass: bf16 inputs on CUDA).
+        scale: score scale when the model passes none (1 / sqrt(d)).
+    Returns:
+        {layer: (q_pre (B, Hq, R, d), k_pooled {op: (B, Hkv, nb, d)} for op in avg/max/min, both
+        float32, truth (B, Hkv, R, nb) float32 row-normalized)}.
+    """
+    _check_target(target)
+    pre: dict = {}
+    out: dict[int, tuple] = {}
+
+    def attend(module, query, key, value, attention_mask, *, default, **kwargs):
+        i = module.layer_idx
+        p = pre.pop(i)
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"layer {i}: {query.shape[2]} queries against {key.shape[2]} keys; "
+                             "distillation expects one full causal pass (no KV cache)")
+        s = kwargs.get("scaling") or scale
+        pooled = {op: pool_blocks(p["k_pre"], block_size, (op,)) for op in POOL_OPS}
+        q_rows = p["q_pre"][:, :, rows].float()
+        if target == "exact":
+            truth = decode_block_truth(query[:, :, rows], key, block_size, s, positions=rows)
+            out[i] = (q_rows, pooled, truth)
+            return default(module, query, key, value, attention_mask, **kwargs)
+        kd = target_dtype(target, query.device, query.dtype)
+        o, truth = ops.decode_pooled_attention(query.to(kd), key.to(kd), value.to(kd), block_size,
+                                               scale=s)
+        out[i] = (q_rows, pooled, truth[:, :, rows].float())
+        return o.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, S, Hq, d)
+
+    with pre_rope_hooks(model, pre), attention_override(model, attend):
+        getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
+    return out

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from seerlib.data import MODEL_NAME, load_model, token_windows
+from seerlib.decode.gate import DecodeGateSet
+from seerlib.distill.decode import DecodeDistiller
 from seerlib.distill.train import (
     TINY_MODEL,
     DistillConfig,
@@ -153,8 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--warmup", type=int_at_least(0), default=20)
     p.add_argument("--eval-every", type=int_at_least(0), default=0)
-    p.add_argument("--q-pool", type=_pool_ops, default=("avg",),
-                   help="comma-separated ops of avg,max,min")
+    p.add_argument("--phase", default="prefill", choices=["prefill", "decode"],
+                   help="prefill: the SeerAttention gate (cached targets); decode: the "
+                   "SeerAttention-R decode gate (targets computed in the loop, see --rows)")
+    p.add_argument("--rows", type=int_at_least(1), default=1024,
+                   help="decode phase: query rows per window sampled for the loss each step")
+    p.add_argument("--q-pool", type=_pool_ops, default=None,
+                   help="prefill phase: comma-separated ops of avg,max,min (default avg)")
     p.add_argument("--k-pool", type=_pool_ops, default=("max", "min", "avg"))
     p.add_argument("--d-gate", type=int_at_least(1), default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -228,9 +235,33 @@ def _run_paths(parser, args) -> tuple[Path, Path, Path]:
     return out, ckpt, curve
 
 
+def _prefill_distiller(args, cfg, model, model_name, folders) -> Distiller:
+    gates = GateSet.from_config(model.config, block_size=cfg.block_size, q_pool=cfg.q_pool,
+                                k_pool=cfg.k_pool, d_gate=cfg.d_gate, model_name=model_name)
+    eval_cache = (WindowCache(folders["eval"], args.eval_windows, args.preload)
+                  if "eval" in folders else None)
+    return Distiller(gates, WindowCache(folders["train"], args.train_windows, args.preload), cfg,
+                     eval_cache=eval_cache, device=args.device)
+
+
+def _decode_distiller(args, cfg, model, model_name, tokenizer) -> DecodeDistiller:
+    gates = DecodeGateSet.from_config(model.config, block_size=cfg.block_size, k_pool=cfg.k_pool,
+                                      d_gate=cfg.d_gate, model_name=model_name)
+    ev = (_windows(args, model_name, tokenizer, "eval", args.eval_windows)
+          if args.eval_windows else None)
+    return DecodeDistiller(gates, cfg=cfg, device=args.device, model=model,
+                           windows=_windows(args, model_name, tokenizer, "train",
+                                            args.train_windows),
+                           eval_windows=ev, rows=args.rows, target=args.target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.phase == "decode" and (args.q_pool is not None or args.cache_only or args.preload):
+        parser.error("--q-pool, --cache-only and --preload are prefill options: the decode gate "
+                     "reads every query head of its group and computes its targets in the loop")
+    args.q_pool = args.q_pool or ("avg",)
     out, ckpt, curve = _run_paths(parser, args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -256,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     b = args.block_size
     folders = {}
     for split, n in (("eval", args.eval_windows), ("train", args.train_windows)):
-        if n <= 0:
+        if n <= 0 or args.phase == "decode":
             continue
         folder = cache_folder(
             model, model_name, b, args.seq_len, split, args.cache_root, target=args.target
@@ -288,26 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
-    gates = GateSet.from_config(
-        model.config,
-        block_size=b,
-        q_pool=cfg.q_pool,
-        k_pool=cfg.k_pool,
-        d_gate=cfg.d_gate,
-        model_name=model_name,
-    )
-    distiller = Distiller(
-        gates,
-        WindowCache(folders["train"], args.train_windows, args.preload),
-        cfg,
-        eval_cache=(
-            WindowCache(folders["eval"], args.eval_windows, args.preload)
-            if "eval" in folders
-            else None
-        ),
-        device=args.device,
-    )
+    if args.phase == "decode":
+        distiller = _decode_distiller(args, cfg, model, model_name, tokenizer)
+        gates = distiller.gates
+    else:
+        distiller = _prefill_distiller(args, cfg, model, model_name, folders)
+        gates = distiller.gates
     if args.resume and ckpt.exists():
+
         distiller.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} at step {distiller.step}")
     if rank == 0:
@@ -350,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=cfg.lr,
                 world_size=world,
                 target=args.target,
+                **({"rows": args.rows} if args.phase == "decode" else {}),
                 base_model_sha256=fingerprint,
                 command="python -m seerlib.distill "
                 + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -40,6 +40,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     skip_first_quarter: bool = True
     recall_densities: tuple[float, ...] = (0.5, 0.3, 0.1)
+    recall_tokens: tuple[int, ...] = (256, 1024)  # decode gates: recall at these token budgets
     eval_every: int = 0
     seed: int = 0
 
@@ -59,6 +60,10 @@ class DistillConfig:
             )
         if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                   for t in self.recall_tokens):
+            raise ValueError(f"recall_tokens must be whole numbers >= 1; got "
+                             f"{self.recall_tokens!r}")
         if not all(_is_number(d) and 0 < d <= 1 for d in self.recall_densities):
             raise ValueError(f"recall_densities must be in (0, 1]; got {self.recall_densities!r}")
 
@@ -135,21 +140,14 @@ class Distiller:
     device: str | torch.device = "cpu"
 
     def __post_init__(self):
-        if (
-            self.cache.block_size != self.gates.block_size
-            or self.cfg.block_size != self.gates.block_size
-        ):
-            raise ValueError(
-                f"block sizes differ: cache {self.cache.block_size}, config {self.cfg.block_size}, "
-                f"gates {self.gates.block_size}"
-            )
+        self._check_data()
         self.rank, self.world = _dist()
         if self.cfg.batch_size % self.world:
             raise ValueError(
                 f"global batch {self.cfg.batch_size} does not split over {self.world} processes"
             )
         self.gates.to(self.device)
-        self.module = _PooledGates(self.gates)
+        self.module = self._module()
         if self.world > 1:
             dev = [self.device] if torch.device(self.device).type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(self.module, device_ids=dev)
@@ -162,9 +160,40 @@ class Distiller:
         self.tokens_seen = 0
         self.history: list[dict] = []
 
+    # What a subclass with other data changes (seerlib.distill.decode): the data check, the
+    # module DDP wraps, the window count and length, and one batch's loss.
+
+    def _check_data(self) -> None:
+        if (
+            self.cache.block_size != self.gates.block_size
+            or self.cfg.block_size != self.gates.block_size
+        ):
+            raise ValueError(
+                f"block sizes differ: cache {self.cache.block_size}, config {self.cfg.block_size}, "
+                f"gates {self.gates.block_size}"
+            )
+
+    def _module(self) -> nn.Module:
+        return _PooledGates(self.gates)
+
+    def _num_windows(self) -> int:
+        return len(self.cache)
+
+    def _seq_len(self) -> int:
+        return self.cache.seq_len
+
+    def _batch_loss(self, idx: list[int]):
+        """(loss, per-layer losses, recall()) of training windows idx; recall() is called after
+        the backward pass and returns {budget: mean recall}."""
+        batch = self.cache.batch(idx, self.gates.q_pool, self.gates.k_pool, self.device)
+        self.module.train()
+        logits = self._forward(batch, self.module)
+        loss, per_layer = self._loss(batch, logits)
+        return loss, per_layer, lambda: self._recall(batch, [lg.detach() for lg in logits])
+
     def _global_batch(self, step: int) -> list[int]:
         """Window indices of a step: epoch-wise permutations seeded by (seed, epoch)."""
-        n, G = len(self.cache), self.cfg.batch_size
+        n, G = self._num_windows(), self.cfg.batch_size
         out = []
         for j in range(step * G, step * G + G):
             epoch, pos = divmod(j, n)
@@ -214,10 +243,7 @@ class Distiller:
         while self.step < self.cfg.steps:
             t0 = time.time()
             idx = self._global_batch(self.step)[self.rank :: self.world]
-            batch = self.cache.batch(idx, self.gates.q_pool, self.gates.k_pool, self.device)
-            self.module.train()
-            logits = self._forward(batch, self.module)
-            loss, per_layer = self._loss(batch, logits)
+            loss, per_layer, recall_of = self._batch_loss(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             global_loss = float(loss.detach())
@@ -241,13 +267,13 @@ class Distiller:
             self._check_finite(global_loss, lr, "weight", applied=True)
             self.scheduler.step()
             self.step += 1
-            self.tokens_seen += self.cfg.batch_size * self.cache.seq_len
+            self.tokens_seen += self.cfg.batch_size * self._seq_len()
             m = {
                 "step": self.step,
                 "lr": lr,
                 "loss": global_loss,
                 "loss_per_layer": [float(x.detach()) for x in per_layer],
-                "recall": self._recall(batch, [lg.detach() for lg in logits]),
+                "recall": recall_of(),
                 "tokens_seen": self.tokens_seen,
                 "seconds": time.time() - t0,
             }

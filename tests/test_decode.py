@@ -1,0 +1,237 @@
+"""seerlib.decode: the decode gate, decode selection, teacher-forced sparsity, generation and the
+decode-gate distillation, on the tiny random Llama (CPU)."""
+
+import pytest
+import torch
+
+from seerlib import ops, reference
+from seerlib.decode import (
+    DecodeGateSet,
+    decode_index,
+    decode_teacher_forced,
+    parse_decode_config,
+    select_decode,
+)
+from seerlib.decode.generate import sparse_generation
+from seerlib.decode.kcache import KCompressionCache
+from seerlib.distill.cli import main as distill_main
+from seerlib.distill.cli import tiny_model
+from seerlib.distill.decode import DecodeDistiller
+from seerlib.distill.train import DistillConfig
+from seerlib.eval.decode import decode_configs, decode_quality, markdown
+from seerlib.io import load_gates, save_gates
+from seerlib.select import Selection, parse_selection, select_blocks
+
+B16 = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def gates(model):
+    torch.manual_seed(0)
+    return DecodeGateSet(model.config, block_size=B16)
+
+
+# ---------------------------------------------------------------- references
+
+
+def test_decode_references_agree_with_full_attention():
+    torch.manual_seed(0)
+    B, Hq, Hkv, S, d, b = 2, 6, 2, 97, 16, 16
+    q = torch.randn(B, Hq, S, d, dtype=torch.float64)
+    k, v = torch.randn(B, Hkv, S, d, dtype=torch.float64), torch.randn(B, Hkv, S, d,
+                                                                      dtype=torch.float64)
+    full = reference.attention(q, k, v)
+    last = q[:, :, -1:]
+    assert torch.allclose(reference.decode_attention(last, k, v), full[:, :, -1:])
+    nb = reference.num_blocks(S, b)
+    idx = torch.arange(nb, dtype=torch.int32).expand(B, Hkv, nb)
+    cnt = torch.full((B, Hkv), nb, dtype=torch.int32)
+    assert torch.allclose(reference.sparse_decode_attention(last, k, v, idx, cnt, b),
+                          full[:, :, -1:])
+    # shorter kv_lens: the same as a shorter cache
+    lens = torch.tensor([50, 97])
+    short = reference.decode_attention(last[:1], k[:1, :, :50], v[:1, :, :50])
+    assert torch.allclose(reference.decode_attention(last, k, v, lens)[:1], short)
+    truth = reference.decode_block_truth(q, k, b)
+    assert torch.allclose(truth.sum(-1), torch.ones(B, Hkv, S, dtype=torch.float64))
+    assert torch.allclose(reference.decode_block_truth(last, k, b)[:, :, 0], truth[:, :, -1])
+    rows = torch.tensor([5, 40, 96])
+    assert torch.allclose(reference.decode_block_truth(q[:, :, rows], k, b, positions=rows),
+                          truth[:, :, rows])
+    every = torch.ones(B, Hkv, S, nb, dtype=torch.bool)
+    out, mass = reference.row_sparse_attention(q, k, v, every, b, return_mass=True)
+    assert torch.allclose(out, full) and torch.allclose(mass, torch.ones_like(mass))
+
+
+def test_sparse_decode_ignores_padding_and_poison_outside_the_selection():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    idx = torch.tensor([[[0, 2, 99, -5], [1, 3, 7, 7]]], dtype=torch.int32)
+    cnt = torch.tensor([[2, 2]], dtype=torch.int32)
+    ref = reference.sparse_decode_attention(q, k, v, idx, cnt, 16)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 0, 16:32] = float("nan")  # block 1 of head 0: not read
+    v2[:, 1, 0:16] = float("nan")
+    assert torch.equal(reference.sparse_decode_attention(q, k2, v2, idx, cnt, 16), ref)
+    with pytest.raises(ValueError, match="one decode query"):
+        reference.decode_attention(torch.randn(1, 4, 2, 8), k, v)
+    with pytest.raises(ValueError, match="kv_lens must lie"):
+        reference.decode_attention(q, k, v, torch.tensor([0]))
+
+
+def test_ops_decode_pooled_attention_reference_path():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    out, truth = ops.decode_pooled_attention(q, k, v, 16)
+    assert torch.allclose(out, reference.attention(q, k, v))
+    assert torch.allclose(truth, reference.decode_block_truth(q, k, 16))
+
+
+# ---------------------------------------------------------------- selection
+
+
+def test_token_budget_labels_and_refusals():
+    sel = parse_selection("+sink@tok=256")
+    assert sel.tokens == 256 and sel.label() == "+sink@tok=256"
+    with pytest.raises(ValueError, match="one budget"):
+        Selection(density=0.3, tokens=64)
+    with pytest.raises(ValueError, match="whole number"):
+        Selection(tokens=0)
+    with pytest.raises(ValueError, match="decode budget"):
+        select_blocks(torch.zeros(1, 1, 4, 4), sel)
+    with pytest.raises(ValueError, match="does not honour"):
+        parse_decode_config("gate+last@tok=256")
+    with pytest.raises(ValueError, match="does not honour"):
+        parse_decode_config("quest+floor0.5@r=0.3")
+    with pytest.raises(ValueError, match="unknown decode method"):
+        parse_decode_config("vertical_slash@tok=256")
+    assert parse_decode_config("sink_window+local2@tok=512").label == "sink_window+local2@tok=512"
+
+
+def test_select_decode_budget_forced_and_dense_when_covered():
+    torch.manual_seed(3)
+    b, S = 16, 100
+    nb = reference.num_blocks(S, b)
+    scores = torch.randn(2, 3, S, nb)
+    pos = torch.arange(S)
+    keep = select_decode(scores, Selection(tokens=48, forced={"sink": 1}), pos, b)
+    own = pos // b
+    assert not (keep & (torch.arange(nb)[None] > own[:, None])).any()  # never past its own
+    assert keep[:, :, pos, own].all() and keep[..., 0].all()  # own block and sink
+    assert (keep.sum(-1) == torch.clamp(own + 1, max=3)).all()  # 48 // 16 blocks
+    every = select_decode(scores, Selection(tokens=10_000), pos, b)
+    want = torch.arange(nb)[None, :] <= own[:, None]  # (S, nb)
+    assert torch.equal(every, want.expand_as(every))
+    idx, cnt = decode_index(keep[:, :, -1], max_blocks=3)
+    assert torch.equal(reference.decode_index_to_mask(idx, cnt, nb), keep[:, :, -1])
+
+
+def test_kcompression_cache_matches_the_gate_keys(model, gates):
+    g = gates[0]
+    torch.manual_seed(4)
+    k_pre = torch.randn(2, g.num_kv_heads, 70, g.head_dim)
+    cache = KCompressionCache(g)
+    cache.update(k_pre[:, :, :37])
+    for t in range(37, 70):
+        cache.update(k_pre[:, :, t : t + 1])
+    want = g.keys(g.pool(k_pre[:, :, :64]))
+    assert cache.tokens == 70 and cache.n_full == 4
+    assert torch.allclose(cache.keys, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- teacher forcing = generation
+
+
+@pytest.mark.parametrize("label", ["gate@tok=32", "quest@tok=48", "sink_window@tok=32",
+                                   "oracle+sink@tok=32", "gate+local@t=0.05"])
+def test_generation_logits_equal_teacher_forced_decode(model, gates, label):
+    torch.manual_seed(5)
+    ids = torch.randint(0, 211, (2, 70))
+    cfg = parse_decode_config(label, B16)
+    g = gates if cfg.spec.needs_gate else None
+    with torch.no_grad(), sparse_generation(model, cfg, decode_gates=g) as sg:
+        res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True)
+    steps = torch.stack(res.scores, 1)  # (B, n, vocab)
+    with torch.no_grad(), decode_teacher_forced(model, cfg, g, prefix=70):
+        tf = model(res.sequences, use_cache=False).logits
+    n = steps.shape[1]
+    assert torch.allclose(tf[:, 69:69 + n], steps, atol=1e-4)
+    assert sg.stats.steps > 0 and (cfg.selection.tokens is None or sg.stats.kept_share < 1)
+
+
+def test_a_budget_covering_the_context_decodes_as_dense(model, gates):
+    torch.manual_seed(6)
+    ids = torch.randint(0, 211, (2, 50))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        with sparse_generation(model, "gate@tok=4096", decode_gates=gates, block_size=B16) as sg:
+            sparse = model.generate(ids, **kw)
+    assert torch.equal(dense, sparse) and sg.stats.kept_share == 1.0
+
+
+def test_generation_refuses_missing_or_foreign_gates(model, gates):
+    with pytest.raises(ValueError, match="DecodeGateSet"):
+        sparse_generation(model, "gate@tok=64", block_size=B16)
+    with pytest.raises(ValueError, match="block size"):
+        sparse_generation(model, "gate@tok=64", decode_gates=gates, block_size=32)
+    with pytest.raises(ValueError, match="reads no gate"):
+        sparse_generation(model, "quest@tok=64", decode_gates=gates)
+
+
+# ---------------------------------------------------------------- files, training, evaluation
+
+
+def test_decode_gate_files_carry_their_phase(model, gates, tmp_path):
+    path = tmp_path / "dec.safetensors"
+    meta = save_gates(gates, path)
+    assert meta["phase"] == "decode"
+    back = load_gates(path, model, phase="decode")
+    assert isinstance(back, DecodeGateSet)
+    for a, b in zip(back.state_dict().values(), gates.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds decode gates; expected prefill"):
+        load_gates(path, model, phase="prefill")
+
+
+def test_decode_distillation_lowers_the_loss(model):
+    torch.manual_seed(7)
+    g = DecodeGateSet(model.config, block_size=B16)
+    # text with structure: a repeated random sequence, so attention has something to find
+    base = torch.randint(0, 211, (1, 64))
+    w = torch.cat([base.repeat(1, 4) for _ in range(4)])
+    cfg = DistillConfig(block_size=B16, steps=30, batch_size=2, lr=1e-2, warmup=2,
+                        recall_tokens=(32,))
+    d = DecodeDistiller(g, cfg=cfg, model=model, windows=w, rows=64)
+    losses = [m["loss"] for m in d.steps()]
+    assert losses[-1] < losses[0]
+
+
+def test_distill_cli_decode_phase(tmp_path):
+    out = tmp_path / "g.safetensors"
+    args = ["--model", "tiny-random-llama", "--phase", "decode", "--seq-len", "128",
+            "--block-size", "16", "--train-windows", "4", "--steps", "3", "--batch-size", "2",
+            "--rows", "16", "--out", str(out), "--quiet"]
+    assert distill_main(args) == 0
+    assert isinstance(load_gates(out, tiny_model(), phase="decode"), DecodeGateSet)
+    with pytest.raises(SystemExit):
+        distill_main(args + ["--q-pool", "avg"])
+
+
+def test_decode_quality_rows(model, gates):
+    torch.manual_seed(8)
+    w = torch.randint(0, 211, (1, 128))
+    rows = decode_quality(model, w, decode_configs(["gate", "oracle"], [32, 4096], B16), gates,
+                          progress=False)
+    by = {r["label"]: r for r in rows}
+    assert by["dense"]["recall"] == 1.0
+    assert by["oracle@tok=4096"]["recall"] == pytest.approx(1.0)
+    assert by["oracle@tok=4096"]["ppl"] == pytest.approx(by["dense"]["ppl"], rel=1e-4)
+    assert by["oracle@tok=32"]["recall"] < 1.0
+    assert "| gate |" in markdown({"quality": rows})
