@@ -69,7 +69,7 @@ def test_threshold_sink_and_dense_rows():
 
 
 def test_at_most_one_budget_and_no_budget_keeps_every_causal_block():
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one budget"):
         select_blocks(logits(), Selection(density=0.5, threshold=1e-3))
     # no budget is every causal block; a sparse method refuses it (test_methods)
     assert torch.equal(select_blocks(logits(nb=12), Selection()),
