@@ -79,6 +79,25 @@ def check_out(out, like: torch.Tensor, name: str = "out") -> torch.Tensor:
     return out
 
 
+def float32_buffer(buf, shape: tuple, device, name: str, dims: str) -> torch.Tensor:
+    """A float32 side output (a pooled map, a target) given by the caller, checked, or a new one.
+
+    Args:
+        buf: the caller's buffer or None; shape: its expected shape, named by `dims` in errors
+            ("(B, Hq, nb, nb)"); device: where it must live; name: the argument's name.
+    """
+    if buf is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    ok = (tuple(buf.shape) == tuple(shape) and buf.dtype == torch.float32
+          and buf.device == device and buf.stride(-1) == 1)
+    if not ok:
+        raise ValueError(
+            f"{name} must be {dims} = {tuple(shape)} float32 on {device} with a contiguous last "
+            f"dim; got {tuple(buf.shape)} {buf.dtype} on {buf.device}"
+        )
+    return buf
+
+
 def default_launch(block_m: int, d: int) -> dict:
     """num_warps / num_stages measured best on an H100 (bench/NOTES.md); the interpreter ignores
     them."""

@@ -43,6 +43,7 @@ from ._common import (
     check_inputs,
     check_out,
     default_launch,
+    float32_buffer,
     last_dim_contiguous,
     softmax_step,
 )
@@ -294,18 +295,8 @@ def decode_pooled_attention(
     out = check_out(out, q)
     b, group = block_size, Hq // Hkv
     nb = num_blocks(Sk, b)
-    if truth_out is None:
-        truth = torch.empty(B, Hkv, Sq, nb, dtype=torch.float32, device=q.device)
-    else:
-        ok = (tuple(truth_out.shape) == (B, Hkv, Sq, nb) and truth_out.dtype == torch.float32
-              and truth_out.device == q.device and truth_out.stride(-1) == 1)
-        if not ok:
-            raise ValueError(
-                f"truth_out must be (B, Hkv, Sq, nb) = {(B, Hkv, Sq, nb)} float32 on {q.device} "
-                f"with a contiguous last dim; got {tuple(truth_out.shape)} {truth_out.dtype} on "
-                f"{truth_out.device}"
-            )
-        truth = truth_out
+    truth = float32_buffer(truth_out, (B, Hkv, Sq, nb), q.device, "truth_out",
+                           "(B, Hkv, Sq, nb)")
 
     block_m = _rows_per_program(b) if rows_per_program is None else int(rows_per_program)
     if block_m <= 0 or block_m % b or block_m & (block_m - 1):

@@ -33,6 +33,7 @@ from ._common import (
     check_inputs,
     check_out,
     default_launch,
+    float32_buffer,
     last_dim_contiguous,
     softmax_step,
 )
@@ -222,18 +223,8 @@ def pooled_attention(
     pooled = None
     if block_size is not None:
         nb = num_blocks(S, block_size)
-        if pooled_out is None:
-            pooled = torch.empty(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
-        else:
-            ok = (tuple(pooled_out.shape) == (B, Hq, nb, nb) and pooled_out.dtype == torch.float32
-                  and pooled_out.device == q.device and pooled_out.stride(-1) == 1)
-            if not ok:
-                raise ValueError(
-                    f"pooled_out must be (B, Hq, nb, nb) = {(B, Hq, nb, nb)} float32 on {q.device} "
-                    f"with a contiguous last dim; got {tuple(pooled_out.shape)} {pooled_out.dtype} "
-                    f"on {pooled_out.device}"
-                )
-            pooled = pooled_out
+        pooled = float32_buffer(pooled_out, (B, Hq, nb, nb), q.device, "pooled_out",
+                                "(B, Hq, nb, nb)")
     b = block_size if block_size is not None else 64
     _launch(q, k, v, out, pooled, b, causal, scale, rows_per_tile, num_warps, num_stages)
     return out, pooled
