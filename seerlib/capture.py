@@ -7,13 +7,14 @@ Two mechanisms, both reusable by the integration:
   in three (Phi-3).
 - `attention_override`: routes every attention layer through a function of ours, registered in
   transformers' AttentionInterface; it sees the post-RoPE Q and K and the un-repeated K/V heads.
+`AttentionSwitch` is the handle that holds both while enabled (the decode handles build on it).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,8 @@ from torch import nn
 
 from seerlib.families import family_of
 
-__all__ = ["LayerQKV", "attention_layers", "pre_rope_hooks", "attention_override", "capture_qkv"]
+__all__ = ["AttentionSwitch", "LayerQKV", "attention_layers", "pre_rope_hooks",
+           "attention_override", "capture_qkv"]
 
 _names = itertools.count()
 
@@ -164,3 +166,54 @@ def capture_qkv(
         )
         for i in keep
     }
+
+
+class AttentionSwitch:
+    """A handle that routes a model's attention through `self._attend` while enabled (and takes
+    the pre-RoPE Q/K into `self._pre` when `_wants_pre_rope()`): a context manager, or
+    `enable()` / `disable()`. Subclasses define `_attend` (an `attention_override` function),
+    and may extend `_wants_pre_rope` and `_on_disable`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._pre: dict = {}
+        self._stack: ExitStack | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._stack is not None
+
+    def _wants_pre_rope(self) -> bool:
+        return False
+
+    def _on_disable(self) -> None:
+        """Called after the model's attention is restored."""
+
+    def enable(self):
+        """Switch the model's attention to `_attend` until `disable()`; returns self."""
+        if self._stack is not None:
+            raise RuntimeError("this handle is already enabled")
+        stack = ExitStack()
+        try:
+            if self._wants_pre_rope():
+                stack.enter_context(pre_rope_hooks(self.model, self._pre))
+            stack.enter_context(attention_override(self.model, self._attend))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def disable(self) -> None:
+        """Restore the model's previous attention (a no-op when not enabled)."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+        self._pre.clear()
+        self._on_disable()
+
+    def __enter__(self):
+        return self.enable()
+
+    def __exit__(self, *exc) -> None:
+        self.disable()

@@ -23,14 +23,13 @@ recomputes its per-block min/max from the cache at each step: a quality baseline
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
 from seerlib import ops
-from seerlib.capture import attention_layers, attention_override, pre_rope_hooks
+from seerlib.capture import AttentionSwitch, attention_layers
 from seerlib.integrate import _check_no_padding, sparsify
 from seerlib.reference import num_blocks
 
@@ -77,49 +76,27 @@ class GenerationStats:
         return {"steps": self.steps, "prefills": self.prefills, "kept_share": self.kept_share}
 
 
-class SparseGeneration:
+class SparseGeneration(AttentionSwitch):
     """A model whose decode steps run sparse. Made by `sparse_generation`; a context manager
     (or `enable()` / `disable()`)."""
 
     def __init__(self, model: nn.Module, config: DecodeConfig, decode_gates=None, prefill=None):
-        self.model, self.config, self.gates = model, config, decode_gates
+        super().__init__(model)
+        self.config, self.gates = config, decode_gates
         self.prefill = prefill  # a disabled Sparsified, or None
-        self._pre: dict = {}
         if prefill is not None:
             prefill._pre = self._pre  # one set of hooks feeds both
         self.stats = GenerationStats()
         self.caches: dict[int, KCompressionCache] = {}
         self.last_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stack: contextlib.ExitStack | None = None
         self._k = most_blocks(config.selection, config.block_size)
 
-    def enable(self) -> SparseGeneration:
-        if self._stack is not None:
-            raise RuntimeError("this handle is already enabled")
-        stack = contextlib.ExitStack()
-        try:
-            if self.config.spec.needs_gate or (self.prefill is not None
-                                               and self.prefill.config.spec.needs_gate):
-                stack.enter_context(pre_rope_hooks(self.model, self._pre))
-            stack.enter_context(attention_override(self.model, self._attend))
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
+    def _wants_pre_rope(self) -> bool:
+        return self.config.spec.needs_gate or (self.prefill is not None
+                                               and self.prefill.config.spec.needs_gate)
 
-    def disable(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-        self._pre.clear()
+    def _on_disable(self) -> None:
         self.caches.clear()
-
-    def __enter__(self) -> SparseGeneration:
-        return self.enable()
-
-    def __exit__(self, *exc) -> None:
-        self.disable()
 
     def _attend(self, module, query, key, value, attention_mask, *, default, **kwargs):
         layer = module.layer_idx

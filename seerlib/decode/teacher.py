@@ -20,13 +20,12 @@ it reads) and the tokens read per query.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
-from seerlib.capture import attention_override, pre_rope_hooks
+from seerlib.capture import AttentionSwitch
 from seerlib.integrate import _check_no_padding
 from seerlib.io import config_hash
 from seerlib.reference import row_sparse_attention
@@ -94,46 +93,22 @@ def kept_token_counts(keep: torch.Tensor, positions: torch.Tensor, block_size: i
     return (keep * seen).sum(-1)
 
 
-class TeacherForced:
+class TeacherForced(AttentionSwitch):
     """A model whose attention runs teacher-forced decode sparsity. Made by
     `decode_teacher_forced`; a context manager (`enable()` / `disable()` for the permanent form).
     """
 
     def __init__(self, model: nn.Module, config: DecodeConfig, gates=None,
                  score_from: float | int = 0.5, prefix: int = 0):
-        self.model, self.config, self.gates = model, config, gates
+        super().__init__(model)
+        self.config, self.gates = config, gates
         self.score_from, self.prefix = score_from, prefix
         self.stats = DecodeStats()
         self.masks: dict[int, torch.Tensor] = {}
         self.record_masks = False
-        self._pre: dict = {}
-        self._stack: contextlib.ExitStack | None = None
 
-    def enable(self) -> TeacherForced:
-        if self._stack is not None:
-            raise RuntimeError("this handle is already enabled")
-        stack = contextlib.ExitStack()
-        try:
-            if self.config.spec.needs_gate:
-                stack.enter_context(pre_rope_hooks(self.model, self._pre))
-            stack.enter_context(attention_override(self.model, self._attend))
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def disable(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-        self._pre.clear()
-
-    def __enter__(self) -> TeacherForced:
-        return self.enable()
-
-    def __exit__(self, *exc) -> None:
-        self.disable()
+    def _wants_pre_rope(self) -> bool:
+        return self.config.spec.needs_gate
 
     def _first_scored(self, S: int) -> int:
         f = self.score_from
