@@ -321,10 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.phase == "decode":
         distiller = _decode_distiller(args, cfg, model, model_name, tokenizer)
-        gates = distiller.gates
     else:
         distiller = _prefill_distiller(args, cfg, model, model_name, folders)
-        gates = distiller.gates
+    gates = distiller.gates
     if args.resume and ckpt.exists():
 
         distiller.load_checkpoint(ckpt)
