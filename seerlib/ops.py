@@ -113,12 +113,18 @@ def _kernels():
     from seerlib.kernels.block_sparse_attention import block_sparse_attention
     from seerlib.kernels.decode_truth import decode_pooled_attention
     from seerlib.kernels.pooled_attention import attention, pooled_attention
+    from seerlib.kernels.sparse_decode import (  # lazy, as the three above
+        decode_attention,
+        sparse_decode_attention,
+    )
 
     return types.SimpleNamespace(
         attention=attention,
         pooled_attention=pooled_attention,
         block_sparse_attention=block_sparse_attention,
         decode_pooled_attention=decode_pooled_attention,
+        sparse_decode_attention=sparse_decode_attention,
+        decode_attention=decode_attention,
     )
 
 
@@ -221,15 +227,23 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
                             kv_lens=None, scale: float | None = None,
                             backend: str | None = None):
     """One decode query per row over the kept key blocks of its kv head (shapes:
-    `reference.sparse_decode_attention`). Every backend runs the reference for now: the Triton
-    split-KV decode kernel is not in yet, so a decode step on CUDA computes in torch."""
-    get_backend(backend)  # validates the name
+    `reference.sparse_decode_attention`): the Triton split-KV kernel on CUDA bf16/fp16
+    (`seerlib.kernels.sparse_decode`), else the reference. The kernel takes block_index and
+    block_count as int32 (`seerlib.decode.select.decode_index` makes them so); other dtypes are
+    converted. It never syncs the host, so it skips what the reference refuses (negative counted
+    entries) instead of raising."""
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
+        return _kernels().sparse_decode_attention(
+            q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), block_size,
+            kv_lens=kv_lens, scale=scale)
     return reference.sparse_decode_attention(q, k, v, block_index, block_count, block_size,
                                              kv_lens=kv_lens, scale=scale)
 
 
 def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
                      backend: str | None = None):
-    """Dense attention of one decode query per row over its KV cache (the reference for now)."""
-    get_backend(backend)
+    """Dense attention of one decode query per row over its KV cache: the same kernel over
+    every key block on CUDA bf16/fp16, else the reference."""
+    if _use_kernels(q, backend, inputs=(q, k, v)):
+        return _kernels().decode_attention(q, k, v, kv_lens=kv_lens, scale=scale)
     return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale)

@@ -20,6 +20,8 @@ sparse decode kernel takes them (`decode_index`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from seerlib.select import DECODE_FORCED, Selection, forced_blocks
@@ -89,11 +91,12 @@ def select_decode(scores: torch.Tensor, selection: Selection, positions: torch.T
         raise ValueError(f"scores must be (B, Hkv, Sq, nb) and positions (Sq,); got "
                          f"{tuple(scores.shape)} and {tuple(positions.shape)}")
     nb, b = scores.shape[-1], block_size
+    if positions.device.type == "cpu" and positions.numel() and int(positions.max()) // b >= nb:
+        # checked only where it costs no sync: device positions are the caller's (generate's)
+        raise ValueError(f"a query at position {int(positions.max())} needs key block "
+                         f"{int(positions.max()) // b}; the scores have {nb} blocks")
     positions = positions.to(scores.device)
     own = positions // b  # (Sq,)
-    if bool((own >= nb).any()):
-        raise ValueError(f"a query at position {int(positions.max())} needs key block "
-                         f"{int(own.max())}; the scores have {nb} blocks")
     visible = visible_blocks(positions, nb, b)  # (Sq, nb)
     if not selection.has_budget:
         return visible.expand(scores.shape).clone()
@@ -104,13 +107,15 @@ def select_decode(scores: torch.Tensor, selection: Selection, positions: torch.T
         p = torch.softmax(cand, dim=-1).nan_to_num(0.0)  # a row without candidates: none
         return (p > selection.threshold) | forced
     n_vis = own + 1  # (Sq,)
+    # kmax, the widest row, is known on the host (never read back from the device: no sync)
     if selection.tokens is not None:
-        k = torch.full_like(n_vis, blocks_per_query(selection, b))
+        kmax = min(blocks_per_query(selection, b), nb)
+        k = torch.full_like(n_vis, kmax)
     else:
         k = torch.ceil(selection.density * n_vis.double() - 1e-9).long().clamp_min(1)
+        kmax = min(nb, max(1, math.ceil(selection.density * nb - 1e-9)))
     # forced blocks rank first, then by score; a row keeps its k best, never an invisible block
     rank = torch.where(forced, torch.full_like(s, float("inf")), s)
-    kmax = min(int(k.max()), nb)
     top = rank.topk(kmax, dim=-1).indices  # (B, Hkv, Sq, kmax)
     take = torch.arange(kmax, device=s.device)[None, :] < k[:, None]  # (Sq, kmax)
     keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, take.expand_as(top))
