@@ -76,6 +76,9 @@ SMALL_PARAMETERS: dict[str, dict] = {
                                "PASSKEY_LEN": 256,
                                "PASSKEY_DEPTHS": [0.5]},
     "05_kernel_speed": {"CHECK_SEQ_LEN": 97},
+    "06_decode_sparsity": {"FALLBACK_STEPS": 4, "FALLBACK_SEQ_LEN": 512, "FALLBACK_WINDOWS": 2,
+                           "FALLBACK_ROWS": 128, "SEQ_LEN": 512, "GEN_TOKENS": 16,
+                           "BUDGET": 128, "BUDGETS": [128, 256]},
 }
 
 

@@ -10,9 +10,9 @@ from test_report import CDN, REMOTE_SOURCE
 from seerlib import report
 
 NOTEBOOKS = ["01_attention_maps", "02_gate_vs_truth", "03_train_gate",
-             "04_sparsity_vs_quality", "05_kernel_speed"]
+             "04_sparsity_vs_quality", "05_kernel_speed", "06_decode_sparsity"]
 NEEDS_MODEL = {"01_attention_maps", "02_gate_vs_truth", "03_train_gate",
-               "04_sparsity_vs_quality"}
+               "04_sparsity_vs_quality", "06_decode_sparsity"}
 
 
 def path_of(name):

@@ -16,7 +16,8 @@ Panels redraw plain figures inside `ipywidgets.Output` areas, so no widget-backe
 
 Modules: `common` (renderer, `show`, `key_figures`, shared heatmaps, tables, paths), `maps`
 (notebook 01, attention maps), `gate_truth` (02, gate vs ground truth), `training` (03, gate
-training), `quality` (04, sparsity vs quality), `speed` (05, kernel speed).
+training), `quality` (04, sparsity vs quality), `speed` (05, kernel speed), `decode` (06, decode
+sparsity step by step, against the budget, and its speed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ from seerlib.viz.common import (
     repo_path,
     show,
     table_figure,
+)
+from seerlib.viz.decode import (
+    DecodeTrace,
+    decode_generation_table,
+    decode_layer_recall_figure,
+    decode_panel,
+    decode_passkey_figure,
+    decode_quality_figure,
+    decode_quality_results,
+    decode_speed_figure,
+    decode_speed_records,
+    decode_speed_tables,
+    decode_steps_figure,
+    trace_generation,
 )
 from seerlib.viz.gate_truth import GateComparison, gate_panel, gate_vs_truth_figure
 from seerlib.viz.maps import (
@@ -62,6 +77,7 @@ __all__ = [
     "KEY_FIGURES_MIME",
     "PROVIDER_NAMES",
     "AttentionMaps",
+    "DecodeTrace",
     "GateComparison",
     "LossCurve",
     "attention_grid_figure",
@@ -70,6 +86,16 @@ __all__ = [
     "bench_records",
     "blocks_to_cover",
     "coverage_density",
+    "decode_generation_table",
+    "decode_layer_recall_figure",
+    "decode_panel",
+    "decode_passkey_figure",
+    "decode_quality_figure",
+    "decode_quality_results",
+    "decode_speed_figure",
+    "decode_speed_records",
+    "decode_speed_tables",
+    "decode_steps_figure",
     "dense_throughput_figure",
     "display_tokens",
     "gate_files",
@@ -91,4 +117,5 @@ __all__ = [
     "speedup_figure",
     "speedups",
     "table_figure",
+    "trace_generation",
 ]
