@@ -19,10 +19,10 @@ import sys
 
 import torch
 import triton
+from seerlib.kernels.sparse_decode import decode_attention, sparse_decode_attention
 
 from seerlib import reference
 from seerlib.decode.select import decode_index
-from seerlib.kernels.sparse_decode import decode_attention, sparse_decode_attention
 
 # (B, Hq, Hkv, S, d, b, share kept)
 CASES = [
