@@ -15,6 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from seerlib.io import read_metadata
+
 # Colour range of log-scaled attention maps: probabilities below 10**LOG_FLOOR share one colour.
 LOG_FLOOR = -4.0
 MAP_COLORSCALE = "Viridis"
@@ -147,11 +149,13 @@ def table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
 
 def gate_files(gate: str | None, gate_dir: str) -> list:
     """Trained gate files for a notebook: `gate` first (when given and present), then every
-    `*.safetensors` in `gate_dir` that is not a training checkpoint; paths relative to the repo."""
+    `*.safetensors` in `gate_dir` that is not a training checkpoint nor a decode gate (the
+    prefill notebooks' gates only); paths relative to the repo."""
     files = [repo_path(gate)] if gate else []
     folder = repo_path(gate_dir)
     if folder.is_dir():
-        files += sorted(folder.glob("*.safetensors"))
+        files += sorted(f for f in folder.glob("*.safetensors") if ".ckpt" not in f.name
+                        and read_metadata(f).get("phase", "prefill") == "prefill")
     return [f for f in dict.fromkeys(files) if f.exists() and ".ckpt" not in f.name]
 
 
