@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import check_block_size, default_scale, num_blocks
+from seerlib.reference import check_block_size, check_decode_shapes, default_scale, num_blocks
 
 from ._common import LOG2E, check_out, interpreting, softmax_step
 
@@ -151,19 +151,7 @@ def choose_splits(rows: int, width: int, sms: int) -> int:
 
 
 def _check(q, k, v, block_size):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor; got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-    B, Hq, Sq, d = q.shape
-    if Sq != 1:
-        raise ValueError(f"q must be (B, Hq, 1, d): one decode query per row; got {tuple(q.shape)}")
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
-        raise ValueError(f"k and v must be (B, Hkv, S, d) = ({B}, Hkv, S, {d}); got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"k has {Hkv} heads; q's {Hq} heads need a divisor of {Hq}")
+    B, Hq, Hkv, S, d = check_decode_shapes(q, k, v)
     b = check_block_size(block_size)
     if b not in (16, 32, 64, 128):
         raise ValueError(f"block_size must be one of 16, 32, 64, 128 for the kernel; got {b}")

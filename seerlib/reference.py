@@ -386,7 +386,9 @@ def index_to_mask(
 # selection is per (batch, kv head): every query head of a group reads the same key blocks.
 
 
-def _check_decode(q, k, v, kv_lens):
+def check_decode_shapes(q, k, v):
+    """Validate one decode query per row, q (B, Hq, 1, d), against k, v (B, Hkv, S, d); return
+    (B, Hq, Hkv, S, d). Reads no values (no device sync): the kernels call it too."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -400,6 +402,11 @@ def _check_decode(q, k, v, kv_lens):
     Hkv, S = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"k has {Hkv} heads; q's {Hq} heads need a divisor of {Hq}")
+    return B, Hq, Hkv, S, d
+
+
+def _check_decode(q, k, v, kv_lens):
+    B, Hq, Hkv, S, d = check_decode_shapes(q, k, v)
     if kv_lens is None:
         kv_lens = torch.full((B,), S, dtype=torch.long, device=q.device)
     if not isinstance(kv_lens, torch.Tensor) or tuple(kv_lens.shape) != (B,):
