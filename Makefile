@@ -9,7 +9,7 @@ TRITON_SPEC ?= triton==3.7.1
 # No GPU here: Triton kernels run only under the interpreter, which must be set before import.
 export TRITON_INTERPRET ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 
-.PHONY: report test lab data venv lint clean
+.PHONY: report test lab data longtext venv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ venv: $(VENV)/.installed
 
 data: venv
 	$(PY) -m seerlib.data fetch
+
+# The long documents (seerlib/longtext.py, data/LONGTEXT.md): not part of `data`, since apt-get
+# needs Debian's package lists (`apt-get update` once on a fresh machine) and nothing in `test` or
+# `report` reads them yet. About 9 MB, 10 s.
+longtext: venv
+	$(PY) -m seerlib.longtext fetch
 
 test: data
 	$(PY) -m pytest $(PYTEST_ARGS)
