@@ -1,20 +1,14 @@
-"""`bench_decode.py`'s records and markdown: ratios within a run, the result files (rewritten
-after every row, `--merge`), the step tables per batch, the sparse step's split, the checks, the
-generation table and issue 15's targets as measured figures.
+"""`bench_decode.py`'s records and markdown: ratios within a run, the step tables per batch, the
+sparse step's split, the checks, the generation table and issue 15's targets as measured figures;
+`FILES` names them for `_results` (written after every row, `--merge`).
 
 Records are `bench_decode.py`'s dicts; a later record of the same row replaces an earlier one.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import os
-
-import torch
 from _decode_peers import SDPA  # bench/ is on sys.path: bench_decode.py put it there
-
-from seerlib.io import atomic_write_text
+from _results import ResultFiles
 
 ORDER = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "seer_dense", "flex_dense",
          "seer_kernel", "flex_sparse", "seer_step")
@@ -231,50 +225,7 @@ def add_ratios(records: list[dict]) -> None:
 
 
 KEY = ("run_id", "part", "kind", "provider", "batch", "kv_len", "sparsity", "prompt_len")
-
-
-class Results:
-    """Records, written to <stem>.json and <stem>.md after every add (a killed run keeps them)."""
-
-    def __init__(self, stem: str, records=None):
-        self.stem, self.records = stem, list(records or [])
-
-    def add(self, record: dict) -> None:
-        self.records.append(record)
-        self.write()
-
-    def write(self) -> None:
-        add_ratios(self.records)
-        atomic_write_text(self.stem + ".json", json.dumps(self.records, indent=1))
-        atomic_write_text(self.stem + ".md", markdown(self.records))
-
-
-def merge(paths, out_dir: str, tag: str = "") -> str:
-    """Combine result files (a later file's copy of a record is dropped) into one pair."""
-    records, seen = [], set()
-    for p in paths:
-        with open(p) as f:
-            for r in json.load(f):
-                key = tuple(r.get(k) for k in KEY)
-                if key not in seen:
-                    seen.add(key)
-                    records.append(r)
-    if not records:
-        raise ValueError(f"no records in {paths}")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"decode-{records[0]['gpu']}-{records[0]['date']}{tag}")
-    Results(stem, records).write()
-    return stem
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__}
-    for pkg in ("triton", "transformers"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+FILES = ResultFiles("decode", KEY, markdown, add_ratios)
 
 
 def report(r: dict, elapsed: float) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -35,6 +34,10 @@ from seerlib.kernels.pooled_attention import attention, pooled_attention
 from triton.testing import do_bench
 
 from seerlib import reference as ref
+from seerlib.io import atomic_write_text
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results beside it
+from _results import device_name, read_records, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -441,8 +444,7 @@ def tune(cfg: Config, S: int, out_path: str, kernels=("seer", "pooled")):
             }
             rows.append(row)
             print(row, flush=True)
-    with open(out_path, "w") as f:
-        json.dump({**cfg.meta, "seq_len": S, "rows": rows}, f, indent=1)
+    write_json(out_path, {**cfg.meta, "seq_len": S, "rows": rows})
 
 
 def targets(records, seer0, S=32768):
@@ -559,8 +561,7 @@ def shapes(cfg: Config, S: int, out_path: str):
                       return_mode="median")
         rows.append({"kind": "pooled", "d": d, "b": b, "ms": ms, "tflops": flops / ms / 1e9})
         print(rows[-1], flush=True)
-        with open(out_path, "w") as f:
-            json.dump({**cfg.meta, "seq_len": S, "rows": rows}, f, indent=1)
+        write_json(out_path, {**cfg.meta, "seq_len": S, "rows": rows})
 
 
 def write_table(cfg: Config, records, checks, path):
@@ -631,19 +632,16 @@ def write_table(cfg: Config, records, checks, path):
         lines += [
             f"| {c['check']} | {c['seq_len']} | {c['rel_err']:.2e} | {c['ok']} |" for c in checks
         ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def merge(paths, out_dir, tag=""):
     records, checks = [], []
     for p in paths:
-        with open(p) as f:
-            records += json.load(f)
+        records += read_records(p)
         cp = p[: -len(".json")] + "-checks.json"
         if os.path.exists(cp):
-            with open(cp) as f:
-                checks += json.load(f)
+            checks += read_records(cp)
     meta = {k: records[0][k] for k in ("gpu", "torch", "triton", "date")}
     cmds = sorted({r["command"] for r in records})
     meta["command"] = "`; `".join(cmds)
@@ -657,10 +655,8 @@ def merge(paths, out_dir, tag=""):
             r.get("target_sparsity", 0),
         )
     )
-    with open(stem + ".json", "w") as f:
-        json.dump(records, f, indent=1)
-    with open(stem + "-checks.json", "w") as f:
-        json.dump(checks, f, indent=1)
+    write_json(stem + ".json", records)
+    write_json(stem + "-checks.json", checks)
     write_table(cfg, records, checks, stem + ".md")
     print(open(stem + ".md").read())
 
@@ -695,7 +691,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out, args.tag)
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
+    gpu = device_name("cuda")
     date = datetime.date.today().isoformat()
     meta = {
         "gpu": gpu,
@@ -729,10 +725,8 @@ def main(argv=None):
         for S in cfg.seq_lens:
             run_seq(cfg, S, rec, flex)
     finally:
-        with open(stem + ".json", "w") as f:
-            json.dump(rec.records, f, indent=1)
-        with open(stem + "-checks.json", "w") as f:
-            json.dump(rec.checks, f, indent=1)
+        write_json(stem + ".json", rec.records)
+        write_json(stem + "-checks.json", rec.checks)
         write_table(cfg, rec.records, rec.checks, stem + ".md")
     print(open(stem + ".md").read())
 

@@ -39,8 +39,6 @@ Writes <out>/decode-<gpu>-<date><tag>.json (a list of records) and .md, after ev
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import math
 import os
 import shlex
@@ -61,7 +59,17 @@ from seerlib.reference import num_blocks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside it
 import _decode_generate as gen  # noqa: E402
 import _decode_peers as peers  # noqa: E402
-from _decode_report import Results, merge, report, targets, versions  # noqa: E402
+from _decode_report import FILES, report, targets  # noqa: E402
+from _results import (  # noqa: E402
+    Results,
+    Skip,
+    free,
+    merge,
+    resolve_device,
+    row_runner,
+    run_meta,
+    stop_when_out_of_time,
+)
 
 # attention (and, for generate, model) shapes; a LlamaConfig of these keys is built lazily
 SHAPES = {
@@ -107,14 +115,6 @@ class BenchConfig:
     reps: int = 1
     decode_gates: str | None = None
     model_cache: str | None = None
-
-
-class Skip(Exception):
-    """A row that does not apply here (recorded as skipped with the reason)."""
-
-
-class OutOfTime(Exception):
-    """--budget-s is spent: start no more rows."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,9 +426,7 @@ def run_step(cfg: BenchConfig, device, guarded) -> None:
             for p, s in plan:
                 guarded(keys(p, s), lambda p=p, s=s, c=case, why=why: row(c, p, s, why))
             case = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,61 +434,33 @@ def run_step(cfg: BenchConfig, device, guarded) -> None:
 
 
 def run_bench(cfg: BenchConfig, out_dir: str, tag: str, command: str) -> str:
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        gpu = torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
-    else:
-        gpu = "cpu"
-    now = datetime.datetime.now()
-    date = now.date().isoformat()
+    device = resolve_device(cfg.device)
+    meta = run_meta(device, command)
     t_start = time.perf_counter()
     copy = peers.copy_rate(device)
-    meta = {"gpu": gpu, "device": device.type, "date": date, "command": command,
-            "run_id": f"{now.isoformat(timespec='seconds')}-{os.getpid()}", **versions(),
-            "dtype": cfg.dtype, "gate_dtype": cfg.gate_dtype or cfg.dtype,
+    meta = {**meta, "dtype": cfg.dtype, "gate_dtype": cfg.gate_dtype or cfg.dtype,
             "block_size": cfg.block_size, "preset": cfg.preset, **copy,
             "timing": ("triton.testing.do_bench median (L2 flushed), "
                        f"rep {cfg.rep_ms} ms, warmup {cfg.warmup_ms} ms")
             if device.type == "cuda" else "wall clock median (CPU)"}
     os.makedirs(out_dir, exist_ok=True)
-    res = Results(os.path.join(out_dir, f"decode-{gpu}-{date}{tag}"))
-    print(f"{gpu}: part {cfg.part}, preset {cfg.preset}; copy rate {copy['copy_gbs']:.0f} GB/s; "
-          f"writing {res.stem}.json/.md", flush=True)
+    res = Results(FILES.stem(out_dir, meta["gpu"], meta["date"], tag), FILES)
+    print(f"{meta['gpu']}: part {cfg.part}, preset {cfg.preset}; copy rate "
+          f"{copy['copy_gbs']:.0f} GB/s; writing {res.stem}.json/.md", flush=True)
 
-    def guarded(base: dict, fn) -> dict:
-        if cfg.budget_s and time.perf_counter() - t_start > cfg.budget_s:
-            raise OutOfTime
-        t0 = time.perf_counter()
-        try:
-            fields = {"status": "ok", **fn()}
-        except Skip as e:
-            fields = {"status": "skipped", "reason": str(e)}
-        except Exception as e:  # noqa: BLE001 - any failure is a result to record
-            status = "oom" if isinstance(e, torch.OutOfMemoryError) else "failed"
-            fields = {"status": status, "error": f"{type(e).__name__}: {e}"[:1000]}
-            print("".join(traceback.format_exc(limit=-3)), flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rec = {**meta, **base, **fields, "row_s": time.perf_counter() - t0}
+    def rates(rec: dict) -> None:
         if "ms" in rec and "bytes" in rec:
             rec["us"] = rec["ms"] * 1e3
             rec["gbs"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e9
             rec["copy_share"] = rec["gbs"] / copy["copy_gbs"]
-        res.add(rec)
-        report(rec, time.perf_counter() - t_start)
-        return rec
 
-    try:
+    guarded = row_runner(res, meta, device, report, t_start=t_start, budget_s=cfg.budget_s,
+                         oom_status="oom", finish=rates)
+    with stop_when_out_of_time(cfg.budget_s):
         if cfg.part == "step":
             run_step(cfg, device, guarded)
         else:
             gen.run_generate(cfg, device, guarded)
-    except OutOfTime:
-        print(f"time budget of {cfg.budget_s:.0f} s spent: stopped; results so far kept",
-              flush=True)
     for line in targets(res.records):
         print(line, flush=True)
     print(f"done in {time.perf_counter() - t_start:.0f} s: {res.stem}.json and .md", flush=True)
@@ -563,7 +533,7 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
 def main(argv=None) -> str:
     cfg, a = parse(argv)
     if a.merge:
-        stem = merge(a.merge, a.out, a.tag)
+        stem = merge(a.merge, a.out, FILES, a.tag)
         print(open(stem + ".md").read())
         return stem
     if cfg.device == "cpu" and "triton" not in sys.modules:

@@ -37,7 +37,6 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import resource  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
@@ -54,8 +53,12 @@ import torch.nn.functional as F  # noqa: E402
 from seerlib import ops  # noqa: E402
 from seerlib.distill import DistillConfig, Distiller  # noqa: E402
 from seerlib.gate import GateSet  # noqa: E402
+from seerlib.io import atomic_write_text  # noqa: E402
 from seerlib.metrics import block_maps  # noqa: E402
 from seerlib.targets import WindowCache, build_cache, default_target, target_dtype  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results beside it
+from _results import device_name, versions, write_json  # noqa: E402
 
 PRESETS = {
     # Llama-3-8B layer shapes; vocab cut to 32000 (the lm head is never run by the capture)
@@ -366,12 +369,6 @@ def gate_diff(a: dict, b: dict) -> tuple[float, bool]:
     return worst, ok
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
-    return "cpu"
-
-
 def command_line(world: int) -> str:
     args = shlex.join(sys.argv[1:])
     if world > 1:
@@ -552,8 +549,6 @@ def main(argv=None) -> int:
         rows.append(r)
 
     if rank == 0:
-        import transformers
-
         date = datetime.date.today().isoformat()
         meta = {
             "device": device_name(device),
@@ -568,8 +563,7 @@ def main(argv=None) -> int:
             "target_dtype": str(target_dtype(target, device, next(model.parameters()).dtype)),
             "target_op": timings[cfg.seq_lens[0]]["target_op"],
             "target_backend": timings[cfg.seq_lens[0]]["target_backend"],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **versions(("transformers",)),  # torch and transformers
             "config": asdict(cfg),
             "command": command_line(world),
             "env": {
@@ -582,8 +576,8 @@ def main(argv=None) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"distill-{meta['device']}-{date}{a.tag}"
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        stem.with_suffix(".md").write_text(markdown(meta, rows))
+        write_json(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+        atomic_write_text(stem.with_suffix(".md"), markdown(meta, rows))
         log(f"wrote {stem}.json and .md")
         shutil.rmtree(work, ignore_errors=True)
     if dist.is_initialized():

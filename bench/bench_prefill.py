@@ -40,17 +40,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import gc
 import importlib
-import importlib.metadata
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +55,22 @@ from seerlib import ops
 from seerlib.capture import attention_override
 from seerlib.gate import GateSet
 from seerlib.integrate import sparsify
-from seerlib.io import atomic_write_text
 from seerlib.methods import LayerInputs, SparseConfig, layer_block_mask, parse_config, preset
 from seerlib.reference import num_blocks
 from seerlib.select import Selection, achieved_density, density_to_k
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results beside it
+from _results import (  # noqa: E402
+    ResultFiles,
+    Results,
+    Skip,
+    free,
+    merge,
+    resolve_device,
+    row_runner,
+    run_meta,
+    stop_when_out_of_time,
+)
 
 # What the breakdown times: (part, module, attribute path), looked up where the sparse path looks
 # them up. A target that does not resolve makes its part "n/a" (listed in the record), not a crash.
@@ -126,14 +133,6 @@ class BenchConfig:
     breakdown: bool = True
     budget_s: float = 0.0  # stop starting rows after this many seconds (0: no limit)
     seed: int = 0
-
-
-class Skip(Exception):
-    """A row that does not apply here (recorded as skipped with the reason)."""
-
-
-class OutOfTime(Exception):
-    """--budget-s is spent: start no more rows."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,97 +671,29 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Results:
-    """Records, written to <stem>.json and <stem>.md after every add (a killed run keeps them)."""
-
-    def __init__(self, stem: str, records=None):
-        self.stem, self.records = stem, list(records or [])
-
-    def add(self, record: dict) -> None:
-        self.records.append(record)
-        self.write()
-
-    def write(self) -> None:
-        add_ratios(self.records)
-        atomic_write_text(self.stem + ".json", json.dumps(self.records, indent=1))
-        atomic_write_text(self.stem + ".md", markdown(self.records))
-
-
-def merge(paths, out_dir: str, tag: str = "") -> str:
-    """Combine result files (a later file's row replaces an earlier one's) into one pair."""
-    records, seen = [], set()
-    for p in paths:
-        with open(p) as f:
-            for r in json.load(f):
-                key = (r.get("run_id"), r.get("kind"), r["shape"], r["layers"], r["seq_len"],
-                       r["provider"])
-                if key not in seen:
-                    seen.add(key)
-                    records.append(r)
-    if not records:
-        raise ValueError(f"no records in {paths}")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"prefill-{records[0]['gpu']}-{records[0]['date']}{tag}")
-    Results(stem, records).write()
-    return stem
+KEY = ("run_id", "kind", "shape", "layers", "seq_len", "provider")
+FILES = ResultFiles("prefill", KEY, markdown, add_ratios)
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__}
-    for pkg in ("triton", "transformers"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
 def run_bench(cfg: BenchConfig, out_dir: str, tag: str, command: str) -> str:
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        gpu = torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-")
-    else:
-        gpu = "cpu"
-    now = datetime.datetime.now()
-    date = now.date().isoformat()
-    meta = {"gpu": gpu, "device": device.type, "date": date, "command": command,
-            "run_id": f"{now.isoformat(timespec='seconds')}-{os.getpid()}", **versions(),
+    device = resolve_device(cfg.device)
+    meta = {**run_meta(device, command),
             "dtype": cfg.dtype, "gate_dtype": cfg.gate_dtype or cfg.dtype,
             "block_size": cfg.block_size, "reps": cfg.reps, "warmup": cfg.warmup, "weights": NOTE}
     os.makedirs(out_dir, exist_ok=True)
-    res = Results(os.path.join(out_dir, f"prefill-{gpu}-{date}{tag}"))
+    res = Results(FILES.stem(out_dir, meta["gpu"], meta["date"], tag), FILES)
     t_start = time.perf_counter()
     check_len = min(cfg.seq_lens)
     order = row_order(cfg.providers)
-    print(f"{gpu}: {cfg.shapes} at {cfg.seq_lens}; rows {order}; writing {res.stem}.json/.md",
-          flush=True)
+    print(f"{meta['gpu']}: {cfg.shapes} at {cfg.seq_lens}; rows {order}; writing "
+          f"{res.stem}.json/.md", flush=True)
+    guarded = row_runner(res, meta, device, report, t_start=t_start, budget_s=cfg.budget_s)
 
-    def guarded(base: dict, fn) -> dict:
-        if cfg.budget_s and time.perf_counter() - t_start > cfg.budget_s:
-            raise OutOfTime
-        t0 = time.perf_counter()
-        try:
-            fields = {"status": "ok", **fn()}
-        except Skip as e:
-            fields = {"status": "skipped", "reason": str(e)}
-        except Exception as e:  # noqa: BLE001 - any failure is a result to record
-            fields = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:1000]}
-            print("".join(traceback.format_exc(limit=-3)), flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rec = {**meta, **base, **fields, "row_s": time.perf_counter() - t0}
-        res.add(rec)
-        report(rec, time.perf_counter() - t_start)
-        return rec
-
-    try:
+    with stop_when_out_of_time(cfg.budget_s):
         for spec in cfg.shapes:
             name, layers = parse_shape(spec, cfg.layers)
             try:
@@ -788,16 +719,9 @@ def run_bench(cfg: BenchConfig, out_dir: str, tag: str, command: str) -> str:
                 bench_length(Run(cfg, device, model, gates, ids), order, S == check_len,
                              {**shape, "seq_len": S}, guarded)
                 del ids
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free(device)
             del model, gates
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    except OutOfTime:
-        print(f"time budget of {cfg.budget_s:.0f} s spent: stopped; results so far kept",
-              flush=True)
+            free(device)
     print(f"done in {time.perf_counter() - t_start:.0f} s: {res.stem}.json and .md", flush=True)
     return res.stem
 
@@ -887,7 +811,7 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
 def main(argv=None) -> str:
     cfg, a = parse(argv)
     if a.merge:
-        stem = merge(a.merge, a.out, a.tag)
+        stem = merge(a.merge, a.out, FILES, a.tag)
         print(open(stem + ".md").read())
         return stem
     args = sys.argv[1:] if argv is None else list(argv)
