@@ -11,8 +11,9 @@
 - `python -m seerlib.eval ...`: the comparison as JSON + a markdown table (README's quality table).
 
 Modules: `ppl` (perplexity), `passkeys` (passkey retrieval), `quality` (`dense_pass`,
-`evaluate`), `results` (result files, markdown), `cli` (`main`). Configs come from
-`seerlib.methods` (labels, presets), table names from `seerlib.names`.
+`evaluate`), `maps_cache` (`evaluate`'s checked cache of ground-truth maps), `results` (result
+files, markdown), `cli` (`main`). Configs come from `seerlib.methods` (labels, presets), table
+names from `seerlib.names`.
 """
 
 from seerlib.eval.cli import main

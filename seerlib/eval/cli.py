@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                         default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--passkey-trials", type=int_at_least(1), default=1)
     parser.add_argument("--cache", default=None,
-                        help="folder for the dense passes' ground-truth maps (reused by reruns)")
+                        help="folder for the dense passes' ground-truth maps (reused by reruns "
+                             "of the same model, text and block size; any other file is rebuilt)")
     parser.add_argument("--no-recall", action="store_true",
                         help="skip the ground-truth maps (recall; slow on CPU); no oracle methods")
     parser.add_argument("--threads", type=int_at_least(1), default=None)

@@ -14,6 +14,7 @@ import torch
 from seerlib import metrics
 from seerlib.capture import attention_override, pre_rope_hooks
 from seerlib.data import token_windows
+from seerlib.eval.maps_cache import cached_maps, maps_key, maps_path, model_key, save_maps
 from seerlib.eval.ppl import _nll, _result
 from seerlib.integrate import count_blocks, sparsify
 from seerlib.methods import LayerInputs, ground_truth, layer_block_mask
@@ -95,10 +96,6 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
     return nll, scores, maps
 
 
-def _maps_path(cache: Path, length: int, index: int, offset: int, block_size: int) -> Path:
-    return cache / f"maps-S{length}-w{index}-o{offset}-b{block_size}.pt"
-
-
 def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block_size: int = 64,
              offset: int = 0, cache: Path | None = None, on_row=None, progress: bool = True,
              recall: bool = True):
@@ -111,6 +108,10 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
     the ground truth (the slow part on a CPU): recall is nan, the achieved density is counted in
     the sparse forwards, and oracle configs are refused.
 
+    `cache` (a folder) keeps each window's ground-truth maps (`seerlib.eval.maps_cache`): a file
+    made from this model, window and block size is used; any other (other inputs, damaged, cut
+    short, an old pickle) is computed again and replaced, with a line on stderr saying why.
+
     Returns:
         list of row dicts (label, method, density_target, threshold, length, windows, ppl, nll,
         tokens, per_window, achieved_density, recall, per_layer_recall, seconds).
@@ -119,23 +120,28 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
     sparse = [c for c in configs if c.spec.sparse]
     if not recall and any(c.spec.ground_truth for c in sparse):
         raise ValueError("oracle configs select from the ground-truth maps; they need recall=True")
+    cache = Path(cache) if cache is not None and recall else None  # no maps without recall
+    model_fields = model_key(model) if cache is not None else None  # hashes the weights once
+    device = next(model.parameters()).device
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     for S in lengths:
         ids_all = _windows(tokenizer, S, windows, offset)
         acc = {c.label: {"nll": [], "recall": [], "kept": 0, "causal": 0, "sec": 0.0}
                for c in configs}
         for w in range(ids_all.shape[0]):
             ids = ids_all[w : w + 1]
-            maps = None
-            path = _maps_path(cache, S, w, offset, block_size) if cache else None
-            if path is not None and path.exists():
-                maps = torch.load(path)
+            maps = key = path = None
+            if cache is not None:
+                key = maps_key(model_fields, ids, w, offset, block_size)
+                path = maps_path(cache, S, w, offset, block_size)
+                maps = cached_maps(path, key, device, log)
+            fresh = maps is None
             t0 = time.time()
             nll, scores, maps = dense_pass(model, ids, sparse, gates=gates, block_size=block_size,
                                            maps=maps, need_maps=recall)
             dense_sec = time.time() - t0
-            if path is not None and maps:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(maps, path)
+            if path is not None and fresh and maps:
+                save_maps(path, maps, key)
             for c in configs:
                 a = acc[c.label]
                 if not c.spec.sparse:
