@@ -27,9 +27,11 @@ import triton.language as tl
 
 from seerlib.reference import causal_block_mask, check_block_mask, index_to_mask, num_blocks
 
-from ._common import ENTRY_BITS_SHIFT, ENTRY_SHIFT_TL
+from ._common import ENTRY_BITS_SHIFT, ENTRY_BLOCK_MASK, ENTRY_SHIFT_TL
 
-__all__ = ["BlockIndex", "build_block_index", "choose_rows_per_tile"]
+__all__ = [
+    "BlockIndex", "build_block_index", "build_key_index", "choose_rows_per_tile", "index_mask",
+]
 
 _MAX_WASTE = 1.3
 # Index builder used on CUDA by default: the kernel, verified there and 3-10x faster than the
@@ -250,3 +252,44 @@ def build_block_index(
         raise ValueError("sync_free=True needs rows_per_tile (choosing it reads the mask)")
     build = _build_block_index_triton if method == "triton" else _build_block_index_torch
     return build(mask, batch, heads, seq_len, block_size, rpt, sync_free=sync_free)
+
+
+def index_mask(index: BlockIndex) -> torch.Tensor:
+    """The (B, H, nb, nb) bool mask a BlockIndex lists (on or below the diagonal): its inverse."""
+    B, H = index.shape
+    qpt, nb = index.rows_per_tile, num_blocks(index.seq_len, index.block_size)
+    n_tiles, L = index.entries.shape[-2:]
+    dev = index.entries.device
+    valid = torch.arange(L, device=dev) < index.counts[..., None].long()  # (B, H, nT, L)
+    cols = (index.entries & ENTRY_BLOCK_MASK).long()
+    bits = index.entries >> ENTRY_BITS_SHIFT
+    mask = torch.zeros(B, H, n_tiles * qpt, nb, dtype=torch.bool, device=dev)
+    for r in range(qpt):
+        keep = valid & (((bits >> r) & 1) != 0)
+        rows = mask[:, :, r::qpt]  # query blocks tile * qpt + r, a view
+        hit = torch.zeros(B, H, n_tiles, nb + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(-1, torch.where(keep, cols, nb), True)
+        rows |= hit[..., :nb]
+    return mask[:, :, :nb]
+
+
+def build_key_index(
+    block_mask_or_index, batch: int, heads: int, seq_len: int, block_size: int,
+    rows_per_tile: int = 1, method: str = "auto", sync_free: bool = False,
+) -> BlockIndex:
+    """The transposed index the backward's dK/dV pass reads: for each key block, the query blocks
+    that keep it, as a BlockIndex of the mask flipped on both axes and transposed.
+
+    Row a of the flipped mask is key block j = nb - 1 - a, and its entry c is query block
+    i = nb - 1 - c, so the causal part (i >= j) is again on or below the diagonal, the diagonal
+    entry (i == j, the one that needs the causal mask) comes last, and `n_full` counts the
+    entries with i > j. Takes what `build_block_index` takes, or a BlockIndex (its `index_mask`).
+    """
+    nb = num_blocks(seq_len, block_size)
+    if isinstance(block_mask_or_index, BlockIndex):
+        mask = index_mask(block_mask_or_index)
+    else:
+        mask = _as_mask(block_mask_or_index, batch, heads, nb)
+    flipped = mask.flip(-2, -1).transpose(-2, -1).contiguous()
+    return build_block_index(flipped, batch, heads, seq_len, block_size, rows_per_tile,
+                             method=method, sync_free=sync_free)

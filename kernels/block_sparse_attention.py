@@ -42,6 +42,7 @@ from ._common import (
     check_inputs,
     check_out,
     default_launch,
+    float32_buffer,
     last_dim_contiguous,
     softmax_step,
 )
@@ -52,7 +53,7 @@ __all__ = ["block_sparse_attention"]
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, O, COUNTS, NFULL, ENTRIES,
+    Q, K, V, O, LSE, COUNTS, NFULL, ENTRIES,
     qk_scale,
     sqz, sqh, sqm,
     skz, skh, skn,
@@ -63,6 +64,7 @@ def _block_sparse_fwd(
     BLOCK: tl.constexpr,
     QPT: tl.constexpr,
     KV_MAJOR: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK * QPT
     if KV_MAJOR:
@@ -138,6 +140,11 @@ def _block_sparse_fwd(
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
+    if STORE_LSE:
+        # log2 of the row's softmax denominator in the scaled-score domain, what the backward
+        # recomputes probabilities from: p = exp2(s * qk_scale - lse); +inf where nothing is kept.
+        lse = tl.where(m_i == float("-inf"), float("inf"), m_i + tl.log2(l_i))
+        tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
 
 
 def block_sparse_attention(
@@ -154,6 +161,7 @@ def block_sparse_attention(
     num_stages: int | None = None,
     kv_major: bool = True,
     sync_free: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -168,6 +176,8 @@ def block_sparse_attention(
         kv_major: launch order; True runs one kv head's programs together (L2 reuse of its K/V).
         sync_free: build the index without a device-to-host read (`build_block_index`;
             rows_per_tile defaults to 1 then).
+        lse: optional (B, Hq, S) float32 buffer that receives each row's log2 sum-exp of the
+            scaled scores (log2 domain, +inf for a row with nothing kept), for the backward.
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
@@ -194,6 +204,10 @@ def block_sparse_attention(
             raise ValueError(f"the block index is on {index.counts.device}; q is on {q.device}")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out = check_out(out, q)
+    if lse is not None:
+        lse = float32_buffer(lse, (B, Hq, S), q.device, "lse", "(B, Hq, S)")
+        if not lse.is_contiguous():
+            raise ValueError("lse must be contiguous")
     qpt = index.rows_per_tile
     n_tiles = index.counts.shape[-1]
     launch = default_launch(qpt * block_size, d)
@@ -204,7 +218,7 @@ def block_sparse_attention(
     qk_scale = default_scale(d, scale) * LOG2E
     grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
     _block_sparse_fwd[grid](
-        q, k, v, out, index.counts, index.n_full, index.entries,
+        q, k, v, out, out if lse is None else lse, index.counts, index.n_full, index.entries,
         qk_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -212,6 +226,6 @@ def block_sparse_attention(
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
         HEAD_D=d, BLOCK=block_size, QPT=qpt, KV_MAJOR=bool(kv_major),
-        **launch,
+        STORE_LSE=lse is not None, **launch,
     )
     return out

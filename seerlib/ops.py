@@ -78,18 +78,20 @@ def _wants_grad(tensors) -> bool:
 
 
 def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None,
-                 inputs=()) -> bool:
-    """Whether the Triton kernels take this call. They have no backward yet: when autograd needs
-    one (grad mode on and an input that requires grad), "auto" takes the differentiable reference
-    and "triton" refuses, so gradients are never silently lost."""
+                 inputs=(), differentiable: bool = False) -> bool:
+    """Whether the Triton kernels take this call. Only block-sparse attention has a kernel
+    backward (`differentiable`); for the others, when autograd needs one (grad mode on and an
+    input that requires grad), "auto" takes the differentiable reference and "triton" refuses, so
+    gradients are never silently lost."""
     name = get_backend(backend)
     if name == "reference":
         return False
-    if _wants_grad(inputs):
+    if not differentiable and _wants_grad(inputs):
         if name == "triton":
             raise RuntimeError(
-                "the Triton kernels have no backward yet, and an input requires grad: use "
-                "backend='reference' (or 'auto', which takes it), or run under torch.no_grad()")
+                "this Triton kernel has no backward yet (only block_sparse_attention's has), and "
+                "an input requires grad: use backend='reference' (or 'auto', which takes it), or "
+                "run under torch.no_grad()")
         return False
     if name == "triton":
         return True
@@ -111,6 +113,7 @@ def _kernels():
     """
     # Lazy on purpose: importing the kernels imports triton, which `import seerlib` must not.
     from seerlib.kernels.block_sparse_attention import block_sparse_attention
+    from seerlib.kernels.block_sparse_backward import block_sparse_attention_trainable  # lazy
     from seerlib.kernels.decode_truth import decode_pooled_attention
     from seerlib.kernels.pooled_attention import attention, pooled_attention
     from seerlib.kernels.sparse_decode import (  # lazy, as the three above
@@ -122,6 +125,7 @@ def _kernels():
         attention=attention,
         pooled_attention=pooled_attention,
         block_sparse_attention=block_sparse_attention,
+        block_sparse_attention_trainable=block_sparse_attention_trainable,
         decode_pooled_attention=decode_pooled_attention,
         sparse_decode_attention=sparse_decode_attention,
         decode_attention=decode_attention,
@@ -183,9 +187,16 @@ def block_sparse_attention(
             so the call never waits for the GPU (`seerlib.kernels.build_block_index`).
         out: (kernel path) a (B, Hq, S, d) buffer to write into (a CUDA graph's static output).
     Returns:
-        out (B, Hq, S, d); a row with nothing kept is zeros.
+        out (B, Hq, S, d); a row with nothing kept is zeros. Differentiable in q, k, v on every
+        backend: the kernel path has its own backward over the kept tiles
+        (`seerlib.kernels.block_sparse_backward`).
     """
-    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v), differentiable=True):
+        if _wants_grad((q, k, v)):
+            if out is not None:
+                raise ValueError("out= cannot be used when autograd needs the backward")
+            return _kernels().block_sparse_attention_trainable(
+                q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free)
         return _kernels().block_sparse_attention(
             q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free, out=out
         )

@@ -88,17 +88,37 @@ def test_auto_sends_unsupported_shapes_to_reference(monkeypatch):
 
 
 def test_kernels_are_never_silently_non_differentiable():
-    """No backward in the Triton kernels yet: "triton" refuses inputs that need grad, "auto"
-    takes the differentiable reference, and gradients flow."""
+    """Only block-sparse attention has a kernel backward: "triton" refuses the other kernels when
+    an input needs grad, "auto" takes the differentiable reference, and gradients flow."""
     q = torch.randn(1, 2, 32, 16, requires_grad=True)
     k, v = torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
     mask = torch.ones(1, 2, 2, 2, dtype=torch.bool).tril()
     with pytest.raises(RuntimeError, match="no backward yet"):
-        ops.block_sparse_attention(q, k, v, mask, 16, backend="triton")
-    with pytest.raises(RuntimeError, match="no backward yet"):
         ops.pooled_attention(q, k, v, 16, backend="triton")
+    with pytest.raises(RuntimeError, match="no backward yet"):
+        ops.attention(q, k, v, backend="triton")
     out = ops.block_sparse_attention(q, k, v, mask, 16)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
     with torch.no_grad():  # no grad needed: the kernels may take it
         assert ops._use_kernels(q, "triton", 16, inputs=(q, k, v))
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")
+def test_block_sparse_kernel_backward_through_ops():
+    """backend="triton" with inputs that need grad takes the kernel's own backward, which gives
+    the reference's gradients; out= is refused there (autograd owns the output)."""
+    q, k, v = _qkv(S=97, d=16, Hq=4, Hkv=2)
+    nb = num_blocks(97, 16)
+    mask = torch.rand(1, 4, nb, nb, generator=torch.Generator().manual_seed(3)) < 0.5
+    dout = torch.randn_like(q)
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ops.block_sparse_attention(*leaves, mask, 16, backend=backend)
+        grads[backend] = torch.autograd.grad(out, leaves, dout)
+    for a, b in zip(grads["reference"], grads["triton"], strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="out= cannot"):
+        ops.block_sparse_attention(q.requires_grad_(), k, v, mask, 16, backend="triton",
+                                   out=torch.empty_like(q))
