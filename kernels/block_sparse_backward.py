@@ -16,7 +16,7 @@ How, in two launches (the FlashAttention-2 structure):
    needs the causal mask.
 2. `_bwd_dq`, one program per (batch, query head, query tile) over the forward's own BlockIndex
    (row-half bits and all, as the forward reads it).
-delta is one elementwise product and sum in torch.
+delta = rowsum(dO * O) is a third, small launch (`_bwd_delta`), run first.
 
 What it must move and compute at n kept tiles of b x b per (batch, query head): reads q, k, v,
 dO, O once per kept tile visit (twice: once per pass) and writes dq, dk, dv once; FLOPs
@@ -44,6 +44,32 @@ from .block_index import BlockIndex, build_block_index, build_key_index
 from .block_sparse_attention import block_sparse_attention
 
 __all__ = ["block_sparse_backward", "BlockSparseAttention", "block_sparse_attention_trainable"]
+
+
+# Launch settings of the two passes, measured best at 32k tokens, 90% sparsity, block 64 on an
+# H200 for both d 64 (9/3 heads) and d 128 (32/8) (bench/results/backward-H200-2026-12-03.md):
+# 8 warps were 1.3-1.7x slower in both passes; 3 stages best for dK/dV, 2 for dQ.
+DKDV_LAUNCH = {"num_warps": 4, "num_stages": 3}
+DQ_LAUNCH = {"num_warps": 4, "num_stages": 2}
+DELTA_ROWS = 64  # rows per program of the delta pass
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, soz, soh, som, sdoz, sdoh, sdom, H, S,
+               HEAD_D: tl.constexpr, ROWS: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, (B*H, S), one read of each."""
+    pid_bh = tl.program_id(0)
+    z = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_D)
+    ok = offs_m < S
+    o = tl.load(O + z.to(tl.int64) * soz + h.to(tl.int64) * soh + offs_m[:, None] * som
+                + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + z.to(tl.int64) * sdoz + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
+                 + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * S + offs_m, delta, mask=ok)
 
 
 @triton.jit
@@ -264,11 +290,16 @@ def block_sparse_backward(
                          f"got {tuple(lse.shape)} {lse.dtype}")
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     dq, dk, dv = check_out(dq, q, "dq"), check_out(dk, k, "dk"), check_out(dv, v, "dv")
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, Hq, S)
+    out = last_dim_contiguous(out)
+    delta = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
+    _bwd_delta[(B * Hq, triton.cdiv(S, DELTA_ROWS))](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), Hq, S, HEAD_D=d, ROWS=DELTA_ROWS,
+    )
     sm_scale = default_scale(d, scale)
     qk_scale = sm_scale * LOG2E
     nb = key_index.counts.shape[-1]
-    launch = {**default_launch(block_size, d), **(launch_dkdv or {})}
+    launch = {**DKDV_LAUNCH, **(launch_dkdv or {})}
     _bwd_dkdv[(B * Hkv * nb,)](
         q, k, v, dout, lse, delta, dk, dv,
         key_index.counts, key_index.n_full, key_index.entries,
@@ -294,7 +325,8 @@ def block_sparse_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
         HEAD_D=d, BLOCK=block_size, QPT=qpt,
-        **{**default_launch(qpt * block_size, d), **(launch_dq or {})},
+        **{**(DQ_LAUNCH if qpt == 1 else default_launch(qpt * block_size, d)),
+           **(launch_dq or {})},
     )
     return dq, dk, dv
 
@@ -311,9 +343,11 @@ class BlockSparseAttention(torch.autograd.Function):
         else:
             index = build_block_index(block_mask_or_index, B, Hq, S, block_size,
                                       1 if sync_free else None, sync_free=sync_free)
+        # Sync-free always: its rows_per_tile is fixed at 1, so nothing needs the host to read the
+        # device; the entries are sized for the longest possible list (4 * B * H * nb^2 bytes).
         key_index = build_key_index(index if isinstance(block_mask_or_index, BlockIndex)
                                     else block_mask_or_index, B, Hq, S, block_size,
-                                    sync_free=sync_free)
+                                    sync_free=True)
         lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
         out = block_sparse_attention(q, k, v, index, block_size, scale, lse=lse)
         ctx.save_for_backward(q, k, v, out, lse)
