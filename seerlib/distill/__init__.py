@@ -21,8 +21,24 @@ Ground-truth sources and the cache of per-window features and targets: `seerlib.
 Modules: `train` (DistillConfig, Distiller), `cli` (`main`, argument types, the tiny model).
 """
 
-from seerlib.distill.cli import default_out, int_at_least, main, number_in, tiny_config, tiny_model
-from seerlib.distill.train import TINY_MODEL, DistillConfig, Distiller, DivergedError
+from seerlib.distill.cli import (
+    default_out,
+    int_at_least,
+    main,
+    number_in,
+    refuse_earlier_run,
+    tiny_config,
+    tiny_model,
+)
+from seerlib.distill.train import (
+    TINY_MODEL,
+    DistillConfig,
+    Distiller,
+    DivergedError,
+    lr_lambda,
+    window_order,
+)
 
 __all__ = ["TINY_MODEL", "DistillConfig", "DivergedError", "Distiller", "default_out",
-           "int_at_least", "main", "number_in", "tiny_config", "tiny_model"]
+           "int_at_least", "lr_lambda", "main", "number_in", "refuse_earlier_run", "tiny_config",
+           "tiny_model", "window_order"]

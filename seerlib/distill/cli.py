@@ -35,7 +35,8 @@ from seerlib.targets import (
     model_fingerprint,
 )
 
-__all__ = ["default_out", "int_at_least", "main", "number_in", "tiny_config", "tiny_model"]
+__all__ = ["default_out", "int_at_least", "main", "number_in", "refuse_earlier_run", "tiny_config",
+           "tiny_model"]
 
 
 def tiny_config(**overrides):
@@ -208,6 +209,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_earlier_run(prog: str, out: Path, paths, resumable: bool = True) -> None:
+    """Exit (SystemExit, nothing changed) when any of a new run's `paths` exists already."""
+    there = [str(p) for p in paths if Path(p).exists()]
+    if there:
+        hint = "pass --resume to continue it, or choose" if resumable else "choose"
+        raise SystemExit(f"{prog}: an earlier run is at {', '.join(there)}; {hint} another --out "
+                         f"(nothing was changed). --out was {out}")
+
+
 def _run_paths(parser, args) -> tuple[Path, Path, Path]:
     """(gates, checkpoint, loss log) of the run, refusing to replace or empty an earlier one."""
     if args.out is None and args.resume:
@@ -220,12 +230,7 @@ def _run_paths(parser, args) -> tuple[Path, Path, Path]:
     if args.cache_only:
         return out, ckpt, curve
     if not args.resume:
-        there = [str(p) for p in (out, ckpt, curve) if p.exists()]
-        if there:
-            raise SystemExit(
-                f"seerlib.distill: an earlier run is at {', '.join(there)}; pass --resume to "
-                f"continue it, or choose another --out (nothing was changed). --out was {out}"
-            )
+        refuse_earlier_run("seerlib.distill", out, (out, ckpt, curve))
     elif out.exists() and not ckpt.exists():
         raise SystemExit(
             f"seerlib.distill: --resume found no checkpoint at {ckpt}, so the run would start "

@@ -19,7 +19,8 @@ from seerlib.targets import (
     WindowCache,
 )
 
-__all__ = ["TINY_MODEL", "DistillConfig", "DivergedError", "Distiller"]
+__all__ = ["TINY_MODEL", "DistillConfig", "DivergedError", "Distiller", "lr_lambda",
+           "window_order"]
 
 TINY_MODEL = "tiny-random-llama"
 
@@ -98,7 +99,21 @@ class _PooledGates(nn.Module):
         ]
 
 
-def _lr_lambda(cfg: DistillConfig):
+def window_order(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Window indices of a step's global batch over n windows: epoch-wise permutations seeded by
+    (seed, epoch), so a resumed or repeated run sees the same windows."""
+    out = []
+    for j in range(step * batch_size, step * batch_size + batch_size):
+        epoch, pos = divmod(j, n)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+def lr_lambda(cfg):
+    """LambdaLR's factor for a config with steps, warmup and min_lr_ratio: linear warm-up, then
+    cosine decay to min_lr_ratio."""
+
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
@@ -155,7 +170,7 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.cfg.lr, betas=(0.9, 0.95), weight_decay=self.cfg.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict] = []
@@ -192,14 +207,7 @@ class Distiller:
         return loss, per_layer, lambda: self._recall(batch, [lg.detach() for lg in logits])
 
     def _global_batch(self, step: int) -> list[int]:
-        """Window indices of a step: epoch-wise permutations seeded by (seed, epoch)."""
-        n, G = self._num_windows(), self.cfg.batch_size
-        out = []
-        for j in range(step * G, step * G + G):
-            epoch, pos = divmod(j, n)
-            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-            out.append(int(torch.randperm(n, generator=g)[pos]))
-        return out
+        return window_order(step, self._num_windows(), self.cfg.batch_size, self.cfg.seed)
 
     def _loss(self, batch: dict, logits: list[torch.Tensor]):
         per_layer = []
