@@ -162,3 +162,19 @@ def test_the_cli_writes_only_what_trained(tmp_path, train, attention, written):
           "--out", str(out)])
     paths = dict(zip(("gates", "diff", "log"), run_paths(out), strict=True))
     assert {name for name, p in paths.items() if p.exists()} == written
+
+
+def test_a_run_can_start_from_an_earlier_runs_model_diff(tmp_path, capsys):
+    first, second = tmp_path / "dense.safetensors", tmp_path / "gate.safetensors"
+    common = [*TINY, "--context", "8192", "--steps", "1", "--attention", "dense"]
+    main([*common, "--train", "model", "--lr", "1e-3", "--out", str(first)])
+    diff = run_paths(first)[1]
+    main([*common, "--train", "gate", "--model-diff", str(diff), "--out", str(second)])
+    model = tiny_model()
+    extend_context(model, 2)
+    apply_model_diff(model, diff)
+    meta = read_metadata(second)
+    assert meta["model_diff"] == str(diff) and meta["model_sha256"] == model_fingerprint(model)
+    with pytest.raises(SystemExit, match="--model-diff .*config hash"):
+        main([*TINY, "--context", "0", "--steps", "1", "--attention", "dense", "--train", "gate",
+              "--model-diff", str(diff), "--out", str(tmp_path / "third.safetensors")])

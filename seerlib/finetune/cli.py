@@ -22,7 +22,7 @@ from seerlib.distill.cli import (
     tiny_model,
 )
 from seerlib.distill.train import TINY_MODEL, DivergedError
-from seerlib.finetune.diff import base_snapshot, save_model_diff
+from seerlib.finetune.diff import apply_model_diff, base_snapshot, save_model_diff
 from seerlib.finetune.train import (
     ATTENTION_MODES,
     PRECISIONS,
@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"the sparse configuration, a preset or label (default {DEFAULT_SPARSE})")
     p.add_argument("--gates", default=None, help="start from this gate file (made for the "
                    "extended model); default: fresh gates built after extending")
+    p.add_argument("--model-diff", default=None,
+                   help="start from a fine-tuned model: this diff (made by an earlier run, for "
+                   "the same --context) applied to the base; this run's diff is again against "
+                   "the base")
     p.add_argument("--block-size", type=int_at_least(1), default=None,
                    help="block size of fresh gates (default 64)")
     p.add_argument("--target", default=None, choices=list(TARGETS),
@@ -202,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
           if args.eval_windows else None)
     base_sha = model_fingerprint(model)
     base = base_snapshot(model) if args.train != "gate" else None
+    if args.model_diff is not None:
+        try:
+            apply_model_diff(model, args.model_diff)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"{PROG}: --model-diff {args.model_diff}: {e}") from e
     cfg = FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
         warmup=args.warmup, clip=args.clip, train=args.train, attention=args.attention,
@@ -233,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                  final_lm_loss=last.get("lm_loss"), final_eval_lm_loss=last.get("eval_lm_loss"),
                  base_model_sha256=base_sha, command=command)
     if cfg.trains_model:
-        meta = save_model_diff(model, base, diff_path, base_sha, gates_file=str(out)
-                               if cfg.trains_gate else args.gates, **facts)
+        meta = save_model_diff(model, base, diff_path, base_sha, start_diff=args.model_diff,
+                               gates_file=str(out) if cfg.trains_gate else args.gates, **facts)
         say(f"saved {diff_path} ({diff_path.stat().st_size / 1e6:.1f} MB, "
             f"{meta['changed_tensors']} of {meta['total_tensors']} tensors changed)")
     if cfg.trains_gate:
         meta = save_gates(gates, out, dtype=getattr(torch, args.save_dtype),
                           final_loss=last.get("gate_loss"), target=args.target,
                           model_sha256=model_fingerprint(model),
-                          model_diff=str(diff_path) if cfg.trains_model else None, **facts)
+                          model_diff=str(diff_path) if cfg.trains_model else args.model_diff,
+                          **facts)
         say(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
