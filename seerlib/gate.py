@@ -89,6 +89,12 @@ class BlockRoPE(nn.Module):
     it the family rotates). Positions are the first token of each
     block: 0, b, 2b, ...
 
+    The cos / sin are the model's own, YaRN's attention factor (`rotary.attention_scaling`)
+    included, so at a block start they equal the model's rotary embedding's at that token. The
+    frequencies (`inv_freq`) stay float32 whatever dtype the module is moved to
+    (`.to(torch.bfloat16)` follows the device only); cos / sin are computed in float32 and rounded
+    to the input's dtype, as the model does.
+
     Args:
         config: a transformers `PretrainedConfig` with rope settings (`rope_parameters`).
         dim: rotary dim (the gate dim d_gate), even.
@@ -102,6 +108,19 @@ class BlockRoPE(nn.Module):
         # the family's rotary class and its global layers' settings (Gemma3 keeps one per layer
         # type; Phi-3 may rotate part of the head dim), built by the adapter
         self.rotary = family_of(config).rotary_embedding(config, dim)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) casts every floating buffer. A bf16 inv_freq (8 significant bits)
+        # puts the angle at position p off by up to p / 256 rad, so each buffer keeps its float32
+        # values and follows only the device `fn` moves it to.
+        kept = [(m, name, buf) for m in self.modules()
+                for name, buf in m.named_buffers(recurse=False) if buf.is_floating_point()]
+        super()._apply(fn, recurse)
+        for m, name, old in kept:
+            new = getattr(m, name)
+            if new.dtype != old.dtype:
+                setattr(m, name, old.to(device=new.device))
+        return self
 
     def forward(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
         """Rotate x (B, H, nb, dim) as if block i sat at token position i * block_size."""
