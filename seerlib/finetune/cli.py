@@ -40,7 +40,7 @@ __all__ = ["default_finetune_out", "main", "run_paths"]
 
 PROG = "seerlib.finetune"
 DEFAULT_SPARSE = "gate@0.5"  # the paper's long-context fine-tune ran at 50% density
-TEXTS = ("longtext", "longtext+kjv", "kjv")
+TEXTS = longtext.TEXTS
 
 
 def default_finetune_out() -> Path:
@@ -166,9 +166,9 @@ def _load(parser, args):
 
 
 def _text_windows(args, model_name, tok, split: str, n) -> torch.Tensor:
-    if model_name == TINY_MODEL or args.text == "kjv":
-        return _windows(args, model_name, tok, split, n)  # random ids / the King James windows
-    return longtext.token_windows(tok, split, args.seq_len, n, kjv=args.text == "longtext+kjv")
+    if model_name == TINY_MODEL:
+        return _windows(args, model_name, tok, split, n)  # random ids
+    return longtext.text_windows(tok, args.text, split, args.seq_len, n)
 
 
 def _gates(args, model, model_name, needed: bool):
