@@ -247,9 +247,10 @@ def test_results_merge_only_under_the_same_settings(tmp_path, change, named):
 
 def _fake_eval(monkeypatch, between=None):
     """main() without the model: evaluate() hands two finished rows to on_row."""
+    from seerlib.distill import tiny_model
     from seerlib.eval import cli
 
-    monkeypatch.setattr(cli, "load_model", lambda **kw: (None, None))
+    monkeypatch.setattr(cli, "load_model", lambda **kw: (tiny_model(), None))
 
     def evaluate(model, tok, configs, lengths, windows, on_row=None, **kw):
         rows = [_row("dense", 8.5), _row("sink_window@0.5", 9.5)]

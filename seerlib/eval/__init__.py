@@ -9,6 +9,8 @@
 - `passkey_prompt` / `passkey(...)`: a five-digit number hidden at a chosen depth in a haystack of
   evaluation text; accuracy per length and depth (greedy decoding; decode steps stay dense).
 - `python -m seerlib.eval ...`: the comparison as JSON + a markdown table (README's quality table).
+  With `--context N` (YaRN), `--model-diff PATH` (a fine-tuned model from `seerlib.finetune`)
+  and `--text longtext` it evaluates the long-context model (issue 16; `cli`'s docstring).
 
 Modules: `ppl` (perplexity), `passkeys` (passkey retrieval), `quality` (`dense_pass`,
 `evaluate`), `maps_cache` (`evaluate`'s checked cache of ground-truth maps), `results` (result

@@ -13,10 +13,10 @@ import torch
 
 from seerlib import metrics
 from seerlib.capture import attention_override, pre_rope_hooks
-from seerlib.data import token_windows
 from seerlib.eval.maps_cache import cached_maps, maps_key, maps_path, model_key, save_maps
 from seerlib.eval.ppl import _nll, _result
 from seerlib.integrate import count_blocks, sparsify
+from seerlib.longtext import text_windows
 from seerlib.methods import LayerInputs, ground_truth, layer_block_mask
 
 
@@ -98,7 +98,7 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
 
 def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block_size: int = 64,
              offset: int = 0, cache: Path | None = None, on_row=None, progress: bool = True,
-             recall: bool = True):
+             recall: bool = True, text: str = "kjv"):
     """Perplexity, recall and achieved density of each config at each length.
 
     Per window: one dense pass (dense perplexity, ground-truth maps, every config's recall and
@@ -111,6 +111,21 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
     `cache` (a folder) keeps each window's ground-truth maps (`seerlib.eval.maps_cache`): a file
     made from this model, window and block size is used; any other (other inputs, damaged, cut
     short, an old pickle) is computed again and replaced, with a line on stderr saying why.
+
+    `text`: the evaluation split of one of `seerlib.longtext.TEXTS` ("kjv", "longtext",
+    "longtext+kjv"), read by `longtext.text_windows`.
+
+    Memory at S tokens, nb = S / b blocks, one window (B = 1), Hq query heads, L layers: no
+    S x S map per head is ever held (9 x 32768^2 x 4 B would be 38 GB). The maps are
+    (Hq, nb, nb) float32 per layer and pool, kept for every layer through the window's sparse
+    forwards: 2 L Hq nb^2 4 B. "max" comes from `ops.pooled_attention` (the fused kernel on CUDA
+    in bf16/fp16, which never writes the probabilities; elsewhere the reference, in row chunks),
+    "sum" from `metrics.block_maps`, which scores 64-row chunks: one (Hq, 64, S) float32 block of
+    probabilities at a time. SmolLM2 (Hq 9, L 30) at 32768 tokens, b 64: 19 MB per layer, 566 MB
+    in all, a 75 MB chunk transient. The dense forwards run the model's SDPA (no mask: flash on
+    CUDA), the sparse ones the block-sparse kernel (CUDA, bf16/fp16). The largest transient is
+    the logits in `_nll`: S x vocab float32, 6.4 GB at 32768 tokens (SmolLM2's 49152), about
+    3x that at the peak of the cross-entropy.
 
     Returns:
         list of row dicts (label, method, density_target, threshold, length, windows, ppl, nll,
@@ -125,7 +140,7 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
     device = next(model.parameters()).device
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     for S in lengths:
-        ids_all = _windows(tokenizer, S, windows, offset)
+        ids_all = text_windows(tokenizer, text, "eval", S, windows, offset=offset)
         acc = {c.label: {"nll": [], "recall": [], "kept": 0, "causal": 0, "sec": 0.0}
                for c in configs}
         for w in range(ids_all.shape[0]):
@@ -192,7 +207,3 @@ def evaluate(model, tokenizer, configs, lengths, windows: int, gates=None, block
             if on_row is not None:
                 on_row(row)
     return rows
-
-
-def _windows(tokenizer, S: int, n: int, offset: int) -> torch.Tensor:
-    return token_windows(tokenizer, "eval", S, n=n, offset=offset)

@@ -1,7 +1,8 @@
 """Result files: reading them back, merging new rows into them, and the markdown table.
 
 A result file holds the rows of runs made under one setting (`MERGE_KEYS`: model, evaluation text,
-block size, attention path, dtype, device and GPU, gate file): `_update_results` merges a run into
+block size, attention path, dtype, device and GPU, gate file; `STRICT_KEYS`: YaRN context and
+model diff, where a missing one means the base model): `_update_results` merges a run into
 an existing file only when its settings match, and refuses it naming the difference otherwise.
 Every file is read with checks (`read_results`) and written atomically.
 """
@@ -20,6 +21,9 @@ from seerlib.names import display_name, series
 
 # The settings every row of one file shares (None where a run did not say, e.g. "gpu" on a CPU).
 MERGE_KEYS = ("model", "text", "block_size", "attention", "dtype", "device", "gpu")
+# ... and those whose absence says something: no "context", the model's own (not extended by
+# YaRN); no "model_diff_sha256", the base weights. Compared even where only one run records them.
+STRICT_KEYS = ("context", "model_diff_sha256")
 _WHAT = "the JSON document `python -m seerlib.eval` writes"
 
 
@@ -62,6 +66,10 @@ def merge_conflicts(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new.get(key)
         if a is not None and b is not None and a != b:
             out.append(f"{key} {a!r} there, {b!r} here")
+    for key in STRICT_KEYS if old else ():  # {}: no file yet
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            out.append(f"{key} {a!r} there, {b!r} here")
     if old.get("gates_sha256") and new.get("gates_sha256"):
         same_gate = old["gates_sha256"] == new["gates_sha256"]
     else:
@@ -80,7 +88,8 @@ def check_mergeable(json_path, meta: dict) -> dict:
     if diffs:
         raise ResultsError(
             f"{json_path} holds results made under other settings ({'; '.join(diffs)}); rows are "
-            "only merged with rows of the same block size, gate file, model, dtype and device: "
+            "only merged with rows of the same block size, gate file, model (context, model "
+            "diff), text, dtype and device: "
             "choose another --out"
         )
     return doc
@@ -207,9 +216,25 @@ def markdown(results: dict) -> str:
                   "share of each query-block row's exact attention mass in the kept blocks, on the "
                   "dense model's attention, mean over layers, heads, rows and windows. Oracle rows "
                   "select from the dense model's own maps of the same window.", ""]
+        if meta.get("context") or meta.get("model_diff") or meta.get("text"):
+            lines += [_model_line(meta), ""]
     if meta.get("command"):
         lines += ["Produced by:", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _model_line(meta: dict) -> str:
+    """Which model and text: the YaRN context, the model diff applied, the evaluation text."""
+    parts = []
+    if meta.get("context"):
+        parts.append(f"extended by YaRN to {meta['context']} tokens (factor "
+                     f"{meta.get('yarn_factor', '?')})")
+    if meta.get("model_diff"):
+        parts.append(f"fine-tuned weights `{meta['model_diff']}` applied (sha256 "
+                     f"{str(meta.get('model_diff_sha256'))[:16]}…, "
+                     f"{meta.get('model_diff_steps', '?')} steps)")
+    head = "The model " + ", ".join(parts) + "; text" if parts else "Text"
+    return f"{head}: {meta.get('text', '?')}."
 
 
 def _interp_topk(topk_rows, r) -> float | None:
