@@ -17,7 +17,8 @@ Panels redraw plain figures inside `ipywidgets.Output` areas, so no widget-backe
 Modules: `common` (renderer, `show`, `key_figures`, shared heatmaps, tables, paths), `maps`
 (notebook 01, attention maps), `gate_truth` (02, gate vs ground truth), `training` (03, gate
 training), `quality` (04, sparsity vs quality), `speed` (05, kernel speed), `decode` (06, decode
-sparsity step by step, against the budget, and its speed).
+sparsity step by step, against the budget, and its speed), `long_context` (07, YaRN, sparsity
+against length and the 32k GPU runs).
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ from seerlib.viz.decode import (
     trace_generation,
 )
 from seerlib.viz.gate_truth import GateComparison, gate_panel, gate_vs_truth_figure
+from seerlib.viz.long_context import (
+    LongResults,
+    backward_figure,
+    backward_records,
+    common_density,
+    long_passkey_figure,
+    long_results,
+    mass_at_density,
+    mass_by_length,
+    mass_by_length_figure,
+    mass_rows,
+    mass_table,
+    quality_by_length_figure,
+    quality_views,
+    show_views,
+    speed_views,
+    yarn_perplexity,
+    yarn_ppl_figure,
+    yarn_ppl_table,
+    yarn_views,
+)
 from seerlib.viz.maps import (
     AttentionMaps,
     attention_grid_figure,
@@ -75,6 +97,7 @@ from seerlib.viz.training import LossCurve, layer_loss_figure, loss_curve_figure
 
 __all__ = [
     "KEY_FIGURES_MIME",
+    "LongResults",
     "PROVIDER_NAMES",
     "AttentionMaps",
     "DecodeTrace",
@@ -83,8 +106,11 @@ __all__ = [
     "attention_grid_figure",
     "attention_head_figure",
     "attention_maps_panel",
+    "backward_figure",
+    "backward_records",
     "bench_records",
     "blocks_to_cover",
+    "common_density",
     "coverage_density",
     "decode_generation_table",
     "decode_layer_recall_figure",
@@ -104,18 +130,33 @@ __all__ = [
     "key_figures",
     "layer_head_heatmap",
     "layer_loss_figure",
+    "long_passkey_figure",
+    "long_results",
     "loss_curve_figure",
+    "mass_at_density",
+    "mass_by_length",
+    "mass_by_length_figure",
+    "mass_rows",
+    "mass_table",
     "passkey_figure",
+    "quality_by_length_figure",
     "quality_figure",
+    "quality_views",
     "repo_path",
     "show",
+    "show_views",
     "sparsity_by_layer_figure",
     "sparsity_heatmap_figure",
     "prefill_figure",
     "prefill_records",
     "speed_panel",
+    "speed_views",
     "speedup_figure",
     "speedups",
     "table_figure",
     "trace_generation",
+    "yarn_perplexity",
+    "yarn_ppl_figure",
+    "yarn_ppl_table",
+    "yarn_views",
 ]
