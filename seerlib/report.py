@@ -79,6 +79,7 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "06_decode_sparsity": {"FALLBACK_STEPS": 4, "FALLBACK_SEQ_LEN": 512, "FALLBACK_WINDOWS": 2,
                            "FALLBACK_ROWS": 128, "SEQ_LEN": 512, "GEN_TOKENS": 16,
                            "BUDGET": 128, "BUDGETS": [128, 256]},
+    "07_long_context": {"PPL_LENGTHS": [256, 512], "SPARSITY_LENGTHS": [512, 1024]},
 }
 
 

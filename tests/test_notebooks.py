@@ -10,9 +10,10 @@ from test_report import CDN, REMOTE_SOURCE
 from seerlib import report
 
 NOTEBOOKS = ["01_attention_maps", "02_gate_vs_truth", "03_train_gate",
-             "04_sparsity_vs_quality", "05_kernel_speed", "06_decode_sparsity"]
+             "04_sparsity_vs_quality", "05_kernel_speed", "06_decode_sparsity",
+             "07_long_context"]
 NEEDS_MODEL = {"01_attention_maps", "02_gate_vs_truth", "03_train_gate",
-               "04_sparsity_vs_quality", "06_decode_sparsity"}
+               "04_sparsity_vs_quality", "06_decode_sparsity", "07_long_context"}
 
 
 def path_of(name):
