@@ -15,7 +15,8 @@ Panels redraw plain figures inside `ipywidgets.Output` areas, so no widget-backe
 `anywidget`) is needed.
 
 Modules: `common` (renderer, `show`, `key_figures`, shared heatmaps, tables, paths), `maps`
-(notebook 01, attention maps), `gate_truth` (02, gate vs ground truth), `training` (03, gate
+(notebook 01, attention maps), `model_view` (01, every layer x head as thumbnails), `text` (01 and
+02, your own text), `gate_truth` (02, gate vs ground truth), `training` (03, gate
 training), `quality` (04, sparsity vs quality), `speed` (05, kernel speed), `decode` (06, decode
 sparsity step by step, against the budget, and its speed), `long_context` (07, YaRN, sparsity
 against length and the 32k GPU runs).
@@ -49,7 +50,15 @@ from seerlib.viz.decode import (
     decode_steps_figure,
     trace_generation,
 )
-from seerlib.viz.gate_truth import GateComparison, gate_panel, gate_vs_truth_figure
+from seerlib.viz.gate_truth import (
+    ORACLE,
+    GateComparison,
+    gate_panel,
+    gate_vs_truth_figure,
+    query_row,
+    query_row_figure,
+    recall_gap_figure,
+)
 from seerlib.viz.long_context import (
     LongResults,
     backward_figure,
@@ -82,6 +91,7 @@ from seerlib.viz.maps import (
     sparsity_by_layer_figure,
     sparsity_heatmap_figure,
 )
+from seerlib.viz.model_view import model_view_figure, model_view_panel, thumbnail
 from seerlib.viz.quality import passkey_figure, quality_figure
 from seerlib.viz.speed import (
     PROVIDER_NAMES,
@@ -93,10 +103,12 @@ from seerlib.viz.speed import (
     speedup_figure,
     speedups,
 )
+from seerlib.viz.text import prompt_box, read_text, text_ids
 from seerlib.viz.training import LossCurve, layer_loss_figure, loss_curve_figure
 
 __all__ = [
     "KEY_FIGURES_MIME",
+    "ORACLE",
     "LongResults",
     "PROVIDER_NAMES",
     "AttentionMaps",
@@ -159,4 +171,13 @@ __all__ = [
     "yarn_ppl_figure",
     "yarn_ppl_table",
     "yarn_views",
+    "model_view_figure",
+    "prompt_box",
+    "query_row",
+    "query_row_figure",
+    "read_text",
+    "recall_gap_figure",
+    "text_ids",
+    "thumbnail",
+    "model_view_panel",
 ]

@@ -11,9 +11,15 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from seerlib.methods import METHODS, LayerInputs
 from seerlib.metrics import block_maps, kl_div, normalize_rows, recall
 from seerlib.select import Selection, achieved_density, causal_block_mask, select_blocks
 from seerlib.viz.common import _map_trace, layer_head_heatmap, show
+
+# The oracle of this story: top-k of the exact attention mass of each tile, what `seerlib.eval`
+# calls "oracle-sum" (notebook 04's "oracle-max" ranks the max-pooled map instead).
+ORACLE = "oracle-sum"
+ORACLE_WORDS = "oracle-sum (top-k of the exact block mass)"
 
 
 @dataclass
@@ -52,16 +58,21 @@ class GateComparison:
     def masks(self, layer: int, density: float | None = None,
               threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate mask, oracle mask), (1, Hq, nb, nb) bool. The gate's blocks come from
-        `select_blocks`; the oracle keeps the heaviest blocks of the exact mass at the same
-        per-head density."""
+        `select_blocks`; the oracle is `ORACLE` ("oracle-sum": the heaviest blocks of the exact
+        mass) at the same per-head density."""
         d = self.layer(layer)
         mask = select_blocks(d["logits"], Selection(density=density, threshold=threshold))
         if density is not None:
-            return mask, select_blocks(d["mass"].float(), Selection(density=density))
-        heads = [select_blocks(d["mass"][:, h:h + 1].float(), Selection(
-                     density=max(1e-3, achieved_density(mask[:, h:h + 1]))))
-                 for h in range(mask.shape[1])]
+            return mask, self.oracle(layer, Selection(density=density))
+        heads = [self.oracle(layer, Selection(density=max(1e-3, achieved_density(
+                     mask[:, h:h + 1]))))[:, h:h + 1] for h in range(mask.shape[1])]
         return mask, torch.cat(heads, dim=1)
+
+    def oracle(self, layer: int, selection: Selection) -> torch.Tensor:
+        """(1, Hq, nb, nb) bool: the `ORACLE` method of `seerlib.methods` on this layer."""
+        c, d = self.captured[layer], self.layer(layer)
+        return METHODS[ORACLE].build(LayerInputs(c.q, c.k, c.v, self.block_size,
+                                                 weights=d["mass"]), selection)
 
     def scores(self, density: float | None = None,
                threshold: float | None = None) -> dict[str, np.ndarray]:
@@ -81,6 +92,8 @@ class GateComparison:
         return {k: np.stack(v) for k, v in out.items()}
 
 
+# gate minus oracle: red where the gate misses mass, white at 0, blue (rare) where it does better
+_GAP_COLORS = [[0.0, "#b2182b"], [0.5, "#f7f7f7"], [1.0, "#2166ac"]]
 _DIFF_COLORS = [(0, "#f2f2f2"), (1, "#2b8cbe"), (2, "#fdae61"), (3, "#d7191c")]
 
 
@@ -196,3 +209,77 @@ def gate_panel(comparisons: Mapping[int, GateComparison], layer: int, head: int,
     controls = W.VBox([W.HBox([w_block, w_layer, w_head]),
                        W.HBox([w_rule, w_density, w_threshold, status])])
     return W.VBox([controls, out_head, W.HBox([out_recall, out_kl])])
+
+
+# ---------------------------------------------------------------- head view: one query row
+
+
+def query_row(gc: GateComparison, layer: int, head: int, query_block: int,
+              density: float | None = None, threshold: float | None = None) -> dict:
+    """What the gate and the oracle keep for one query block of one head, and the true mass.
+
+    Returns:
+        {"gate", "oracle"}: (i + 1,) bool kept key blocks of row i = `query_block` (from
+        `GateComparison.masks`: `select_blocks` on the gate's logits and `ORACLE`);
+        "mass": (i + 1,) exact attention mass per key block (sums to 1); "density": the head's
+        achieved density (kept share of its causal blocks); "recall_gate", "recall_oracle": the
+        row's mass inside each selection.
+    """
+    d = gc.layer(layer)
+    nb = d["mass"].shape[-1]
+    if not 0 <= query_block < nb:
+        raise ValueError(f"query_block {query_block} is outside the {nb} query blocks "
+                         f"(0..{nb - 1}) of {gc.block_size}-token blocks")
+    mask, orc = gc.masks(layer, density, threshold)
+    i = query_block
+    mass = d["mass"][0, head, i, :i + 1].float()
+    g, o = mask[0, head, i, :i + 1], orc[0, head, i, :i + 1]
+    return {"gate": g.numpy(), "oracle": o.numpy(), "mass": mass.numpy(),
+            "density": achieved_density(mask[:, head:head + 1]),
+            "recall_gate": float(mass[g].sum()), "recall_oracle": float(mass[o].sum())}
+
+
+def query_row_figure(row: dict, layer: int, head: int, query_block: int, block_size: int,
+                     rule: str) -> go.Figure:
+    """Side by side for one query block: the key blocks the gate keeps, those the oracle keeps
+    and the exact attention mass per key block (coloured by who keeps it)."""
+    g, o, mass = np.asarray(row["gate"]), np.asarray(row["oracle"]), np.asarray(row["mass"])
+    keys = np.arange(len(mass))
+    who = np.select([g & o, g & ~o, ~g & o], [1, 2, 3], 0)
+    colors = [dict(_DIFF_COLORS)[w] for w in who]
+    names = np.array(["neither", "both", "gate only", "oracle only"])[who]
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07, subplot_titles=[
+        f"gate keeps {int(g.sum())}", f"{ORACLE} keeps {int(o.sum())}",
+        "exact attention mass"])
+    for col, kept, color in ((1, g, "#2b8cbe"), (2, o, "#31a354")):
+        fig.add_trace(go.Bar(x=keys, y=kept.astype(int), marker_color=color, showlegend=False,
+                             hovertemplate="key block %{x}: %{y}<extra></extra>"), row=1, col=col)
+        fig.update_yaxes(range=[0, 1.05], tickvals=[0, 1], ticktext=["dropped", "kept"],
+                         row=1, col=col)
+    fig.add_trace(go.Bar(x=keys, y=mass, marker_color=colors, customdata=names,
+                         showlegend=False, hovertemplate="key block %{x}: mass %{y:.4f}"
+                         "<br>%{customdata}<extra></extra>"), row=1, col=3)
+    fig.update_yaxes(title="share of the row", row=1, col=3)
+    fig.update_xaxes(title=f"key block (b={block_size})")
+    fig.update_layout(
+        title=dict(text=f"Layer {layer}, head {head}, query block {query_block}, {rule}: achieved "
+                   f"density {row['density']:.3f}; row recall gate {row['recall_gate']:.3f}, "
+                   f"oracle {row['recall_oracle']:.3f}", font=dict(size=13)),
+        bargap=0.1, height=340, width=900, plot_bgcolor="white",
+        margin=dict(l=60, r=20, t=80, b=50))
+    return fig
+
+
+def recall_gap_figure(scores: dict, layers: Sequence[int], rule: str) -> go.Figure:
+    """Per layer x head, gate recall minus `ORACLE` recall at the same achieved density
+    (`GateComparison.scores`): 0 where the gate does as well as any selection of its size (a
+    dense head, where both are low, reads 0), negative where the gate misses mass."""
+    gap = scores["recall"] - scores["oracle_recall"]
+    lim = float(max(0.05, np.abs(gap).max()))
+    fig = layer_head_heatmap(
+        gap, f"Gate recall minus {ORACLE} recall, {rule} (mean {gap.mean():+.3f}, worst "
+        f"{gap.min():+.3f})", "gate − oracle", zrange=(-lim, lim), colorscale=_GAP_COLORS,
+        fmt="+.2f", layers=layers)
+    fig.update_traces(zmid=0.0)
+    fig.update_layout(width=560)
+    return fig

@@ -1,0 +1,189 @@
+"""The model view (notebook 01): every layer x head of one text as block-pooled thumbnails in one
+figure, with one head enlarged beside the grid (bertviz's model view, CircuitsVis' head grid).
+
+The static figure enlarges a head through plotly's own controls (a dropdown of layer/head that
+swaps the enlarged panel's frame), so it works in an offline report without a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from seerlib.viz.common import LOG_FLOOR, MAP_COLORSCALE, _log_colorbar, _log_map, show
+
+# the thumbnails are max-pooled further until a map has at most this many tiles per side
+THUMB_BLOCKS = 32
+
+
+def thumbnail(maps: np.ndarray, max_blocks: int = THUMB_BLOCKS) -> tuple[np.ndarray, int]:
+    """Max-pool (H, n, n) maps (NaN above the diagonal) to at most `max_blocks` tiles per side.
+
+    The max of max-pooled tiles is the max-pooled map at the larger tile, so a thumbnail is the
+    SeerAttention target at `factor` times the tile size.
+
+    Returns:
+        ((H, m, m) pooled maps, NaN above the diagonal; factor f with m = ceil(n / f)).
+    """
+    H, n, _ = maps.shape
+    f = max(1, math.ceil(n / max_blocks))
+    if f == 1:
+        return maps, 1
+    m = math.ceil(n / f)
+    padded = np.full((H, m * f, m * f), np.nan, dtype=np.float32)
+    padded[:, :n, :n] = maps
+    tiles = padded.reshape(H, m, f, m, f)  # (H, n', n') -> (H, m, f, m, f)
+    with warnings.catch_warnings():  # tiles above the diagonal are all NaN, and stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmax(tiles, axis=(2, 4)), f
+
+
+def _tile_words(tokens: int) -> str:
+    return "token" if tokens == 1 else f"block of {tokens} tokens"
+
+
+def _hover(layer: int, head: int, tokens: int) -> str:
+    unit = "token" if tokens == 1 else "block"
+    value = "p" if tokens == 1 else "max p"
+    return (f"layer {layer}, head {head}<br>query {unit} %{{y}}, key {unit} %{{x}}<br>"
+            f"{value} = %{{customdata:.3g}}<extra></extra>")
+
+
+def _heat(m: np.ndarray, layer: int, head: int, tokens: int, **kw) -> dict:
+    # z carries the log colour, customdata the probability that hover shows; gaps (above the
+    # diagonal) get no hover label at all
+    # (a dict, not go.Heatmap: validating 540 traces one by one costs seconds)
+    return dict(type="heatmap", z=_log_map(m), customdata=m.astype(np.float32),
+                coloraxis="coloraxis", hoverongaps=False, hovertemplate=_hover(layer, head, tokens),
+                **kw)
+
+
+def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_block: int,
+                      layer: int | None = None, head: int = 0, max_blocks: int = THUMB_BLOCKS,
+                      width: int = 900) -> go.Figure:
+    """Every layer x head as a thumbnail (rows "layer L", columns "head H", one log colour
+    scale), and one head enlarged to the right; a dropdown picks the enlarged head.
+
+    Args:
+        maps: per layer, (H, n, n) max-pooled attention probabilities, NaN above the diagonal
+            (`AttentionMaps.maps`).
+        layers: the layer index of each entry of `maps`.
+        map_block: tokens per tile of `maps` (1: token level).
+        layer, head: the head enlarged first (default: the first layer, head 0).
+        max_blocks: thumbnails are max-pooled to at most this many tiles per side.
+        width: figure width in pixels (fits a 1000 px notebook at the default).
+    Returns:
+        A figure with L*H thumbnail traces then the enlarged trace, and one frame (dropdown entry)
+        per layer x head named "layer L head H".
+    """
+    layers = list(layers)
+    thumbs = [thumbnail(np.asarray(m, dtype=np.float32), max_blocks) for m in maps]
+    f = thumbs[0][1]
+    tokens = map_block * f
+    L, H = len(layers), thumbs[0][0].shape[0]
+    layer = layers[0] if layer is None else layer
+
+    # geometry in pixels: labels | thumbnail grid | gap | enlarged head | colour bar
+    ml, mr, mt, mb, gap = 64, 70, 90, 30, 3
+    big = int(width * 0.40)
+    s = max(12, (width - ml - mr - big - 40 - (H - 1) * gap) // H)
+    grid_w = H * s + (H - 1) * gap
+    grid_h = L * s + (L - 1) * gap
+    plot_h = max(grid_h, big + 40)
+    plot_w = width - ml - mr
+
+    data, axes = [], {}
+    for li, ly in enumerate(layers):
+        for h in range(H):
+            i = li * H + h + 1
+            x0, y1 = h * (s + gap), li * (s + gap)
+            axes[f"xaxis{i}"] = dict(domain=[x0 / plot_w, (x0 + s) / plot_w], anchor=f"y{i}",
+                                     visible=False)
+            axes[f"yaxis{i}"] = dict(domain=[1 - (y1 + s) / plot_h, 1 - y1 / plot_h],
+                                     anchor=f"x{i}", visible=False, autorange="reversed")
+            data.append(_heat(thumbs[li][0][h], ly, h, tokens, xaxis=f"x{i}", yaxis=f"y{i}"))
+    n = L * H + 1
+    bx0 = (grid_w + 40) / plot_w
+    axes[f"xaxis{n}"] = dict(domain=[bx0, bx0 + big / plot_w], anchor=f"y{n}", showgrid=False,
+                             title=dict(text=f"key ({_tile_words(tokens)})"))
+    axes[f"yaxis{n}"] = dict(domain=[1 - big / plot_h, 1], anchor=f"x{n}", showgrid=False,
+                             autorange="reversed", title=dict(text="query", standoff=2))
+    li0 = layers.index(layer)
+    data.append(_heat(thumbs[li0][0][head], layer, head, tokens, xaxis=f"x{n}", yaxis=f"y{n}"))
+
+    big_title = dict(text="enlarged: pick a layer and head in the menu below", xref="paper",
+                     yref="paper", x=bx0 + big / plot_w / 2, y=1.0, xanchor="center",
+                     yanchor="bottom", showarrow=False, font=dict(size=12))
+    notes = [dict(text=f"layer {ly}", x=-0.005, y=1 - (li * (s + gap) + s / 2) / plot_h,
+                  xref="paper", yref="paper", xanchor="right", showarrow=False,
+                  font=dict(size=9)) for li, ly in enumerate(layers)]
+    notes += [dict(text=f"head {h}", x=(h * (s + gap) + s / 2) / plot_w, y=1.0, xref="paper",
+                   yref="paper", yanchor="bottom", showarrow=False, font=dict(size=9))
+              for h in range(H)]
+    # one frame per head: the dropdown swaps the enlarged trace's data, nothing else
+    frames = [dict(name=f"layer {ly} head {h}", traces=[n - 1],
+                   data=[_heat(thumbs[li][0][h], ly, h, tokens, xaxis=f"x{n}", yaxis=f"y{n}")])
+              for li, ly in enumerate(layers) for h in range(H)]
+    buttons = [dict(label=fr["name"], method="animate", args=[[fr["name"]], dict(
+        mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+        for fr in frames]
+    how = "token level" if tokens == 1 else f"max over {tokens}x{tokens}-token tiles"
+    pooled = "" if f == 1 else f" (pooled {f}x further for the grid, at most {max_blocks} tiles)"
+    layout = dict(
+        **axes, annotations=[*notes, big_title],
+        coloraxis=dict(cmin=LOG_FLOOR, cmax=0.0, colorscale=MAP_COLORSCALE,
+                       colorbar=_log_colorbar(title=dict(text="prob."), len=big / plot_h,
+                                              y=1, yanchor="top", thickness=12)),
+        title=dict(text=f"Every layer x head: {how}{pooled}, log colour", font=dict(size=14)),
+        updatemenus=[dict(buttons=buttons, direction="down", showactive=True,
+                          active=li0 * H + head, x=bx0, xanchor="left", y=1 - (big + 60) / plot_h,
+                          yanchor="top", pad=dict(t=0, r=0))],
+        width=width, height=plot_h + mt + mb, plot_bgcolor="white",
+        margin=dict(l=ml, r=mr, t=mt, b=mb),
+    )
+    return go.Figure(dict(data=data, layout=layout, frames=frames))
+
+
+def model_view_panel(am, block_size: int, layer: int, head: int, interactive: bool,
+                     max_blocks: int = THUMB_BLOCKS):
+    """The model view of an `AttentionMaps`; with `interactive`, layer and head dropdowns also
+    draw the chosen head at full resolution with its token labels (`attention_head_figure`).
+
+    Returns:
+        interactive: an `ipywidgets.VBox`; otherwise the model view figure.
+    """
+    from seerlib.viz.maps import attention_head_figure  # maps imports nothing from here
+
+    b = am.map_block(block_size)
+
+    def grid():
+        return model_view_figure([am.maps(ly, block_size) for ly in am.layers], am.layers, b,
+                                 layer, head, max_blocks)
+
+    if not interactive:
+        return grid()
+
+    import ipywidgets as W  # lazy: only interactive panels need widgets (~0.35 s to import)
+
+    w_layer = W.Dropdown(options=am.layers, value=layer, description="layer")
+    w_head = W.Dropdown(options=list(range(am.num_heads)), value=head, description="head")
+    status, out_grid, out_head = W.Label(), W.Output(), W.Output()
+
+    def redraw_head(*_):
+        status.value = "drawing…"
+        with out_head:
+            out_head.clear_output(wait=True)
+            show(attention_head_figure(am.maps(w_layer.value, block_size)[w_head.value],
+                                       w_layer.value, w_head.value, b, am.labels(b)))
+        status.value = ""
+
+    with out_grid:
+        show(grid())
+    w_layer.observe(redraw_head, "value")
+    w_head.observe(redraw_head, "value")
+    redraw_head()
+    return W.VBox([out_grid, W.HBox([w_layer, w_head, status]), out_head])
