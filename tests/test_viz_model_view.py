@@ -52,6 +52,7 @@ def test_model_view_pools_token_maps_and_says_so():
                                 max_blocks=16)
     assert np.asarray(fig.data[0].z).shape == (14, 14)  # 40 tokens pooled by 3
     assert "3x3-token tiles" in fig.layout.title.text and "pooled 3x" in fig.layout.title.text
+    assert "enlarged: 2x2" in fig.layout.title.text
 
 
 def test_model_view_panel_interactive():

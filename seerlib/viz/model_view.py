@@ -16,8 +16,11 @@ import plotly.graph_objects as go
 
 from seerlib.viz.common import LOG_FLOOR, MAP_COLORSCALE, _log_colorbar, _log_map, show
 
-# the thumbnails are max-pooled further until a map has at most this many tiles per side
-THUMB_BLOCKS = 32
+# the thumbnails are max-pooled further until a map has at most this many tiles per side (at
+# ~50 px a thumbnail, 16 tiles are 3 px each: more would not show, only weigh), the enlarged head
+# to at most BIG_BLOCKS; every head's enlarged map travels in the figure (one frame each)
+THUMB_BLOCKS = 16
+BIG_BLOCKS = 32
 
 
 def thumbnail(maps: np.ndarray, max_blocks: int = THUMB_BLOCKS) -> tuple[np.ndarray, int]:
@@ -64,7 +67,7 @@ def _heat(m: np.ndarray, layer: int, head: int, tokens: int, **kw) -> dict:
 
 def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_block: int,
                       layer: int | None = None, head: int = 0, max_blocks: int = THUMB_BLOCKS,
-                      width: int = 900) -> go.Figure:
+                      big_blocks: int = BIG_BLOCKS, width: int = 900) -> go.Figure:
     """Every layer x head as a thumbnail (rows "layer L", columns "head H", one log colour
     scale), and one head enlarged to the right; a dropdown picks the enlarged head.
 
@@ -75,15 +78,18 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
         map_block: tokens per tile of `maps` (1: token level).
         layer, head: the head enlarged first (default: the first layer, head 0).
         max_blocks: thumbnails are max-pooled to at most this many tiles per side.
+        big_blocks: the enlarged head, to at most this many.
         width: figure width in pixels (fits a 1000 px notebook at the default).
     Returns:
         A figure with L*H thumbnail traces then the enlarged trace, and one frame (dropdown entry)
         per layer x head named "layer L head H".
     """
     layers = list(layers)
-    thumbs = [thumbnail(np.asarray(m, dtype=np.float32), max_blocks) for m in maps]
-    f = thumbs[0][1]
-    tokens = map_block * f
+    maps = [np.asarray(m, dtype=np.float32) for m in maps]
+    thumbs = [thumbnail(m, max_blocks) for m in maps]
+    bigs = [thumbnail(m, big_blocks) for m in maps]
+    f, fb = thumbs[0][1], bigs[0][1]
+    tokens, big_tokens = map_block * f, map_block * fb
     L, H = len(layers), thumbs[0][0].shape[0]
     layer = layers[0] if layer is None else layer
 
@@ -109,11 +115,12 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
     n = L * H + 1
     bx0 = (grid_w + 40) / plot_w
     axes[f"xaxis{n}"] = dict(domain=[bx0, bx0 + big / plot_w], anchor=f"y{n}", showgrid=False,
-                             title=dict(text=f"key ({_tile_words(tokens)})"))
+                             title=dict(text=f"key ({_tile_words(big_tokens)})"))
     axes[f"yaxis{n}"] = dict(domain=[1 - big / plot_h, 1], anchor=f"x{n}", showgrid=False,
                              autorange="reversed", title=dict(text="query", standoff=2))
     li0 = layers.index(layer)
-    data.append(_heat(thumbs[li0][0][head], layer, head, tokens, xaxis=f"x{n}", yaxis=f"y{n}"))
+    data.append(_heat(bigs[li0][0][head], layer, head, big_tokens, xaxis=f"x{n}",
+                      yaxis=f"y{n}"))
 
     big_title = dict(text="enlarged: pick a layer and head in the menu below", xref="paper",
                      yref="paper", x=bx0 + big / plot_w / 2, y=1.0, xanchor="center",
@@ -126,19 +133,23 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
               for h in range(H)]
     # one frame per head: the dropdown swaps the enlarged trace's data, nothing else
     frames = [dict(name=f"layer {ly} head {h}", traces=[n - 1],
-                   data=[_heat(thumbs[li][0][h], ly, h, tokens, xaxis=f"x{n}", yaxis=f"y{n}")])
+                   data=[_heat(bigs[li][0][h], ly, h, big_tokens, xaxis=f"x{n}",
+                               yaxis=f"y{n}")])
               for li, ly in enumerate(layers) for h in range(H)]
     buttons = [dict(label=fr["name"], method="animate", args=[[fr["name"]], dict(
         mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
         for fr in frames]
     how = "token level" if tokens == 1 else f"max over {tokens}x{tokens}-token tiles"
-    pooled = "" if f == 1 else f" (pooled {f}x further for the grid, at most {max_blocks} tiles)"
+    if f > 1:
+        how += f" (pooled {f}x, at most {max_blocks} tiles a side)"
+    if big_tokens != tokens:
+        how += "; enlarged: " + ("tokens" if big_tokens == 1 else f"{big_tokens}x{big_tokens}")
     layout = dict(
         **axes, annotations=[*notes, big_title],
         coloraxis=dict(cmin=LOG_FLOOR, cmax=0.0, colorscale=MAP_COLORSCALE,
                        colorbar=_log_colorbar(title=dict(text="prob."), len=big / plot_h,
                                               y=1, yanchor="top", thickness=12)),
-        title=dict(text=f"Every layer x head: {how}{pooled}, log colour", font=dict(size=14)),
+        title=dict(text=f"Every layer x head: {how}; log colour", font=dict(size=14)),
         updatemenus=[dict(buttons=buttons, direction="down", showactive=True,
                           active=li0 * H + head, x=bx0, xanchor="left", y=1 - (big + 60) / plot_h,
                           yanchor="top", pad=dict(t=0, r=0))],
@@ -149,7 +160,7 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
 
 
 def model_view_panel(am, block_size: int, layer: int, head: int, interactive: bool,
-                     max_blocks: int = THUMB_BLOCKS):
+                     max_blocks: int = THUMB_BLOCKS, big_blocks: int = BIG_BLOCKS):
     """The model view of an `AttentionMaps`; with `interactive`, layer and head dropdowns also
     draw the chosen head at full resolution with its token labels (`attention_head_figure`).
 
@@ -162,7 +173,7 @@ def model_view_panel(am, block_size: int, layer: int, head: int, interactive: bo
 
     def grid():
         return model_view_figure([am.maps(ly, block_size) for ly in am.layers], am.layers, b,
-                                 layer, head, max_blocks)
+                                 layer, head, max_blocks, big_blocks)
 
     if not interactive:
         return grid()
