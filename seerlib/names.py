@@ -27,12 +27,12 @@ METHOD_STYLE = {
 }
 # series other than a method's own plain one that have a colour of their own
 SERIES_COLORS = {
-    "gate+sink": "#ff7f0e", "gate adaptive": "#e377c2", "gate+sink adaptive": "#8c564b",
+    "gate+sink": "#e7ba52", "gate adaptive": "#e377c2", "gate+sink adaptive": "#8c564b",
     "gate+sink+local adaptive": "#bcbd22", "gate+sink+local+last adaptive": "#7f7f7f",
     "gate+sink+local relative": "#393b79", "oracle-max adaptive": "#17becf",
     "oracle-max relative": "#9edae5",
 }
-PRESET_COLORS = {"recommended": "#e6550d"}
+PRESET_COLORS = {"recommended": "#ff7f0e"}  # tab10 orange: apart from the gate's red
 
 
 def series(x) -> str:

@@ -92,7 +92,14 @@ from seerlib.viz.maps import (
     sparsity_heatmap_figure,
 )
 from seerlib.viz.model_view import model_view_figure, model_view_panel, thumbnail
-from seerlib.viz.quality import passkey_figure, quality_figure
+from seerlib.viz.quality import (
+    dense_failures,
+    method_name,
+    passkey_figure,
+    quality_figure,
+    quality_table,
+    rank_caveat,
+)
 from seerlib.viz.speed import (
     PROVIDER_NAMES,
     bench_records,
@@ -104,7 +111,15 @@ from seerlib.viz.speed import (
     speedups,
 )
 from seerlib.viz.text import prompt_box, read_text, text_ids
-from seerlib.viz.training import LossCurve, layer_loss_figure, loss_curve_figure
+from seerlib.viz.training import (
+    LossCurve,
+    build_caches,
+    layer_loss_figure,
+    log_ticks,
+    loss_curve_figure,
+    progress_text,
+    tracked_densities,
+)
 
 __all__ = [
     "KEY_FIGURES_MIME",
@@ -120,11 +135,13 @@ __all__ = [
     "attention_maps_panel",
     "backward_figure",
     "backward_records",
+    "build_caches",
     "bench_records",
     "blocks_to_cover",
     "common_density",
     "coverage_density",
     "decode_generation_table",
+    "dense_failures",
     "decode_layer_recall_figure",
     "decode_panel",
     "decode_passkey_figure",
@@ -142,6 +159,7 @@ __all__ = [
     "key_figures",
     "layer_head_heatmap",
     "layer_loss_figure",
+    "log_ticks",
     "long_passkey_figure",
     "long_results",
     "loss_curve_figure",
@@ -150,9 +168,13 @@ __all__ = [
     "mass_by_length_figure",
     "mass_rows",
     "mass_table",
+    "method_name",
     "passkey_figure",
+    "progress_text",
     "quality_by_length_figure",
     "quality_figure",
+    "quality_table",
+    "rank_caveat",
     "quality_views",
     "repo_path",
     "show",
@@ -166,6 +188,7 @@ __all__ = [
     "speedup_figure",
     "speedups",
     "table_figure",
+    "tracked_densities",
     "trace_generation",
     "yarn_perplexity",
     "yarn_ppl_figure",
