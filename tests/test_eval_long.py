@@ -256,3 +256,37 @@ def test_contexts_the_model_cannot_take_are_refused(tok, models, tmp_path, args,
     with pytest.raises(SystemExit, match=re.escape(match)):
         main(["--out", str(tmp_path / "q"), "--methods", "dense", *FAST, *args])
     assert not models and not (tmp_path / "q.json").exists()
+
+
+def test_a_failing_passkey_method_is_named_and_the_others_still_run(tok, models, tmp_path,
+                                                                     monkeypatch):
+    """The joint run of issue 16 (YaRN, a model diff, its gates): a sparse passkey method that
+    raises ends the run non-zero, naming the method, the length and the error, after the other
+    methods ran and were written; nothing is dropped without a word."""
+    diff = tmp_path / "ft.model.safetensors"
+    tuned = _finetuned(tok, diff)
+    gates = _gate_file(tmp_path / "ft.safetensors", tuned, model_sha256=model_fingerprint(tuned))
+    real = cli.passkey
+
+    def passkey(model, *a, **kw):
+        if model._seerlib_sparsified.config.spec.needs_gate:  # the handle sparsify enabled
+            raise RuntimeError("the gate kernel broke")
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(cli, "passkey", passkey)
+    out = tmp_path / "pk"
+    methods = ["dense", "gate@0.1", "gate+sink+local+floor0.5@r=0.1", "sink_window@0.1"]
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--context", "8192", "--model-diff", str(diff), "--gates", gates,
+              "--dtype", "bfloat16", "--lengths", "--methods", "--passkey-methods", *methods,
+              "--passkey-lengths", "256", "512", "--passkey-depths", "0", "1",
+              "--block-size", "16", "--attention", "ops"])
+    msg = str(e.value.code)
+    for label in methods[1:3]:
+        for L in (256, 512):
+            assert f"passkey {label} at {L} tokens failed (RuntimeError: the gate kernel broke)" \
+                in msg
+    assert str(out.with_suffix(".json")) in msg
+    got = {(p["method"], p["length"]) for p in _doc(out)["passkey"]}
+    assert got == {(m, L) for m in ("dense", "sink_window@0.1") for L in (256, 512)}
+    assert "| sink_window@0.1 (density" in out.with_suffix(".md").read_text()

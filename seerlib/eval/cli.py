@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import shlex
 import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -290,10 +291,17 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(model, tok, configs, args.lengths, args.windows, gates=gates, block_size=b,
                  offset=args.offset, cache=cache, on_row=lambda row: write(rows=[row]),
                  recall=not args.no_recall, text=args.text)
+    failed = []  # (label, length, error): the other methods still run, then the exit says
     for c in pk_configs:
         for L in args.passkey_lengths:
-            with sparsify(model, c, gates=gates if c.spec.needs_gate else None) as sp:
-                trials = passkey(model, tok, [L], args.passkey_depths, args.passkey_trials)
+            try:
+                with sparsify(model, c, gates=gates if c.spec.needs_gate else None) as sp:
+                    trials = passkey(model, tok, [L], args.passkey_depths, args.passkey_trials)
+            except Exception as e:  # noqa: BLE001 - named in the exit status below, not dropped
+                failed.append((c.label, L, f"{type(e).__name__}: {e}"))
+                print(f"seerlib.eval: passkey {c.label} L={L} failed:\n{traceback.format_exc()}",
+                      file=sys.stderr, flush=True)
+                continue
             dens = sp.stats.achieved_density  # over every prefill at this length
             write(passkey=[dict(asdict(t), method=c.label, density=dens) for t in trials])
             print(f"passkey {c.label} L={L}: " + ", ".join(
@@ -301,5 +309,9 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr, flush=True)
     results = write()
     print(markdown(results))
-    print(f"seerlib.eval: results in {write.out.with_suffix('.json')} and "
-          f"{write.out.with_suffix('.md')}", file=sys.stderr)
+    where = f"{write.out.with_suffix('.json')} and {write.out.with_suffix('.md')}"
+    if failed:
+        raise SystemExit("seerlib.eval: " + "; ".join(
+            f"passkey {label} at {L} tokens failed ({err})" for label, L, err in failed)
+            + f"; the other rows are in {where}")
+    print(f"seerlib.eval: results in {where}", file=sys.stderr)
