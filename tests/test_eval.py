@@ -319,3 +319,19 @@ def test_load_results_names_a_corrupt_file(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(ResultsError, match=f"{bad}.*expected"):
         load_results([bad])
+
+
+def test_merging_into_a_file_with_only_a_command_keeps_its_command(tmp_path):
+    """A file written before meta["commands"] existed names its run in meta["command"] alone:
+    a merge lists that command and the new one under "Produced by:", not the new one only."""
+    from seerlib.eval.results import _update_results
+
+    out = tmp_path / "q"
+    meta = {"model": "m", "block_size": 64, "device": "cpu"}
+    old = "python -m seerlib.eval --lengths 128 --methods dense"
+    out.with_suffix(".json").write_text(json.dumps(
+        {"meta": {**meta, "command": old}, "rows": [_row("dense", 8.5)], "passkey": []}))
+    new = "python -m seerlib.eval --lengths 256 --methods dense"
+    results = _update_results(out, meta, new, rows=[_row("dense", 9.0, 256)])
+    assert results["meta"]["commands"] == [old, new]
+    assert f"```\n{old}\n{new}\n```" in out.with_suffix(".md").read_text()

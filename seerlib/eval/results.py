@@ -272,7 +272,8 @@ def _update_results(out: Path, meta: dict, command: str, rows=(), passkey=()) ->
         results = check_mergeable(json_path, meta)
         m = results.setdefault("meta", {})
         m.update(meta)
-        cmds = m.setdefault("commands", [])
+        # a file from before "commands" has only "command" (its runs, one a line): keep them
+        cmds = m.setdefault("commands", (m.get("command") or "").splitlines())
         if command not in cmds:
             cmds.append(command)
         m["command"] = "\n".join(cmds)
