@@ -142,7 +142,8 @@ def run(tiny, monkeypatch):
     """evaluate() of `model` over the two tiny windows (no text cache needed); counts the ground
     truth computations."""
     _, ids, _, _ = tiny
-    monkeypatch.setattr(quality, "_windows", lambda tok, length, n, offset: ids[:n])
+    monkeypatch.setattr(quality, "text_windows",
+                        lambda tok, text, split, length, n, offset: ids[:n])
     calls = []
     real = quality.ground_truth
     monkeypatch.setattr(quality, "ground_truth", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -62,8 +62,10 @@ def test_notebook_runs_small(name, tmp_path):
     assert "Plotly.newPlot" in page or "INTERACTIVE" in page
     # offline, plotly.js shared beside the page, code folded (see test_report.py)
     assert not REMOTE_SOURCE.search(page) and not CDN.search(page)
-    # plotly.js alone is 4.8 MB; 01 carries 2.7 MB of its own heatmaps
-    assert "plotly.js v" not in page and len(page) < 4_000_000, "plotly.js is inlined"
+    # plotly.js alone is 4.8 MB; 01 carries about 6 MB of its own maps (2.7 MB of heatmaps, the
+    # model view's 270 thumbnails and enlarged heads), the others far less
+    limit = 7_000_000 if name.startswith("01") else 4_000_000
+    assert "plotly.js v" not in page and len(page) < limit, f"{len(page)} bytes: plotly.js inlined?"
     if "Plotly.newPlot" in page:
         assert page.index('<script src="plotly.min.js">') < page.index("</head>")
         assert (tmp_path / "plotly.min.js").exists()
