@@ -99,7 +99,8 @@ def _index_pass(
         tl.store(ROWS + meta, rows_kept)
 
 
-def _as_mask(block_mask_or_index, B, H, nb):
+def as_block_mask(block_mask_or_index, B, H, nb):
+    """A checked bool mask (B, H, nb, nb) from a mask or mask_to_index's (counts, indices)."""
     if isinstance(block_mask_or_index, torch.Tensor):
         check_block_mask(block_mask_or_index, B, H, nb)
         return block_mask_or_index
@@ -240,7 +241,7 @@ def build_block_index(
     possible list, nb (4 * B * H * n_tiles * nb bytes), instead of reading the longest one.
     """
     nb = num_blocks(seq_len, block_size)
-    mask = _as_mask(block_mask_or_index, batch, heads, nb)
+    mask = as_block_mask(block_mask_or_index, batch, heads, nb)
     if rows_per_tile is not None and int(rows_per_tile) not in (1, 2, 4, 8):
         raise ValueError(f"rows_per_tile must be 1, 2, 4 or 8; got {rows_per_tile}")
     if method not in ("auto", "triton", "torch"):
@@ -289,7 +290,7 @@ def build_key_index(
     if isinstance(block_mask_or_index, BlockIndex):
         mask = index_mask(block_mask_or_index)
     else:
-        mask = _as_mask(block_mask_or_index, batch, heads, nb)
+        mask = as_block_mask(block_mask_or_index, batch, heads, nb)
     flipped = mask.flip(-2, -1).transpose(-2, -1).contiguous()
     return build_block_index(flipped, batch, heads, seq_len, block_size, rows_per_tile,
                              method=method, sync_free=sync_free)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import default_scale
+from seerlib.reference import default_scale, num_blocks
 
 from ._common import (
     ENTRY_BLOCK_MASK_TL,
@@ -40,7 +40,7 @@ from ._common import (
     default_launch,
     last_dim_contiguous,
 )
-from .block_index import BlockIndex, build_block_index, build_key_index
+from .block_index import BlockIndex, as_block_mask, build_block_index, build_key_index
 from .block_sparse_attention import block_sparse_attention
 
 __all__ = ["block_sparse_backward", "BlockSparseAttention", "block_sparse_attention_trainable"]
@@ -339,15 +339,15 @@ class BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_mask_or_index, block_size, scale, sync_free):
         B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
         if isinstance(block_mask_or_index, BlockIndex):
-            index = block_mask_or_index
+            index = keys_from = block_mask_or_index
         else:
-            index = build_block_index(block_mask_or_index, B, Hq, S, block_size,
+            # a (counts, indices) pair becomes a mask once, for both indexes
+            keys_from = as_block_mask(block_mask_or_index, B, Hq, num_blocks(S, block_size))
+            index = build_block_index(keys_from, B, Hq, S, block_size,
                                       1 if sync_free else None, sync_free=sync_free)
         # Sync-free always: its rows_per_tile is fixed at 1, so nothing needs the host to read the
         # device; the entries are sized for the longest possible list (4 * B * H * nb^2 bytes).
-        key_index = build_key_index(index if isinstance(block_mask_or_index, BlockIndex)
-                                    else block_mask_or_index, B, Hq, S, block_size,
-                                    sync_free=True)
+        key_index = build_key_index(keys_from, B, Hq, S, block_size, sync_free=True)
         lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
         out = block_sparse_attention(q, k, v, index, block_size, scale, lse=lse)
         ctx.save_for_backward(q, k, v, out, lse)
