@@ -130,9 +130,12 @@ def flex_setup():
             seq_lengths=(S, S),
         )
 
-    def run(q, k, v, block_mask, b):
-        opts = {"BLOCK_M": 64, "BLOCK_N": 64} if b == 64 else None
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=opts)
+    def run(q, k, v, block_mask, b, kernel_options="auto"):
+        # "auto": 64-row tiles on a 64-block mask (the forward's choice), else Flex's defaults
+        if kernel_options == "auto":
+            kernel_options = {"BLOCK_M": 64, "BLOCK_N": 64} if b == 64 else None
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True,
+                        kernel_options=kernel_options)
 
     return make, run
 

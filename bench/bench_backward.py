@@ -57,7 +57,7 @@ from _results import (  # noqa: E402
     run_meta,
     stop_when_out_of_time,
 )
-from bench_attention import flex_setup, random_mask, realized_sparsity  # noqa: E402
+from bench_attention import flex_setup, random_mask, realized_sparsity, rel_err  # noqa: E402
 from seerlib.kernels.block_index import build_block_index, build_key_index  # noqa: E402
 from seerlib.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from seerlib.kernels.block_sparse_backward import block_sparse_backward  # noqa: E402
@@ -99,11 +99,6 @@ def tflops(shape: Shape, S: int, density: float, ms: float, pass_: str, batch: i
     """Rate on the kept tiles: causal forward FLOPs x density x PASS_FLOPS[pass_] / time."""
     causal = 4.0 * batch * shape.q_heads * S * S * shape.head_dim / 2
     return causal * density * PASS_FLOPS[pass_] / (ms * 1e-3) / 1e12
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def grads(fn, q, k, v, dout):
@@ -197,24 +192,14 @@ def provider_fn(case: Case, provider: str, flex_opts=None):
         fn = sdpa_fwd_bwd(provider.removeprefix("sdpa_"))
         return (lambda: grads(fn, q, k, v, dout)), 1.0
     if provider == "flex":
-        make, run = flex_setup_with(flex_opts)
+        make, run = flex_setup()
         block_mask = make(case.mask, case.S, case.block)
-        return (lambda: grads(lambda *t: run(*t, block_mask, case.block), q, k, v, dout)), \
-            case.density
+
+        def flex(*t):
+            return run(*t, block_mask, case.block, kernel_options=flex_opts)
+
+        return (lambda: grads(flex, q, k, v, dout)), case.density
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-
-
-def flex_setup_with(opts):
-    """bench_attention's FlexAttention (compiled, GQA) with these kernel options."""
-    from torch.nn.attention.flex_attention import flex_attention  # lazy: CUDA rows only
-
-    make, _ = flex_setup()
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run(q, k, v, block_mask, b):
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=opts)
-
-    return make, run
 
 
 def timed(case: Case, provider: str, reps: int, flex_opts=None) -> dict:
