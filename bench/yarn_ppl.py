@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from seerlib import longtext, yarn
-from seerlib.data import EVAL_BOOKS, MODEL_NAME, DataError, load_model, token_windows, tokens
+from seerlib.data import EVAL_BOOKS, MODEL_NAME, DataError, load_model, tokens
 from seerlib.eval.ppl import perplexity
 from seerlib.io import atomic_write_text, fresh_path
 
@@ -56,7 +56,6 @@ from _results import free, versions, write_json  # noqa: E402
 VARIANTS = ("base-as-loaded", "base", "yarn")  # the order they run in
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
-TEXTS = ("longtext+kjv", "longtext", "kjv")  # --text; the first is the default
 
 
 def prepare(model, variant: str, factor: float) -> None:
@@ -84,13 +83,6 @@ def text_documents(tok, text: str, split: str) -> dict[str, torch.Tensor]:
     if text == "kjv":
         return {longtext.KJV: tokens(tok, split)}
     return longtext.document_tokens(tok, split, kjv=text == "longtext+kjv")
-
-
-def text_windows(tok, text: str, split: str, seq_len: int, n: int) -> torch.Tensor:
-    """The first n non-overlapping windows (n, seq_len) of the text, each inside one document."""
-    if text == "kjv":
-        return token_windows(tok, split, seq_len, n=n)
-    return longtext.token_windows(tok, split, seq_len, n=n, kjv=text == "longtext+kjv")
 
 
 def text_description(text: str, split: str, docs: dict[str, torch.Tensor]) -> str:
@@ -130,7 +122,7 @@ def score(model, tok, text: str, split: str, seq_len: int, max_windows: int | No
         return {**base, "status": "skipped",
                 "reason": f"the text's longest document has {longest} tokens: no window of "
                           f"{seq_len}"}
-    windows = text_windows(tok, text, split, seq_len, n)  # (n, seq_len)
+    windows = longtext.text_windows(tok, text, split, seq_len, n)  # (n, seq_len)
     res = perplexity(model, windows, batch_size=batch_size, progress=False)
     return {**base, "status": "ok", "tokens": res.tokens, "ppl": res.ppl, "nll": res.nll,
             "per_window": res.per_window}
@@ -199,7 +191,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="which models to score (they run in the order base-as-loaded, base, yarn)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="at most this many windows per length (default: all that fit)")
-    p.add_argument("--text", choices=TEXTS, default=TEXTS[0],
+    p.add_argument("--text", choices=longtext.TEXTS, default="longtext+kjv",
                    help="longtext+kjv (default): the long-text documents of the split, the King "
                         "James split last; longtext: the documents alone (both need `make "
                         "longtext`); kjv: the King James split alone")
@@ -229,13 +221,12 @@ def main(argv=None) -> Path:
     args = parse(argv)
     command = shlex.join(["python", "bench/yarn_ppl.py", *(sys.argv[1:] if argv is None
                                                           else argv)])
-    if args.text != "kjv":  # before the model loads: a missing cache costs no GPU minutes
-        try:
-            longtext.verify_cache(splits=(args.split,))
-        except DataError as e:
-            raise SystemExit(f"--text {args.text} needs the long-text cache, which `make longtext` "
-                             f"builds (or pass --text kjv for the King James text alone): {e}"
-                             ) from e
+    try:  # before the model loads: a missing cache costs no GPU minutes
+        longtext.check_text(args.text, splits=(args.split,))
+    except DataError as e:
+        raise SystemExit(f"--text {args.text} needs the long-text cache, which `make longtext` "
+                         f"builds (or pass --text kjv for the King James text alone): {e}"
+                         ) from e
     stem = Path(args.out) if args.out else fresh_path("bench/results/runs", "yarn-ppl")
     device = torch.device(args.device)
     t0 = time.perf_counter()
