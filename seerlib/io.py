@@ -42,6 +42,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "config_hash",
+    "file_sha256",
     "fresh_path",
     "load_checkpoint",
     "load_gates",
@@ -169,6 +170,15 @@ def fresh_path(folder, stem: str, suffix: str = "") -> Path:
 
 
 # ---------------------------------------------------------------- checks
+
+
+def file_sha256(path) -> str:
+    """sha256 hex digest of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

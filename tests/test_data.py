@@ -146,7 +146,7 @@ def test_truncated_text_is_detected_and_fetch_repairs_it(tmp_cache, capsys):
     assert data.load_text("eval") == whole
     manifest = json.loads((tmp_cache / data._TEXT_MANIFEST).read_text())
     assert set(manifest["files"]) == {"kjv_train.txt", "kjv_eval.txt"}
-    assert manifest["files"]["kjv_eval.txt"] == data._sha256(data.cache_dir() / "kjv_eval.txt")
+    assert manifest["files"]["kjv_eval.txt"] == data.file_sha256(data.cache_dir() / "kjv_eval.txt")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "list", "no-files", "missing"])

@@ -21,7 +21,6 @@ where; a finished run is never thrown away.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shlex
 import sys
 import traceback
@@ -39,7 +38,7 @@ from seerlib.eval.results import ResultsError, _update_results, check_mergeable,
 from seerlib.finetune.diff import FORMAT as DIFF_FORMAT
 from seerlib.finetune.diff import apply_model_diff
 from seerlib.integrate import sparsify
-from seerlib.io import GateFileError, fresh_path, load_gates, read_metadata
+from seerlib.io import GateFileError, file_sha256, fresh_path, load_gates, read_metadata
 from seerlib.methods import resolve_config
 from seerlib.names import sweep
 from seerlib.targets import model_fingerprint
@@ -136,14 +135,6 @@ class _Writer:
                   f"is; this run's results go to {self.out.with_suffix('.json')} instead",
                   file=sys.stderr, flush=True)
             return _update_results(self.out, rows=self.rows, passkey=self.passkey, **self.update)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_model_args(parser, args) -> dict:
@@ -245,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         meta["context"] = args.context
     if args.model_diff is not None:
         meta["model_diff"] = args.model_diff
-        meta["model_diff_sha256"] = _file_sha256(Path(args.model_diff))
+        meta["model_diff_sha256"] = file_sha256(Path(args.model_diff))
     if pk_configs:
         meta["passkey_haystack"] = longtext.describe_text("kjv", "eval")
     if args.device.startswith("cuda"):
@@ -253,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gates:
         meta["gates"] = args.gates
         if Path(args.gates).is_file():
-            meta["gates_sha256"] = _file_sha256(Path(args.gates))
+            meta["gates_sha256"] = file_sha256(Path(args.gates))
     try:  # before anything runs: a run that could not be written is not started
         check_mergeable(out.with_suffix(".json"), meta)
     except ResultsError as e:
