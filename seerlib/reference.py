@@ -9,7 +9,12 @@ Everything is computed in float32 (float64 inputs stay float64) in chunks of que
 S = 8192 with 9 heads fits in a few GB on a CPU. This module imports nothing else of ours.
 
 It is also the one home of the small primitives the rest of seerlib shares: `default_scale`,
-`grouped_scores` (GQA scores without repeating k), `causal_block_count` and `causal_block_mask`.
+`check_softcap`, `grouped_scores` (GQA scores without repeating k), `causal_block_count` and
+`causal_block_mask`.
+
+Soft-capping (Gemma2's `attn_logit_softcapping`): with `softcap` c, the scaled logits
+x = scale * q.k become c * tanh(x / c) before the causal or block mask and the softmax, as in
+transformers' eager Gemma2 attention. softcap=None computes exactly what it did without it.
 """
 
 from __future__ import annotations
@@ -19,19 +24,9 @@ import math
 import torch
 
 __all__ = [
-    "attention",
-    "pooled_attention",
-    "block_sparse_attention",
-    "mask_to_index",
-    "index_to_mask",
-    "num_blocks",
-    "check_qkv",
-    "check_block_mask",
-    "check_block_size",
-    "default_scale",
-    "grouped_scores",
-    "causal_block_count",
-    "causal_block_mask",
+    "attention", "pooled_attention", "block_sparse_attention", "mask_to_index", "index_to_mask",
+    "num_blocks", "check_qkv", "check_block_mask", "check_block_size", "check_softcap",
+    "default_scale", "grouped_scores", "causal_block_count", "causal_block_mask",
 ]
 
 # Query rows per chunk are sized so one chunk's score matrix holds about this many elements.
@@ -111,6 +106,16 @@ def default_scale(d: int, scale: float | None = None) -> float:
     return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
+def check_softcap(softcap) -> float | None:
+    """None, or the attention logit soft-cap c (logits -> c * tanh(logits / c)) as a float > 0."""
+    if softcap is None:
+        return None
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a positive finite number; got {softcap!r}")
+    return float(softcap)
+
+
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """GQA attention scores q @ k^T * scale without repeating k's heads.
 
@@ -160,10 +165,11 @@ def _chunk_rows(B: int, Hq: int, S: int, multiple: int) -> int:
     return min(rows, S + (-S) % multiple)
 
 
-def _scores(q, k, r0, r1, scale):
-    """Scaled scores of query rows [r0, r1) against all keys: (B, Hq, r1 - r0, S)."""
+def _scores(q, k, r0, r1, scale, softcap=None):
+    """Scaled (and soft-capped) scores of query rows [r0, r1) against all keys: (B, Hq, R, S)."""
     dt = _compute_dtype(q)
-    return grouped_scores(q[:, :, r0:r1].to(dt), k.to(dt), scale)
+    s = grouped_scores(q[:, :, r0:r1].to(dt), k.to(dt), scale)
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
 
 
 def _apply_v(p, v, group):
@@ -194,6 +200,7 @@ def attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention.
 
@@ -201,10 +208,11 @@ def attention(
         q: (B, Hq, S, d); k, v: (B, Hkv, S, d), Hq a multiple of Hkv.
         causal: mask keys after each query.
         scale: score scale; 1 / sqrt(d) by default.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype.
     """
-    return pooled_attention(q, k, v, None, causal=causal, scale=scale)[0]
+    return pooled_attention(q, k, v, None, causal=causal, scale=scale, softcap=softcap)[0]
 
 
 def pooled_attention(
@@ -214,6 +222,7 @@ def pooled_attention(
     block_size: int | None,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact attention plus its block max-pooled attention map (the distillation target).
 
@@ -222,6 +231,7 @@ def pooled_attention(
         block_size: tile size b of the pooled map (None: skip the map).
         causal: causal attention; tiles above the block diagonal are then 0.
         scale: score scale; 1 / sqrt(d) by default.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype.
         pooled: (B, Hq, nb, nb) float32, nb = ceil(S / b): pooled[b, h, i, j] is the largest softmax
@@ -230,7 +240,7 @@ def pooled_attention(
     B, Hq, Hkv, S, d = check_qkv(q, k, v)
     if block_size is not None:
         check_block_size(block_size)
-    group = Hq // Hkv
+    group, softcap = Hq // Hkv, check_softcap(softcap)
     scale = default_scale(d, scale)
     b = block_size or 1
     nb = num_blocks(S, b)
@@ -243,7 +253,7 @@ def pooled_attention(
     rows = _chunk_rows(B, Hq, S, b)
     for r0 in range(0, S, rows):
         r1 = min(S, r0 + rows)
-        s = _scores(q, k, r0, r1, scale)
+        s = _scores(q, k, r0, r1, scale, softcap)
         if causal:
             s = s.masked_fill(~_causal(r0, r1, S, q.device), float("-inf"))
         p = _safe_softmax(s)  # (B, Hq, R, S)
@@ -265,6 +275,7 @@ def block_sparse_attention(
     block_mask: torch.Tensor,
     block_size: int,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to the kept (query block, key block) tiles.
 
@@ -274,6 +285,7 @@ def block_sparse_attention(
             tiles; kept tiles above the diagonal contribute nothing.
         block_size: tile size b.
         scale: score scale; 1 / sqrt(d) by default.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype; a query row whose kept keys are all masked gives zeros.
         Only kept tiles on or below the diagonal are computed, as in the kernel: a NaN or inf in
@@ -283,7 +295,7 @@ def block_sparse_attention(
     b = check_block_size(block_size)
     nb = num_blocks(S, b)
     check_block_mask(block_mask, B, Hq, nb)
-    group = Hq // Hkv
+    group, softcap = Hq // Hkv, check_softcap(softcap)
     scale = default_scale(d, scale)
     out = torch.empty_like(q)
     key_block = torch.arange(S, device=q.device) // b  # (S,)
@@ -294,7 +306,7 @@ def block_sparse_attention(
     rows = _chunk_rows(B, Hq, S, 1)
     for r0 in range(0, S, rows):
         r1 = min(S, r0 + rows)
-        s = _scores(q, k, r0, r1, scale)
+        s = _scores(q, k, r0, r1, scale, softcap)
         qb = torch.arange(r0, r1, device=q.device) // b
         keep = block_mask[:, :, qb][..., key_block]  # (B, Hq, R, S)
         keep = keep & _causal(r0, r1, S, q.device)
@@ -488,7 +500,8 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
     return _decode_softmax_out(q, k, v, keep, scale)
 
 
-def decode_block_truth(q, k, block_size: int, scale=None, positions=None) -> torch.Tensor:
+def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
+                       softcap=None) -> torch.Tensor:
     """The decode gate's ground truth (SeerAttention-R): for each query, its softmax attention
     over the keys, max-pooled over each key block's columns, then the max over the query heads
     of each kv group, normalized to sum 1 over the key blocks.
@@ -501,6 +514,7 @@ def decode_block_truth(q, k, block_size: int, scale=None, positions=None) -> tor
         scale: score scale; 1 / sqrt(d) by default.
         positions: (Sq,) int, the queries' positions among the keys (any subset of rows);
             default S - Sq .. S - 1.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         truth: (B, Hkv, Sq, nb) float32 (float64 for float64 inputs), nb = ceil(S / b); 0 for
         blocks wholly after the query.
@@ -518,12 +532,12 @@ def decode_block_truth(q, k, block_size: int, scale=None, positions=None) -> tor
         raise ValueError(f"positions must be ({Sq},) key positions in [0, {S}); got "
                          f"{tuple(positions.shape)}")
     positions = positions.to(q.device)
-    scale = default_scale(d, scale)
+    scale, softcap = default_scale(d, scale), check_softcap(softcap)
     truth = torch.zeros(B, Hkv, Sq, nb, dtype=_compute_dtype(q), device=q.device)
     rows = _chunk_rows(B, Hq, S, 1)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
-        s = _scores(q, k, r0, r1, scale)  # (B, Hq, R, S)
+        s = _scores(q, k, r0, r1, scale, softcap)  # (B, Hq, R, S)
         seen = torch.arange(S, device=q.device)[None, :] <= positions[r0:r1, None]  # (R, S)
         s = s.masked_fill(~seen, float("-inf"))
         p = torch.nn.functional.pad(_safe_softmax(s), (0, nb * b - S))  # zeros never win a max

@@ -256,3 +256,83 @@ def test_block_sparse_nan_in_a_kept_tile_reaches_only_rows_that_keep_it():
     reached = torch.zeros(9, S, dtype=torch.bool)
     reached[3, (rows >= 64) & (rows < 96)] = True  # head 3, query block 2: keeps the tile
     assert torch.equal(out[0].isnan().any(-1), reached)
+
+
+# ---------------------------------------------------------------- logit soft-capping (Gemma2)
+
+
+def brute_capped(q, k, v, cap, keep=None, block_size=None):
+    """The plain eager formula in float64: x = q k^T / sqrt(d), cap * tanh(x / cap), then the
+    causal (and block) mask and the softmax; returns (out, probs)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    S = q.shape[2]
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = cap * torch.tanh(s / cap)
+    allowed = torch.ones(S, S, dtype=torch.bool).tril().expand_as(s)
+    if keep is not None:
+        blk = torch.arange(S) // block_size
+        allowed = allowed & keep[:, :, blk][..., blk]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return p @ v, p
+
+
+CAPPED = [(97, 3, 64, 16), (1025, 4, 128, 64), (200, 1, 64, 32)]  # S, group, d, b
+
+
+@pytest.mark.parametrize("cap", [2.0, 50.0])
+@pytest.mark.parametrize("S,group,d,b", CAPPED)
+def test_softcap_matches_the_eager_formula(S, group, d, b, cap):
+    """attention, the pooled map and block-sparse attention (random mask, with empty rows) of the
+    soft-capped logits; inputs scaled so the cap bites (logits of about +-cap)."""
+    torch.manual_seed(S + group)
+    q, k, v = qkv(1, group, 1, S, d)
+    q = q * (cap / 2) ** 0.5
+    k = k * (cap / 2) ** 0.5
+    exp_out, p = brute_capped(q, k, v, cap)
+    out, pooled = R.pooled_attention(q, k, v, b, softcap=cap)
+    torch.testing.assert_close(out.double(), exp_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pooled.double(), brute_pool(p, b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(R.attention(q, k, v, softcap=cap), out, atol=0, rtol=0)
+    plain = R.attention(q, k, v)
+    assert (plain - out).abs().max() > 1e-2  # the cap changed the result
+    nb = R.num_blocks(S, b)
+    keep = torch.rand(1, group, nb, nb) < 0.5
+    keep[:, 0, nb // 2] = False  # an empty row of blocks: zeros
+    exp_sparse, _ = brute_capped(q, k, v, cap, keep, b)
+    sparse = R.block_sparse_attention(q, k, v, keep, b, softcap=cap)
+    torch.testing.assert_close(sparse.double(), exp_sparse, atol=2e-5, rtol=2e-5)
+    assert (sparse[:, 0, (nb // 2) * b:(nb // 2 + 1) * b] == 0).all()
+
+
+def test_softcap_matches_transformers_gemma2_eager_attention():
+    """The reference's order (scale, cap, mask, softmax) is transformers' own eager Gemma2 one."""
+    gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
+    q, k, v = qkv(2, 6, 2, 97, 64)
+    q = q * 4
+    scale, cap = 0.17, 5.0
+    module = type("Attn", (), {"num_key_value_groups": 3, "training": False, "head_dim": 64})()
+    causal = torch.full((97, 97), float("-inf")).triu(1)[None, None]  # additive, as eager takes
+    want, _ = gemma2.eager_attention_forward(module, q, k, v, causal, scaling=scale, softcap=cap)
+    got = R.attention(q, k, v, scale=scale, softcap=cap)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_none_is_the_plain_path_bit_for_bit():
+    q, k, v = qkv(1, 4, 2, 97, 32)
+    mask = torch.rand(1, 4, 4, 4) < 0.6
+    assert torch.equal(R.attention(q, k, v, softcap=None), R.attention(q, k, v))
+    pairs = zip(R.pooled_attention(q, k, v, 32, softcap=None), R.pooled_attention(q, k, v, 32),
+                strict=True)
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    assert torch.equal(R.block_sparse_attention(q, k, v, mask, 32, softcap=None),
+                       R.block_sparse_attention(q, k, v, mask, 32))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "50"])
+def test_bad_softcaps_are_named(bad):
+    q, k, v = qkv(1, 2, 1, 16, 16)
+    with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+        R.attention(q, k, v, softcap=bad)
