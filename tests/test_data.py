@@ -98,13 +98,13 @@ def test_corrupt_cache_file_is_detected(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- damaged caches, repaired by fetch
 
 
-def _fake_model_build(root):
+def _fake_model_build(root, name=data._MODEL_DIR):
     """Stands in for the dequantizing build (minutes, 540 MB): a small folder, manifest last."""
-    out = root / data._MODEL_DIR
+    out = root / name
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (out / name).write_text(f"fake {name}")
-    data._write_model_manifest(out)
+    for file in ("config.json", "model.safetensors", "tokenizer.json"):
+        (out / file).write_text(f"fake {file}")
+    data._write_model_manifest(out, name)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ def models(tok, monkeypatch):
     seen = []
     real = cli.evaluate
 
-    def load_model(dtype, device):
+    def load_model(dtype, device, name):
+        assert name == "smollm2-135m-instruct"
         return _tiny(tok).to(device=device, dtype=dtype), tok
 
     def evaluate(model, *a, **kw):

@@ -137,7 +137,9 @@ def test_a_distillation_step_runs(name, tmp_path):
     model = tiny(name)
     folder = build_cache(model, ids(2), tmp_path / "cache", B16, log=None)
     cache = WindowCache(folder)
-    assert cache.layers == [0, 1, 2]
+    # sliding-window layers keep their window under sparsify: no gate, so no target is cached
+    assert cache.layers == [i for i in range(3) if not family_of(model).keeps_own_attention(
+        model.config, i, S)]
     gates = GateSet.from_config(model.config, block_size=B16)
     cfg = DistillConfig(block_size=B16, steps=2, batch_size=1, warmup=0)
     history = list(Distiller(gates, cache, cfg).steps())

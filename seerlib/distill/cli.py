@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from seerlib.data import MODEL_NAME, load_model, token_windows
+from seerlib.data import load_model, token_windows
 from seerlib.decode.gate import DecodeGateSet
 from seerlib.distill.decode import DecodeDistiller
 from seerlib.distill.train import (
@@ -26,6 +26,7 @@ from seerlib.distill.train import (
 )
 from seerlib.gate import POOL_OPS, GateSet
 from seerlib.io import fresh_path, save_gates
+from seerlib.models import add_model_argument, get_model, resolve_model_argument
 from seerlib.targets import (
     TARGETS,
     WindowCache,
@@ -140,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m seerlib.distill",
         description="Train SeerAttention gates by self-distillation (single process or torchrun).",
     )
-    p.add_argument("--model", default="smollm2", choices=["smollm2", TINY_MODEL])
+    add_model_argument(p, extra=(TINY_MODEL,))
     p.add_argument("--block-size", type=int_at_least(1), default=64)
     p.add_argument("--seq-len", type=int_at_least(1), default=2048)
     p.add_argument(
@@ -282,12 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _dist()
     say = (lambda *a: None) if (args.quiet or rank) else (lambda *a: print(*a, flush=True))
 
+    args.model = resolve_model_argument(args.model)
     if args.model == TINY_MODEL:
         model, tokenizer, model_name = tiny_model().to(args.device), None, TINY_MODEL
     else:
-
-        model, tokenizer = load_model(device=args.device)
-        model_name = MODEL_NAME
+        model, tokenizer = load_model(device=args.device, name=args.model)
+        model_name = get_model(args.model).model_name
+    ctx = model.config.max_position_embeddings
+    if args.seq_len > ctx:
+        parser.error(f"--seq-len {args.seq_len} is longer than {args.model}'s context of {ctx} "
+                     "tokens")
     fingerprint = model_fingerprint(model)
     b = args.block_size
     folders = {}
@@ -368,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 final_loss=last.get("loss"),
                 final_eval_loss=last.get("eval_loss"),
                 seq_len=args.seq_len,
+                model=args.model,
                 train_windows=args.train_windows,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,

@@ -1,6 +1,7 @@
 """`python -m seerlib.eval ...`: the comparison as JSON + a markdown table.
 
-The model is SmolLM2 as the cache holds it, or (issue 16) changed before anything else runs:
+The model is `--model` as the cache holds it (SmolLM2 by default, or Gemma 3 270M; a gate file
+made for another model is refused naming both), or (issue 16) changed before anything else runs:
 `--context N` extends it by YaRN to N tokens (`seerlib.yarn.extend_context`, factor N over its
 original context), then `--model-diff PATH` loads a fine-tuned model's changed tensors
 (`seerlib.finetune.apply_model_diff`, which refuses a diff made for another base, weights or
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from seerlib import longtext
-from seerlib.data import MODEL_NAME, DataError, load_model
+from seerlib.data import DataError, load_model
 from seerlib.distill import int_at_least, number_in
 from seerlib.eval.passkeys import passkey
 from seerlib.eval.quality import evaluate
@@ -40,6 +41,12 @@ from seerlib.finetune.diff import apply_model_diff
 from seerlib.integrate import sparsify
 from seerlib.io import GateFileError, file_sha256, fresh_path, load_gates, read_metadata
 from seerlib.methods import resolve_config
+from seerlib.models import (
+    add_model_argument,
+    check_gate_file_model,
+    get_model,
+    resolve_model_argument,
+)
 from seerlib.names import sweep
 from seerlib.targets import model_fingerprint
 from seerlib.yarn import extend_context, original_context, rebuild_rotary
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Perplexity, recall and passkey of dense, oracle, gate and pattern attention "
                     "on the evaluation text; writes OUT.json and OUT.md (merged with earlier "
                     "runs of the same settings).")
+    add_model_argument(parser)
     parser.add_argument("--context", type=int_at_least(1), default=None,
                         help="extend the model by YaRN to this many tokens first (factor: over "
                              "its original context, 8192 for SmolLM2); gates and a model diff "
@@ -170,7 +178,7 @@ def _check_model_args(parser, args) -> dict:
 def _load(args, diff_meta: dict):
     """(model, tokenizer, facts for the meta): loaded in float32, extended by YaRN (--context),
     the model diff applied; still float32 (the diff's base sha256 is of float32 weights)."""
-    model, tok = load_model(dtype=torch.float32, device=args.device)
+    model, tok = load_model(dtype=torch.float32, device=args.device, name=args.model)
     facts = {}
     if args.context is not None:
         try:
@@ -220,6 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     needs_gate = any(c.spec.needs_gate for c in configs + pk_configs)
     if needs_gate and not args.gates:
         raise SystemExit("gate methods need --gates PATH (a file written by seerlib.io)")
+    args.model = resolve_model_argument(args.model)
+    model_info = get_model(args.model)
+    if needs_gate and Path(args.gates).is_file():
+        try:  # before the model loads: a gate file of another model names both
+            check_gate_file_model(args.gates, model_info)
+        except ValueError as e:
+            parser.error(str(e))
     longest = max([*args.lengths, *(args.passkey_lengths if pk_configs else [])], default=0)
     if args.context is not None and longest > args.context:
         parser.error(f"--lengths/--passkey-lengths reach {longest} tokens, beyond --context "
@@ -229,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out is not None else default_out()
     command = "python -m seerlib.eval " + " ".join(shlex.quote(a) for a in
                                                    (argv if argv is not None else sys.argv[1:]))
-    meta = dict(model=MODEL_NAME, text=longtext.describe_text(args.text, "eval"), block_size=b,
-                attention=args.attention, torch=torch.__version__, device=args.device,
+    meta = dict(model=model_info.model_name, text=longtext.describe_text(args.text, "eval"),
+                block_size=b, attention=args.attention, torch=torch.__version__, device=args.device,
                 dtype=args.dtype)
     if args.context is not None:
         meta["context"] = args.context

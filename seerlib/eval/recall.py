@@ -18,11 +18,17 @@ from pathlib import Path
 
 import torch
 
-from seerlib.data import MODEL_NAME, load_model, token_windows
+from seerlib.data import load_model, token_windows
 from seerlib.eval.quality import dense_pass
 from seerlib.gate import GateSet
 from seerlib.io import atomic_write_text, load_gates, read_metadata
 from seerlib.methods import SparseConfig
+from seerlib.models import (
+    add_model_argument,
+    check_gate_file_model,
+    get_model,
+    resolve_model_argument,
+)
 from seerlib.select import Selection
 
 __all__ = ["DEFAULT_DENSITIES", "main", "recall_markdown", "recall_table"]
@@ -117,6 +123,7 @@ def recall_markdown(table: dict, labels: dict | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`python -m seerlib.eval.recall`: the recall table of a gate file against the baselines."""
     p = argparse.ArgumentParser(prog="python -m seerlib.eval.recall", description=main.__doc__)
+    add_model_argument(p)
     p.add_argument("--gates", required=True, help="trained gate file (save_gates)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--windows", type=int, default=8, help="windows of the eval split")
@@ -126,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output stem: writes <out>.json and <out>.md")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    model_info = get_model(resolve_model_argument(args.model))
+    try:  # before the model loads: a gate file of another model names both
+        check_gate_file_model(args.gates, model_info)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
 
-    model, tok = load_model(device=args.device)
-    trained = load_gates(args.gates, model, block_size=args.block_size, model_name=MODEL_NAME)
+    model, tok = load_model(device=args.device, name=model_info.name)
+    trained = load_gates(args.gates, model, block_size=args.block_size,
+                         model_name=model_info.model_name)
     meta = read_metadata(args.gates)
     torch.manual_seed(args.seed)
     untrained = GateSet.from_config(model.config, block_size=args.block_size,
@@ -139,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     gate_sets = {"gate": trained.to(args.device), "untrained_gate": untrained.to(args.device)}
     table = recall_table(model, windows, gate_sets, args.block_size, densities,
                          log=lambda s: print(s, flush=True))
+    table["model"] = model_info.model_name
     table["gate_file"] = str(args.gates)
     table["gate_steps"], table["gate_tokens_seen"] = meta.get("steps"), meta.get("tokens_seen")
     table["command"] = "python -m seerlib.eval.recall " + " ".join(
