@@ -1,5 +1,5 @@
 """Shared pieces of the kernels: input checks, the index entry format, the online-softmax step,
-launch config.
+the logit soft-cap, launch config.
 
 Imports only torch, triton and the oracle's validation helpers (`seerlib.reference`).
 """
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import check_block_size, check_qkv
+from seerlib.reference import check_block_size, check_qkv, default_scale
 
 LOG2E = 1.4426950408889634
 # Key block numbers and the row-half bits share one int32 index entry: block | (bits << 24).
@@ -59,6 +59,36 @@ def check_inputs(q, k, v, block_size=None):
                 "(seerlib.ops runs other dtypes through the reference)"
             )
     return B, Hq, Hkv, S, d
+
+
+def score_scales(d: int, scale, softcap) -> tuple[float, float]:
+    """(qk_scale, cap_log2), what a kernel multiplies the raw products q.k by. Without a soft-cap:
+    (scale * log2(e), 1.0), scores straight into the log2 domain. With soft-cap c:
+    (scale / c, c * log2(e)), so that `soft_cap(s * qk_scale, cap_log2)` is
+    c * tanh(scale * q.k / c) in the log2 domain and tanh(s * qk_scale) is the tanh itself."""
+    sm_scale = default_scale(d, scale)
+    if softcap is None:
+        return sm_scale * LOG2E, 1.0
+    return sm_scale / softcap, softcap * LOG2E
+
+
+# On a GPU, tanh is the hardware's tanh.approx.f32 (one MUFU op, relative error about 2^-11, far
+# below the bf16/fp16 inputs' rounding; FlashAttention's soft-cap uses it too); the interpreter
+# runs no inline PTX, so there it is computed from exp2 (float32, absolute error a few 1e-8).
+FAST_TANH_TL = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def tanh(x):
+    """tanh of a float32 tensor (Triton has no tl.tanh; libdevice's does not run under the
+    interpreter). Never NaN or inf for finite x."""
+    if FAST_TANH_TL:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) in (0, 1]; 2 log2(e) folded
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

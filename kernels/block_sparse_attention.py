@@ -2,7 +2,9 @@
 
 What it computes: for every query block i of size b, softmax attention over the keys of the kept
 key blocks j <= i (causal inside the diagonal block), exactly `seerlib.reference.
-block_sparse_attention`. A row with nothing kept gives zeros.
+block_sparse_attention`. A row with nothing kept gives zeros. With a logit soft-cap c (Gemma2),
+the scaled scores x become c * tanh(x / c) before the mask and the softmax (SOFTCAP, a constexpr:
+without it the kernel is the plain one; with it, one exp2 and a division more per score).
 
 What it must move and compute, per (batch, query head), with n kept tiles of b x b:
     reads  q, out: 2 * S * d * e bytes;  k, v: 2 * n * b * d * e bytes (per kept tile, cache aside)
@@ -33,18 +35,19 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import default_scale
+from seerlib.reference import check_softcap
 
 from ._common import (
     ENTRY_BLOCK_MASK_TL,
     ENTRY_SHIFT_TL,
-    LOG2E,
     check_inputs,
     check_out,
     default_launch,
     float32_buffer,
     last_dim_contiguous,
+    score_scales,
     softmax_step,
+    tanh,
 )
 from .block_index import BlockIndex, build_block_index
 
@@ -54,7 +57,7 @@ __all__ = ["block_sparse_attention"]
 @triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, COUNTS, NFULL, ENTRIES,
-    qk_scale,
+    qk_scale, cap_log2,
     sqz, sqh, sqm,
     skz, skh, skn,
     svz, svh, svn,
@@ -65,6 +68,7 @@ def _block_sparse_fwd(
     QPT: tl.constexpr,
     KV_MAJOR: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK * QPT
     if KV_MAJOR:
@@ -115,6 +119,8 @@ def _block_sparse_fwd(
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         if QPT > 1:
             keep = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
             s = tl.where(keep[:, None] != 0, s, float("-inf"))
@@ -129,6 +135,8 @@ def _block_sparse_fwd(
                      other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         keep = offs_m[:, None] >= cols[None, :]
         if QPT > 1:
             bits = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
@@ -142,7 +150,8 @@ def _block_sparse_fwd(
              mask=row_ok[:, None])
     if STORE_LSE:
         # log2 of the row's softmax denominator in the scaled-score domain, what the backward
-        # recomputes probabilities from: p = exp2(s * qk_scale - lse); +inf where nothing is kept.
+        # recomputes probabilities from: p = exp2(s * qk_scale - lse) (with the soft-cap:
+        # exp2(tanh(s * qk_scale) * cap_log2 - lse)); +inf where nothing is kept.
         lse = tl.where(m_i == float("-inf"), float("inf"), m_i + tl.log2(l_i))
         tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
 
@@ -162,6 +171,7 @@ def block_sparse_attention(
     kv_major: bool = True,
     sync_free: bool = False,
     lse: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -178,10 +188,12 @@ def block_sparse_attention(
             rows_per_tile defaults to 1 then).
         lse: optional (B, Hq, S) float32 buffer that receives each row's log2 sum-exp of the
             scaled scores (log2 domain, +inf for a row with nothing kept), for the backward.
+        softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
     B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
+    softcap = check_softcap(softcap)
     if isinstance(block_mask_or_index, BlockIndex):
         index = block_mask_or_index
         if (index.shape != (B, Hq) or index.block_size != block_size or index.seq_len != S
@@ -215,17 +227,17 @@ def block_sparse_attention(
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
-    qk_scale = default_scale(d, scale) * LOG2E
+    qk_scale, cap_log2 = score_scales(d, scale, softcap)
     grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
     _block_sparse_fwd[grid](
         q, k, v, out, out if lse is None else lse, index.counts, index.n_full, index.entries,
-        qk_scale,
+        qk_scale, cap_log2,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
         HEAD_D=d, BLOCK=block_size, QPT=qpt, KV_MAJOR=bool(kv_major),
-        STORE_LSE=lse is not None, **launch,
+        STORE_LSE=lse is not None, SOFTCAP=softcap is not None, **launch,
     )
     return out

@@ -5,6 +5,9 @@ gives through the reference), from the forward's output O and row log2 sum-exp (
     P = exp2(S * qk_scale - LSE)    (the forward's probabilities, recomputed per kept tile)
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   delta = rowsum(dO * O)
     dQ = scale * dS K,   dK = scale * dS^T Q
+With a logit soft-cap c (SOFTCAP, a constexpr; off, the kernels are the plain ones), the scores
+are c * tanh(x / c) of the scaled x: P is recomputed from them, and dS is taken through the cap,
+whose derivative is 1 - tanh^2(x / c): dS = P * (dP - delta) * (1 - T^2), T = tanh(x / c).
 Only tiles the forward kept are visited; K/V gradients are summed over the query heads of a kv
 group inside the kernel (GQA-native: nothing repeated, no atomics, deterministic).
 
@@ -29,16 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import default_scale, num_blocks
+from seerlib.reference import check_softcap, default_scale, num_blocks
 
 from ._common import (
     ENTRY_BLOCK_MASK_TL,
     ENTRY_SHIFT_TL,
-    LOG2E,
     check_inputs,
     check_out,
     default_launch,
     last_dim_contiguous,
+    score_scales,
+    tanh,
 )
 from .block_index import BlockIndex, as_block_mask, build_block_index, build_key_index
 from .block_sparse_attention import block_sparse_attention
@@ -73,9 +77,10 @@ def _bwd_delta(O, DO, DELTA, soz, soh, som, sdoz, sdoh, sdom, H, S,
 
 
 @triton.jit
-def _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, i, k, v, dk, dv, qk_scale,
+def _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, i, k, v, dk, dv, qk_scale, cap_log2,
                    sqm, sdom, S, offs_n, offs_d,
-                   BLOCK: tl.constexpr, CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+                   BLOCK: tl.constexpr, CAUSAL: tl.constexpr, EVEN: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     """One kept tile (query block i, this key block): dV += P^T dO, dK += dS^T Q (unscaled)."""
     offs_m = i * BLOCK + tl.arange(0, BLOCK)
     if EVEN:
@@ -93,12 +98,17 @@ def _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, i, k, v, dk, dv, qk_sc
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     # Transposed scores (key rows x query columns), so P^T and dS^T need no transpose.
     sT = tl.dot(k, tl.trans(q)) * qk_scale
+    if SOFTCAP:
+        tT = tanh(sT)
+        sT = tT * cap_log2
     pT = tl.exp2(sT - lse[None, :])
     if CAUSAL:
         pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do)
     dpT = tl.dot(v, tl.trans(do))
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
     dk += tl.dot(dsT.to(q.dtype), q)
     return dk, dv
 
@@ -106,7 +116,7 @@ def _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, i, k, v, dk, dv, qk_sc
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KCOUNTS, KNFULL, KENTRIES,
-    qk_scale, sm_scale,
+    qk_scale, cap_log2, sm_scale,
     sqz, sqh, sqm,
     skz, skh, skn,
     svz, svh, svn,
@@ -117,6 +127,7 @@ def _bwd_dkdv(
     HEAD_D: tl.constexpr,
     BLOCK: tl.constexpr,
     EVEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     j = pid % NB  # key block; low blocks (kept by the most query blocks) launch first
@@ -152,13 +163,13 @@ def _bwd_dkdv(
         for n in tl.range(0, n_full):
             i = NB - 1 - (tl.load(e_base + n) & ENTRY_BLOCK_MASK_TL)
             dk, dv = _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, i, k, v, dk, dv,
-                                    qk_scale, sqm, sdom, S, offs_n, offs_d,
-                                    BLOCK=BLOCK, CAUSAL=False, EVEN=EVEN)
+                                    qk_scale, cap_log2, sqm, sdom, S, offs_n, offs_d,
+                                    BLOCK=BLOCK, CAUSAL=False, EVEN=EVEN, SOFTCAP=SOFTCAP)
         # The diagonal tile (i == j), if kept: causal mask.
         if count > n_full:
             dk, dv = _bwd_dkdv_tile(q_base, do_base, lse_base, delta_base, j, k, v, dk, dv,
-                                    qk_scale, sqm, sdom, S, offs_n, offs_d,
-                                    BLOCK=BLOCK, CAUSAL=True, EVEN=EVEN)
+                                    qk_scale, cap_log2, sqm, sdom, S, offs_n, offs_d,
+                                    BLOCK=BLOCK, CAUSAL=True, EVEN=EVEN, SOFTCAP=SOFTCAP)
 
     dk_base = DK + z.to(tl.int64) * sdkz + kvh.to(tl.int64) * sdkh
     dv_base = DV + z.to(tl.int64) * sdvz + kvh.to(tl.int64) * sdvh
@@ -169,9 +180,10 @@ def _bwd_dkdv(
 
 
 @triton.jit
-def _bwd_dq_tile(k_base, v_base, e, q, do, lse, delta, dq, qk_scale, skn, svn, S,
+def _bwd_dq_tile(k_base, v_base, e, q, do, lse, delta, dq, qk_scale, cap_log2, skn, svn, S,
                  offs_m, offs_n, offs_d, row_blk,
-                 BLOCK: tl.constexpr, QPT: tl.constexpr, MASKED: tl.constexpr):
+                 BLOCK: tl.constexpr, QPT: tl.constexpr, MASKED: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     """One kept entry (key block e & mask, row-half bits e >> 24): dQ += dS K (unscaled)."""
     cols = (e & ENTRY_BLOCK_MASK_TL) * BLOCK + offs_n
     if MASKED:
@@ -183,7 +195,11 @@ def _bwd_dq_tile(k_base, v_base, e, q, do, lse, delta, dq, qk_scale, skn, svn, S
     else:
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if SOFTCAP:
+        t = tanh(s)
+        s = t * cap_log2
+    p = tl.exp2(s - lse[:, None])
     if MASKED:
         keep = offs_m[:, None] >= cols[None, :]
         if QPT > 1:
@@ -193,13 +209,15 @@ def _bwd_dq_tile(k_base, v_base, e, q, do, lse, delta, dq, qk_scale, skn, svn, S
         p = tl.where((((e >> ENTRY_SHIFT_TL) >> row_blk) & 1)[:, None] != 0, p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.jit
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, COUNTS, NFULL, ENTRIES,
-    qk_scale, sm_scale,
+    qk_scale, cap_log2, sm_scale,
     sqz, sqh, sqm,
     skz, skh, skn,
     svz, svh, svn,
@@ -209,6 +227,7 @@ def _bwd_dq(
     HEAD_D: tl.constexpr,
     BLOCK: tl.constexpr,
     QPT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK * QPT
     pid_bh = tl.program_id(0)
@@ -241,13 +260,13 @@ def _bwd_dq(
     # Key blocks strictly before the tile's first query block: complete, no causal mask.
     for n in tl.range(0, n_full):
         dq = _bwd_dq_tile(k_base, v_base, tl.load(e_base + n), q, do, lse, delta, dq, qk_scale,
-                          skn, svn, S, offs_m, offs_n, offs_d, row_blk,
-                          BLOCK=BLOCK, QPT=QPT, MASKED=False)
+                          cap_log2, skn, svn, S, offs_m, offs_n, offs_d, row_blk,
+                          BLOCK=BLOCK, QPT=QPT, MASKED=False, SOFTCAP=SOFTCAP)
     # The key blocks that meet the diagonal (and the partial last block): masked, last.
     for n in tl.range(n_full, count):
         dq = _bwd_dq_tile(k_base, v_base, tl.load(e_base + n), q, do, lse, delta, dq, qk_scale,
-                          skn, svn, S, offs_m, offs_n, offs_d, row_blk,
-                          BLOCK=BLOCK, QPT=QPT, MASKED=True)
+                          cap_log2, skn, svn, S, offs_m, offs_n, offs_d, row_blk,
+                          BLOCK=BLOCK, QPT=QPT, MASKED=True, SOFTCAP=SOFTCAP)
 
     tl.store(DQ + z.to(tl.int64) * sdqz + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm
              + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -256,7 +275,7 @@ def _bwd_dq(
 def block_sparse_backward(
     q, k, v, out, lse, dout, index: BlockIndex, key_index: BlockIndex, block_size: int,
     scale: float | None = None, *, dq=None, dk=None, dv=None, launch_dkdv: dict | None = None,
-    launch_dq: dict | None = None,
+    launch_dq: dict | None = None, softcap: float | None = None,
 ):
     """dq, dk, dv of block-sparse causal attention, over the forward's kept tiles only.
 
@@ -267,11 +286,14 @@ def block_sparse_backward(
         index: the forward's BlockIndex; key_index: `build_key_index` of the same mask
             (rows_per_tile 1).
         dq, dk, dv: optional output buffers shaped like q, k, v.
+        softcap: the forward's logit soft-cap c, or None (it must be the forward's: lse is of the
+            capped scores).
         launch_dkdv, launch_dq: num_warps / num_stages overrides of the two launches (benchmarks).
     Returns:
         (dq, dk, dv) in the dtypes of q, k, v; dk and dv summed over each kv group.
     """
     B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
+    softcap = check_softcap(softcap)
     for name, idx in (("index", index), ("key_index", key_index)):
         if (idx.shape != (B, Hq) or idx.block_size != block_size or idx.seq_len != S
                 or idx.counts.device != q.device):
@@ -297,13 +319,13 @@ def block_sparse_backward(
         dout.stride(0), dout.stride(1), dout.stride(2), Hq, S, HEAD_D=d, ROWS=DELTA_ROWS,
     )
     sm_scale = default_scale(d, scale)
-    qk_scale = sm_scale * LOG2E
+    qk_scale, cap_log2 = score_scales(d, scale, softcap)
     nb = key_index.counts.shape[-1]
     launch = {**DKDV_LAUNCH, **(launch_dkdv or {})}
     _bwd_dkdv[(B * Hkv * nb,)](
         q, k, v, dout, lse, delta, dk, dv,
         key_index.counts, key_index.n_full, key_index.entries,
-        qk_scale, sm_scale,
+        qk_scale, cap_log2, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -311,20 +333,21 @@ def block_sparse_backward(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         Hq, Hq // Hkv, S, nb, key_index.entries.shape[-1],
-        HEAD_D=d, BLOCK=block_size, EVEN=S % block_size == 0, **launch,
+        HEAD_D=d, BLOCK=block_size, EVEN=S % block_size == 0, SOFTCAP=softcap is not None,
+        **launch,
     )
     qpt = index.rows_per_tile
     n_tiles = index.counts.shape[-1]
     _bwd_dq[(B * Hq, n_tiles)](
         q, k, v, dout, lse, delta, dq, index.counts, index.n_full, index.entries,
-        qk_scale, sm_scale,
+        qk_scale, cap_log2, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
-        HEAD_D=d, BLOCK=block_size, QPT=qpt,
+        HEAD_D=d, BLOCK=block_size, QPT=qpt, SOFTCAP=softcap is not None,
         **{**(DQ_LAUNCH if qpt == 1 else default_launch(qpt * block_size, d)),
            **(launch_dq or {})},
     )
@@ -336,7 +359,7 @@ class BlockSparseAttention(torch.autograd.Function):
     is the entry point)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask_or_index, block_size, scale, sync_free):
+    def forward(ctx, q, k, v, block_mask_or_index, block_size, scale, sync_free, softcap):
         B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
         if isinstance(block_mask_or_index, BlockIndex):
             index = keys_from = block_mask_or_index
@@ -349,10 +372,10 @@ class BlockSparseAttention(torch.autograd.Function):
         # device; the entries are sized for the longest possible list (4 * B * H * nb^2 bytes).
         key_index = build_key_index(keys_from, B, Hq, S, block_size, sync_free=True)
         lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-        out = block_sparse_attention(q, k, v, index, block_size, scale, lse=lse)
+        out = block_sparse_attention(q, k, v, index, block_size, scale, lse=lse, softcap=softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.indexes = (index, key_index)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.softcap = block_size, scale, softcap
         return out
 
     @staticmethod
@@ -360,16 +383,18 @@ class BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         index, key_index = ctx.indexes
         dq, dk, dv = block_sparse_backward(q, k, v, out, lse, dout, index, key_index,
-                                           ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+                                           ctx.block_size, ctx.scale, softcap=ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def block_sparse_attention_trainable(q, k, v, block_mask_or_index, block_size: int,
-                                     scale: float | None = None, *, sync_free: bool = False):
+                                     scale: float | None = None, *, sync_free: bool = False,
+                                     softcap: float | None = None):
     """`block_sparse_attention` with a backward through the kernels (dq, dk, dv over kept tiles).
 
     Args and returns as `block_sparse_attention`: q (B, Hq, S, d), k, v (B, Hkv, S, d), a bool
-    mask (B, Hq, nb, nb), (counts, indices) or a BlockIndex -> out (B, Hq, S, d). The mask gets no
-    gradient (it is a selection).
+    mask (B, Hq, nb, nb), (counts, indices) or a BlockIndex -> out (B, Hq, S, d); softcap, the
+    logit soft-cap c or None. The mask gets no gradient (it is a selection).
     """
-    return BlockSparseAttention.apply(q, k, v, block_mask_or_index, block_size, scale, sync_free)
+    return BlockSparseAttention.apply(q, k, v, block_mask_or_index, block_size, scale, sync_free,
+                                      softcap)

@@ -2,7 +2,9 @@
 
 What it computes: `seerlib.reference.pooled_attention`: out = softmax(q k^T * scale) v (causal or
 not), and pooled[i, j] = the largest softmax probability inside tile (i, j) of b x b, float32,
-0 above the diagonal. The S x S map is never materialized.
+0 above the diagonal. The S x S map is never materialized. With a logit soft-cap c (Gemma2), the
+scaled scores x become c * tanh(x / c) before the mask and the softmax, in the output and the map
+alike (SOFTCAP, a constexpr: without it the kernel is the plain one).
 
 How: inside the online-softmax loop the scaled row maximum of each key tile is known; the row's
 final max m and sum l only at the end. Each step stores the tile row maxima (BLOCK_M floats,
@@ -26,16 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import default_scale, num_blocks
+from seerlib.reference import check_softcap, num_blocks
 
 from ._common import (
-    LOG2E,
     check_inputs,
     check_out,
     default_launch,
     float32_buffer,
     last_dim_contiguous,
+    score_scales,
     softmax_step,
+    tanh,
 )
 
 __all__ = ["pooled_attention", "attention", "SCRATCH_BYTES"]
@@ -47,7 +50,7 @@ SCRATCH_BYTES = 4 << 30
 @triton.jit
 def _pooled_fwd(
     Q, K, V, O, P, RM,
-    qk_scale,
+    qk_scale, cap_log2,
     sqz, sqh, sqm,
     skz, skh, skn,
     svz, svh, svn,
@@ -60,6 +63,7 @@ def _pooled_fwd(
     CAUSAL: tl.constexpr,
     POOLED: tl.constexpr,
     NB_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK * QPT
     pid_bh = tl.program_id(0)
@@ -96,6 +100,8 @@ def _pooled_fwd(
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         if POOLED:
             tl.store(rm_base + j * S_PAD + offs_m, tl.max(s, 1))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, False)
@@ -107,6 +113,8 @@ def _pooled_fwd(
                      other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         if CAUSAL:
             keep = offs_m[:, None] >= cols[None, :]
         else:
@@ -141,7 +149,8 @@ def _rows_per_tile(block_size: int) -> int:
     return max(1, 128 // block_size)
 
 
-def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_warps, num_stages):
+def _launch(q, k, v, out, pooled, block_size, causal, scale, softcap, rows_per_tile, num_warps,
+            num_stages):
     B, Hq, S, d = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -157,7 +166,7 @@ def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
-    qk_scale = default_scale(d, scale) * LOG2E
+    qk_scale, cap_log2 = score_scales(d, scale, softcap)
     nb_chunk = min(64, triton.next_power_of_2(nb))
 
     if pooled is not None:
@@ -177,7 +186,7 @@ def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_
         grid = (B * (h1 - h0), n_tiles)
         _pooled_fwd[grid](
             qc, kc, vc, oc, pc, scratch,
-            qk_scale,
+            qk_scale, cap_log2,
             qc.stride(0), qc.stride(1), qc.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2),
@@ -185,7 +194,7 @@ def _launch(q, k, v, out, pooled, block_size, causal, scale, rows_per_tile, num_
             *p_strides,
             h1 - h0, group, S, n_tiles, nb, s_pad,
             HEAD_D=d, BLOCK=b, QPT=qpt, CAUSAL=bool(causal), POOLED=pooled is not None,
-            NB_CHUNK=nb_chunk,
+            NB_CHUNK=nb_chunk, SOFTCAP=softcap is not None,
             **launch,
         )
 
@@ -203,6 +212,7 @@ def pooled_attention(
     rows_per_tile: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact attention plus its block max-pooled map, in one forward; the reference's contract.
 
@@ -213,11 +223,13 @@ def pooled_attention(
         scale: score scale, 1/sqrt(d) by default.
         out, pooled_out: optional buffers to write into ((B, Hq, S, d) and (B, Hq, nb, nb) float32).
         rows_per_tile, num_warps, num_stages: launch overrides (benchmarks, tests).
+        softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype.
         pooled: (B, Hq, nb, nb) float32 with nb = ceil(S / b), or None when block_size is None.
     """
     B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
+    softcap = check_softcap(softcap)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out = check_out(out, q)
     pooled = None
@@ -226,7 +238,8 @@ def pooled_attention(
         pooled = float32_buffer(pooled_out, (B, Hq, nb, nb), q.device, "pooled_out",
                                 "(B, Hq, nb, nb)")
     b = block_size if block_size is not None else 64
-    _launch(q, k, v, out, pooled, b, causal, scale, rows_per_tile, num_warps, num_stages)
+    _launch(q, k, v, out, pooled, b, causal, scale, softcap, rows_per_tile, num_warps,
+            num_stages)
     return out, pooled
 
 
@@ -240,11 +253,12 @@ def attention(
     out: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain (dense) FlashAttention forward: the pooled kernel with the map switched off.
 
     Args/Returns as `seerlib.reference.attention`:
-    q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d).
+    q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d); softcap, the logit soft-cap or None.
     """
     return pooled_attention(q, k, v, None, causal, scale, out=out, rows_per_tile=2,
-                            num_warps=num_warps, num_stages=num_stages)[0]
+                            num_warps=num_warps, num_stages=num_stages, softcap=softcap)[0]

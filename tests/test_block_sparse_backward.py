@@ -46,13 +46,15 @@ def _mask(B, H, nb, density, seed):
     return torch.rand(B, H, nb, nb, generator=g) < density
 
 
-def _reference_grads(q, k, v, dout, mask, b):
+def _reference_grads(q, k, v, dout, mask, b, softcap=None):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = ref.block_sparse_attention(*leaves, mask, b)
+    out = ref.block_sparse_attention(*leaves, mask, b, softcap=softcap)
     return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
 
 def _kernel_grads(q, k, v, dout, mask_or_index, b, **kw):
+    if isinstance(mask_or_index, torch.Tensor):
+        mask_or_index = mask_or_index.to(DEVICE)  # the kernels take the mask where q is
     leaves = [t.to(DEVICE, DTYPE).requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention_trainable(*leaves, mask_or_index, b, **kw)
     return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(DEVICE, DTYPE)))
@@ -187,3 +189,46 @@ def test_bad_input_is_refused_by_name():
         block_sparse_backward(q, k, v, out, lse, dout[:, :1], index, key, b)
     with pytest.raises(ValueError, match="lse must be"):
         block_sparse_attention(q, k, v, index, b, lse=torch.empty(B, Hq, S + 1, device=DEVICE))
+
+
+# ---------------------------------------------------------------- logit soft-capping (Gemma2)
+SOFTCAP_CASES = [
+    # B, Hq, Hkv, S, d, b, density, cap: lengths 97/1025, GQA 1/3/4, head dims 64/128
+    (1, 3, 1, 97, 64, 16, 0.4, 2.0),
+    (1, 2, 2, 97, 128, 32, 0.5, 50.0),
+    (1, 4, 1, 1025, 64, 64, 0.3, 50.0),
+    (1, 3, 1, 1025, 128, 128, 0.5, 2.0),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,d,b,density,cap", SOFTCAP_CASES)
+def test_softcap_gradients_match_reference_autograd(B, Hq, Hkv, S, d, b, density, cap):
+    """Through c * tanh(x / c) (derivative 1 - tanh^2): the kernels' dq, dk, dv against autograd
+    through the reference; inputs scaled so the logits reach about +-2c (the cap bites); a query
+    block with nothing kept; NaN-filled gradient buffers; both tile heights of the forward index."""
+    q, k, v, dout = _inputs(B, Hq, Hkv, S, d, seed=S + d)
+    q, k = q * cap ** 0.5, k * cap ** 0.5
+    # the reference sees the kernels' rounded inputs: logits of +-2 cap magnify bf16 rounding
+    q, k, v, dout = (t.to(DTYPE).float() for t in (q, k, v, dout))
+    nb = num_blocks(S, b)
+    mask = _mask(B, Hq, nb, density, seed=b)
+    mask[:, 0, min(2, nb - 1)] = False
+    expected = _reference_grads(q, k, v, dout, mask, b, softcap=cap)
+    plain = _reference_grads(q, k, v, dout, mask, b)
+    assert (plain[1] - expected[1]).abs().max() > 1e-2  # the cap changes dq
+    got = _kernel_grads(q, k, v, dout, mask, b, softcap=cap)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        _assert_close(g, e, name)
+    empty = slice(min(2, nb - 1) * b, min(3, nb) * b)
+    assert got[1][:, 0, empty].abs().max() == 0
+    qd, kd, vd, dd = (t.to(DEVICE, DTYPE) for t in (q, k, v, dout))
+    md = mask.to(DEVICE)
+    index = build_block_index(md, B, Hq, S, b, 2 if b <= 64 else 1)  # 256-row tiles: too big
+    lse = torch.full((B, Hq, S), float("nan"), device=DEVICE)
+    out = block_sparse_attention(qd, kd, vd, index, b, lse=lse, softcap=cap)
+    bufs = [torch.full_like(t, float("nan")) for t in (qd, kd, vd)]
+    grads = block_sparse_backward(qd, kd, vd, out, lse, dd, index,
+                                  build_key_index(md, B, Hq, S, b), b, softcap=cap,
+                                  dq=bufs[0], dk=bufs[1], dv=bufs[2])
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected[1:], strict=True):
+        _assert_close(g, e, f"{name} (the forward's index, NaN-filled buffers)")

@@ -290,3 +290,65 @@ def test_sync_free_kernel_matches_reference(S, group, d):
     mask[0, 0, -1] = False  # an empty last row
     out = block_sparse_attention(q, k, v, mask, b, out=_poisoned(q.shape), sync_free=True)
     _assert_close(out, ref.block_sparse_attention(q, k, v, mask, b))
+
+
+# ---------------------------------------------------------------- logit soft-capping (Gemma2)
+# S x block x d x GQA group x cap: lengths 97 and 1025, groups 1/3/4, head dims 64/128. Inputs are
+# scaled so the scaled logits reach about +-2 cap: the cap bites (and saturates at 50).
+SOFTCAP_CASES = [
+    (97, 16, 64, 3, 2.0),
+    (97, 32, 128, 1, 50.0),
+    (1025, 64, 64, 4, 50.0),
+    (1025, 128, 128, 3, 2.0),
+]
+
+
+def _capped_qkv(B, Hq, Hkv, S, d, cap, seed):
+    q, k, v = _qkv(B, Hq, Hkv, S, d, seed)
+    return q * cap ** 0.5, k * cap ** 0.5, v
+
+
+@pytest.mark.parametrize("S,b,d,group,cap", SOFTCAP_CASES)
+def test_block_sparse_softcap_matches_reference(S, b, d, group, cap):
+    Hq, nb = group, num_blocks(S, b)
+    q, k, v = _capped_qkv(1, Hq, 1, S, d, cap, seed=S + d)
+    mask = _random_mask(1, Hq, nb, 0.4, seed=S)
+    mask[:, :, nb // 2] = False  # an empty row of blocks
+    for rows_per_tile in (1, 2) if b <= 64 else (1,):  # 256-row tiles exceed shared memory
+        out = _poisoned((1, Hq, S, d))
+        block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=rows_per_tile,
+                               softcap=cap)
+        expected = ref.block_sparse_attention(q, k, v, mask, b, softcap=cap)
+        _assert_close(out, expected)
+        assert (out[:, :, (nb // 2) * b:(nb // 2 + 1) * b] == 0).all()
+    plain = ref.block_sparse_attention(q, k, v, mask, b)
+    assert (plain.float() - expected.float()).abs().max() > 1e-2  # the cap mattered
+
+
+@pytest.mark.parametrize("S,b,d,group,cap", SOFTCAP_CASES)
+def test_pooled_attention_softcap_matches_reference(S, b, d, group, cap):
+    Hq, nb = group, num_blocks(S, b)
+    q, k, v = _capped_qkv(1, Hq, 1, S, d, cap, seed=S + b)
+    out, pooled = _poisoned((1, Hq, S, d)), _poisoned((1, Hq, nb, nb), torch.float32)
+    pooled_attention(q, k, v, b, out=out, pooled_out=pooled, softcap=cap)
+    exp_out, exp_pooled = ref.pooled_attention(q, k, v, b, softcap=cap)
+    _assert_close(out, exp_out)
+    torch.testing.assert_close(pooled, exp_pooled, atol=1e-5 if not ON_GPU else 2e-2, rtol=0)
+    buf = _poisoned((1, Hq, S, d))
+    attention(q, k, v, out=buf, softcap=cap)  # the dense kernel: the same code, no map
+    _assert_close(buf, exp_out)
+
+
+def test_softcap_none_leaves_the_kernels_bit_for_bit():
+    """softcap=None compiles the plain kernels (SOFTCAP is a constexpr): the outputs are those of
+    a call without the argument, exactly."""
+    q, k, v = _qkv(1, 3, 1, 97, 64, seed=3)
+    mask = _random_mask(1, 3, 4, 0.5, seed=3)
+    assert torch.equal(block_sparse_attention(q, k, v, mask, 32, softcap=None),
+                       block_sparse_attention(q, k, v, mask, 32))
+    pairs = zip(pooled_attention(q, k, v, 32, softcap=None), pooled_attention(q, k, v, 32),
+                strict=True)
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="softcap must be None or a positive"):
+        block_sparse_attention(q, k, v, mask, 32, softcap=0.0)
