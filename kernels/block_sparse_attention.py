@@ -4,7 +4,7 @@ What it computes: for every query block i of size b, softmax attention over the 
 key blocks j <= i (causal inside the diagonal block), exactly `seerlib.reference.
 block_sparse_attention`. A row with nothing kept gives zeros. With a logit soft-cap c (Gemma2),
 the scaled scores x become c * tanh(x / c) before the mask and the softmax (SOFTCAP, a constexpr:
-without it the kernel is the plain one; with it, one exp2 and a division more per score).
+without it the kernel is the plain one; with it, one tanh more per score: `_common.tanh`).
 
 What it must move and compute, per (batch, query head), with n kept tiles of b x b:
     reads  q, out: 2 * S * d * e bytes;  k, v: 2 * n * b * d * e bytes (per kept tile, cache aside)
