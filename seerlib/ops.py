@@ -4,9 +4,16 @@ Everything else in seerlib calls these three functions and never picks an implem
 
 Backends:
     "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16 whose head dim and
-        block size are among 16, 32, 64, 128; the reference for everything else.
-    "triton": always the kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads).
+        block size are among 16, 32, 64, 128; the reference for everything else. A CUDA call that
+        only its head dim keeps off the kernels (Gemma 3's 256) warns once per head dim
+        (`KernelFallbackWarning`): the reference runs, and it is slow on a GPU.
+    "triton": always the kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads);
+        a head dim the kernels lack is refused, naming it and theirs.
     "reference": always `seerlib.reference`.
+The prefill ops take `softcap=` (Gemma2's attention logit soft-cap: logits -> c * tanh(logits / c)
+before the mask and softmax), and so do the kernels; the decode target's kernel does not, so
+`decode_pooled_attention` with a soft-cap takes the reference under "auto" and is refused under
+"triton".
 Choose per call (`backend=`), for a block of code (`with use_backend("reference"): ...`), or for
 the process (environment variable SEERLIB_BACKEND). Precedence: argument, context, environment.
 """
@@ -17,6 +24,7 @@ import contextlib
 import contextvars
 import os
 import types
+import warnings
 
 import torch
 
@@ -32,6 +40,8 @@ __all__ = [
     "use_backend",
     "get_backend",
     "BACKENDS",
+    "KERNEL_HEAD_DIMS",
+    "KernelFallbackWarning",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -72,19 +82,54 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+class KernelFallbackWarning(UserWarning):
+    """A CUDA call that "auto" sends to the (slow) reference because the kernels lack its shape."""
+
+
+_warned_head_dims: set[int] = set()  # head dims warned about already (once per process each)
+
+
+def _kernel_device(q) -> bool:
+    """Whether q is where "auto" runs the kernels: a 4-D CUDA tensor in bfloat16/float16."""
+    return (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4
+            and q.dtype in (torch.bfloat16, torch.float16))
+
+
+def _head_dim_fallback(d: int) -> None:
+    if d in _warned_head_dims:
+        return
+    _warned_head_dims.add(d)
+    warnings.warn(
+        f"head dim {d} is not among the Triton kernels' head dims {KERNEL_HEAD_DIMS}: seerlib.ops "
+        f"runs the exact PyTorch reference for it, which is slow on a GPU (materialized scores, "
+        f"every tile computed); shown once per head dim", KernelFallbackWarning, stacklevel=4)
+
+
 def _wants_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None,
-                 inputs=(), differentiable: bool = False) -> bool:
+                 inputs=(), differentiable: bool = False, lacks: str | None = None) -> bool:
     """Whether the Triton kernels take this call. Only block-sparse attention has a kernel
     backward (`differentiable`); for the others, when autograd needs one (grad mode on and an
     input that requires grad), "auto" takes the differentiable reference and "triton" refuses, so
-    gradients are never silently lost."""
+    gradients are never silently lost. `lacks` names what the kernel cannot compute for this call
+    (a soft-cap): "auto" then takes the reference and "triton" refuses, naming it. A head dim
+    outside KERNEL_HEAD_DIMS: "triton" refuses; "auto" takes the reference, warning once on CUDA."""
     name = get_backend(backend)
     if name == "reference":
+        return False
+    d = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    if name == "triton" and d not in KERNEL_HEAD_DIMS:
+        raise ValueError(
+            f"backend='triton': head dim {d} is not among the Triton kernels' head dims "
+            f"{KERNEL_HEAD_DIMS}; use backend='auto' or 'reference' (the exact reference, slow on "
+            "a GPU)")
+    if lacks is not None:
+        if name == "triton":
+            raise ValueError(f"backend='triton': {lacks}; use backend='auto' or 'reference'")
         return False
     if not differentiable and _wants_grad(inputs):
         if name == "triton":
@@ -95,14 +140,12 @@ def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = 
         return False
     if name == "triton":
         return True
-    return (
-        isinstance(q, torch.Tensor)
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.dim() == 4
-        and q.shape[-1] in KERNEL_HEAD_DIMS
-        and (block_size is None or block_size in KERNEL_BLOCK_SIZES)
-    )
+    if not _kernel_device(q) or (block_size is not None and block_size not in KERNEL_BLOCK_SIZES):
+        return False
+    if d not in KERNEL_HEAD_DIMS:
+        _head_dim_fallback(d)
+        return False
+    return True
 
 
 def _kernels():
@@ -133,12 +176,14 @@ def _kernels():
 
 
 def attention(
-    q, k, v, causal: bool = True, scale: float | None = None, *, backend: str | None = None
+    q, k, v, causal: bool = True, scale: float | None = None, *, softcap: float | None = None,
+    backend: str | None = None,
 ):
-    """Exact softmax attention. q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d)."""
+    """Exact softmax attention. q (B, Hq, S, d), k, v (B, Hkv, S, d) -> (B, Hq, S, d); softcap,
+    the logit soft-cap c (logits -> c * tanh(logits / c)) or None."""
     if _use_kernels(q, backend, inputs=(q, k, v)):
-        return _kernels().attention(q, k, v, causal=causal, scale=scale)
-    return reference.attention(q, k, v, causal=causal, scale=scale)
+        return _kernels().attention(q, k, v, causal=causal, scale=scale, softcap=softcap)
+    return reference.attention(q, k, v, causal=causal, scale=scale, softcap=softcap)
 
 
 def pooled_attention(
@@ -149,19 +194,23 @@ def pooled_attention(
     causal: bool = True,
     scale: float | None = None,
     *,
+    softcap: float | None = None,
     backend: str | None = None,
 ):
     """Attention plus its block max-pooled map.
 
     Args:
         q: (B, Hq, S, d); k, v: (B, Hkv, S, d); block_size: tile size b.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         out (B, Hq, S, d) in q's dtype, pooled (B, Hq, nb, nb) float32 (largest softmax
         probability of each tile, 0 above the diagonal when causal).
     """
     if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
-        return _kernels().pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
-    return reference.pooled_attention(q, k, v, block_size, causal=causal, scale=scale)
+        return _kernels().pooled_attention(q, k, v, block_size, causal=causal, scale=scale,
+                                           softcap=softcap)
+    return reference.pooled_attention(q, k, v, block_size, causal=causal, scale=scale,
+                                      softcap=softcap)
 
 
 def block_sparse_attention(
@@ -175,6 +224,7 @@ def block_sparse_attention(
     backend: str | None = None,
     sync_free: bool = False,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Causal attention over kept (query block, key block) tiles.
 
@@ -186,6 +236,7 @@ def block_sparse_attention(
         sync_free: (kernel path) build the block index without reading the device from the host,
             so the call never waits for the GPU (`seerlib.kernels.build_block_index`).
         out: (kernel path) a (B, Hq, S, d) buffer to write into (a CUDA graph's static output).
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None; the backward too.
     Returns:
         out (B, Hq, S, d); a row with nothing kept is zeros. Differentiable in q, k, v on every
         backend: the kernel path has its own backward over the kept tiles
@@ -196,10 +247,11 @@ def block_sparse_attention(
             if out is not None:
                 raise ValueError("out= cannot be used when autograd needs the backward")
             return _kernels().block_sparse_attention_trainable(
-                q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free)
+                q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free,
+                softcap=softcap)
         return _kernels().block_sparse_attention(
-            q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free, out=out
-        )
+            q, k, v, block_mask_or_index, block_size, scale=scale, sync_free=sync_free, out=out,
+            softcap=softcap)
     mask = block_mask_or_index
     if isinstance(mask, (tuple, list)) and len(mask) == 2:
         counts, indices = mask
@@ -211,27 +263,32 @@ def block_sparse_attention(
             "the reference backend takes a bool block mask or (counts, indices); got "
             f"{type(mask).__name__}"
         )
-    return reference.block_sparse_attention(q, k, v, mask, block_size, scale=scale)
+    return reference.block_sparse_attention(q, k, v, mask, block_size, scale=scale,
+                                            softcap=softcap)
 
 
 # ---------------------------------------------------------------- decode (SeerAttention-R)
 
 
 def decode_pooled_attention(q, k, v, block_size: int, scale: float | None = None, *,
-                            backend: str | None = None):
+                            softcap: float | None = None, backend: str | None = None):
     """Causal attention plus the decode gate's target in one pass.
 
     Args:
         q: (B, Hq, S, d); k, v: (B, Hkv, S, d); block_size: b.
+        softcap: logit soft-cap c, or None. Its kernel has none: "auto" takes the reference for a
+            soft-capped call, "triton" refuses it.
     Returns:
         out (B, Hq, S, d) in q's dtype; truth (B, Hkv, S, nb) float32, each row's attention
         max-pooled over each key block and over the group's heads, normalized
         (`reference.decode_block_truth`).
     """
-    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
+    lacks = (None if softcap is None else f"the decode target's kernel "
+             f"(seerlib.kernels.decode_truth) has no logit soft-cap (softcap={softcap})")
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v), lacks=lacks):
         return _kernels().decode_pooled_attention(q, k, v, block_size, scale=scale)
-    return (reference.attention(q, k, v, causal=True, scale=scale),
-            reference.decode_block_truth(q, k, block_size, scale).float())
+    return (reference.attention(q, k, v, causal=True, scale=scale, softcap=softcap),
+            reference.decode_block_truth(q, k, block_size, scale, softcap=softcap).float())
 
 
 def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, *,

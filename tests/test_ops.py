@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import warnings
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,7 +23,7 @@ def _qkv(S=97, d=64, Hq=4, Hkv=2, seed=0):
 
 def test_auto_uses_reference_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
-    q = torch.randn(1, 1, 4, 8)
+    q = torch.randn(1, 1, 4, 16)  # a kernel head dim: "triton" refuses others
     assert ops.get_backend() == "auto"
     assert not ops._use_kernels(q, None)
     assert ops._use_kernels(q, "triton")
@@ -81,9 +82,11 @@ def test_auto_sends_unsupported_shapes_to_reference(monkeypatch):
     monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
     meta = torch.empty(1, 2, 8, 64, device="meta", dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(ops, "_warned_head_dims", set())
     assert ops._use_kernels(meta, None, 64)
     assert not ops._use_kernels(meta, None, 48)
-    assert not ops._use_kernels(meta[..., :48], None, 64)
+    with pytest.warns(ops.KernelFallbackWarning, match="head dim 48"):
+        assert not ops._use_kernels(meta[..., :48], None, 64)
     assert not ops._use_kernels(meta.float(), None, 64)
 
 
@@ -122,3 +125,84 @@ def test_block_sparse_kernel_backward_through_ops():
     with pytest.raises(ValueError, match="out= cannot"):
         ops.block_sparse_attention(q.requires_grad_(), k, v, mask, 16, backend="triton",
                                    out=torch.empty_like(q))
+
+
+# ---------------------------------------------------------------- head dims outside the kernels
+
+
+def test_head_dim_256_warns_once_under_auto_on_cuda(monkeypatch):
+    """Gemma 3's head dim 256: "auto" on a CUDA bf16 tensor takes the reference and says so once
+    (naming the head dim, the kernels' head dims and that the reference is slow on a GPU)."""
+    monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_warned_head_dims", set())
+    meta = torch.empty(1, 2, 8, 256, device="meta", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.warns(ops.KernelFallbackWarning) as seen:
+        assert not ops._use_kernels(meta, None, 64)
+    msg = str(seen[0].message)
+    assert "head dim 256" in msg and "(16, 32, 64, 128)" in msg and "reference" in msg
+    assert "slow on a GPU" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ops._use_kernels(meta, None, 64)  # once per head dim: no second warning
+
+
+def test_head_dim_256_cpu_calls_run_the_reference_silently_and_triton_refuses(monkeypatch):
+    monkeypatch.delenv("SEERLIB_BACKEND", raising=False)
+    q, k, v = _qkv(S=40, d=256, Hq=4, Hkv=1)
+    mask = torch.ones(1, 4, 3, 3, dtype=torch.bool).tril()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU: the reference is the path anyway, no warning
+        out = ops.block_sparse_attention(q, k, v, mask, 16)
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+    for call in (lambda: ops.block_sparse_attention(q, k, v, mask, 16, backend="triton"),
+                 lambda: ops.pooled_attention(q, k, v, 16, backend="triton"),
+                 lambda: ops.attention(q, k, v, backend="triton")):
+        with pytest.raises(ValueError, match=r"head dim 256 .*\(16, 32, 64, 128\)"):
+            call()
+
+
+# ---------------------------------------------------------------- logit soft-capping (Gemma2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_softcap_passes_through_every_prefill_op(backend):
+    if backend == "triton" and not INTERPRETING:
+        pytest.skip("forcing the kernels on CPU needs TRITON_INTERPRET=1")
+    q, k, v = _qkv(S=97, d=64, Hq=3, Hkv=1, seed=4)
+    q, k = q * 3, k * 3
+    nb = num_blocks(97, 32)
+    mask = torch.rand(1, 3, nb, nb, generator=torch.Generator().manual_seed(5)) < 0.5
+    cap, tol = 5.0, dict(atol=2e-5, rtol=2e-5)
+    want = reference.block_sparse_attention(q, k, v, mask, 32, softcap=cap)
+    assert (want - reference.block_sparse_attention(q, k, v, mask, 32)).abs().max() > 1e-2
+    got = ops.block_sparse_attention(q, k, v, mask, 32, softcap=cap, backend=backend)
+    torch.testing.assert_close(got, want, **tol)
+    out, pooled = ops.pooled_attention(q, k, v, 32, softcap=cap, backend=backend)
+    exp_out, exp_pooled = reference.pooled_attention(q, k, v, 32, softcap=cap)
+    torch.testing.assert_close(out, exp_out, **tol)
+    torch.testing.assert_close(pooled, exp_pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ops.attention(q, k, v, softcap=cap, backend=backend), exp_out,
+                               **tol)
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(ops.block_sparse_attention(*leaves, mask, 32, softcap=cap,
+                                                           backend=backend), leaves, dout)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(reference.block_sparse_attention(*leaves, mask, 32,
+                                                                    softcap=cap), leaves, dout)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_target_with_softcap_takes_the_reference_or_is_refused():
+    """The decode target's kernel has no soft-cap: "triton" refuses naming it; "auto" and
+    "reference" give the reference's soft-capped target."""
+    q, k, v = _qkv(S=64, d=16, Hq=4, Hkv=2, seed=6)
+    with pytest.raises(ValueError, match=r"decode_truth\) has no logit soft-cap"):
+        ops.decode_pooled_attention(q, k, v, 16, softcap=5.0, backend="triton")
+    out, truth = ops.decode_pooled_attention(q * 3, k * 3, v, 16, softcap=5.0)
+    torch.testing.assert_close(out, reference.attention(q * 3, k * 3, v, softcap=5.0))
+    want = reference.decode_block_truth(q * 3, k * 3, 16, softcap=5.0)
+    torch.testing.assert_close(truth, want)
+    assert (want - reference.decode_block_truth(q * 3, k * 3, 16)).abs().max() > 1e-3
