@@ -3,17 +3,19 @@
 `to_flex_block_mask(mask, S, b)` lists the kept tiles (below the diagonal as full blocks, the
 diagonal ones as partial blocks with the causal `mask_mod`); `flex_sparse_attention` runs
 `flex_attention` on them, compiled once per process (on a CPU this is the fast sparse path: it
-skips dropped tiles, where the reference computes every score).
+skips dropped tiles, where the reference computes every score). A logit soft-cap (Gemma2) is a
+`score_mod`, one per cap value, so the compiled kernel is reused.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from seerlib.reference import check_block_size, mask_to_index, num_blocks
+from seerlib.reference import check_block_size, check_softcap, mask_to_index, num_blocks
 
 __all__ = ["flex_sparse_attention", "to_flex_block_mask"]
 
@@ -81,6 +83,16 @@ def to_flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int =
 _COMPILED_FLEX = None
 
 
+@functools.cache
+def _softcap_mod(cap: float):
+    """score_mod for logit soft-capping: FlexAttention's scaled score x -> cap * tanh(x / cap)."""
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return softcap
+
+
 def _flex(compiled: bool):
     global _COMPILED_FLEX
     if not compiled:
@@ -91,7 +103,8 @@ def _flex(compiled: bool):
 
 
 def flex_sparse_attention(q, k, v, block_mask: torch.Tensor, block_size: int,
-                          scale: float | None = None, compiled: bool = True) -> torch.Tensor:
+                          scale: float | None = None, compiled: bool = True,
+                          softcap: float | None = None) -> torch.Tensor:
     """Block-sparse attention of the kept tiles through FlexAttention.
 
     Args:
@@ -101,11 +114,13 @@ def flex_sparse_attention(q, k, v, block_mask: torch.Tensor, block_size: int,
         scale: score scale (FlexAttention's default 1 / sqrt(d) when None).
         compiled: use the compiled kernel (it visits only the kept tiles); eager flex computes
             every score, so the selection is also encoded in its `mask_mod`.
+        softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c)), or None.
     Returns:
         (B, Hq, S, d).
     """
     bm = to_flex_block_mask(block_mask, q.shape[2], block_size, mask_mod_from_blocks=not compiled)
-    kw = {}
+    softcap = check_softcap(softcap)
+    kw = {} if softcap is None else {"score_mod": _softcap_mod(softcap)}
     if q.is_cuda and block_size < 128:
         # the CUDA kernel's default tiles (128) must divide the mask's block size
         kw["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}

@@ -70,6 +70,8 @@ class LayerInputs:
         gate: the layer's AttnGate, for methods that need one.
         q_pre: (B, Hq, S, d), k_pre: (B, Hkv, S, d): the projections before RoPE (the gate's input).
         weights: (B, Hq, nb, nb) ground-truth map for the oracles (computed when None).
+        softcap: the model's attention logit soft-cap (Gemma2), or None: the ground truth and the
+            attention-based patterns are taken of the soft-capped attention.
     """
 
     q: torch.Tensor
@@ -81,6 +83,7 @@ class LayerInputs:
     q_pre: torch.Tensor | None = None
     k_pre: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    softcap: float | None = None
 
     @property
     def nb(self) -> int:
@@ -172,20 +175,24 @@ def gate(layer: LayerInputs, selection: Selection) -> torch.Tensor:
     return select_blocks(logits, selection)
 
 
-def ground_truth(q, k, v, block_size: int, pooling: str, scale: float | None = None):
+def ground_truth(q, k, v, block_size: int, pooling: str, scale: float | None = None,
+                 softcap: float | None = None):
     """The oracle's map (B, Hq, nb, nb): "max" = `ops.pooled_attention`'s max-pooled attention,
-    "sum" = `metrics.block_mass`, the exact attention mass of each tile (rows sum to 1)."""
+    "sum" = `metrics.block_mass`, the exact attention mass of each tile (rows sum to 1); of the
+    soft-capped attention when `softcap` (the model's logit soft-cap) is given."""
     if pooling == "max":
-        return ops.pooled_attention(q, k, k if v is None else v, block_size, scale=scale)[1]
+        return ops.pooled_attention(q, k, k if v is None else v, block_size, scale=scale,
+                                    softcap=softcap)[1]
     if pooling == "sum":
-        return block_mass(q, k, block_size, scale=scale)
+        return block_mass(q, k, block_size, scale=scale, softcap=softcap)
     raise ValueError(f"pooling must be 'max' or 'sum'; got {pooling!r}")
 
 
 def _oracle(layer: LayerInputs, selection: Selection, pooling: str) -> torch.Tensor:
     w = layer.weights
     if w is None:
-        w = ground_truth(layer.q, layer.k, layer.v, layer.block_size, pooling, layer.scale)
+        w = ground_truth(layer.q, layer.k, layer.v, layer.block_size, pooling, layer.scale,
+                         layer.softcap)
     B, Hq, S, _ = layer.q.shape
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != (B, Hq, layer.nb, layer.nb):
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
@@ -222,7 +229,7 @@ def vertical_slash(layer: LayerInputs, selection: Selection) -> torch.Tensor:
         return layer.all_causal()
     # it fills a block budget; give it the budget the top-k methods really keep
     return patterns.vertical_slash(layer.q, layer.k, topk_density(selection.density, layer.nb),
-                                   layer.block_size, scale=layer.scale)
+                                   layer.block_size, scale=layer.scale, softcap=layer.softcap)
 
 
 # ---------------------------------------------------------------- configs

@@ -17,6 +17,7 @@ from seerlib.reference import (
     check_block_mask,
     check_block_size,
     check_qkv,
+    check_softcap,
     default_scale,
     grouped_scores,
     num_blocks,
@@ -44,6 +45,7 @@ def block_maps(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact block maps of the attention probabilities, without the attention output.
 
@@ -57,6 +59,7 @@ def block_maps(
         block_size: tile size b.
         causal: causal attention.
         scale: score scale, 1 / sqrt(d) by default.
+        softcap: the model's logit soft-cap c (scores -> c * tanh(scores / c), Gemma2), or None.
     Returns:
         mass: (B, Hq, nb, nb) float32; mass[b, h, i, j] = mean over the query rows r of block i of
             the probability mass row r puts on key block j (rows sum to 1).
@@ -65,7 +68,7 @@ def block_maps(
     B, Hq, Hkv, S, d = check_qkv(q, k, k)
     b = check_block_size(block_size)
     nb = num_blocks(S, b)
-    scale = default_scale(d, scale)
+    scale, softcap = default_scale(d, scale), check_softcap(softcap)
     mass = torch.zeros(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
     pooled = torch.zeros(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
     kf = k.float()
@@ -78,6 +81,8 @@ def block_maps(
         # q is scaled first (R * d multiplies instead of R * kend), so the scores take scale 1
         qc = q[:, :, r0:r1].float() * scale
         s = grouped_scores(qc, kf[:, :, :kend], 1.0)  # (B, Hq, R, kend)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         if causal:
             s.masked_fill_(pos[None, :kend] > pos[r0:r1, None], float("-inf"))
         s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
@@ -100,12 +105,14 @@ def block_mass(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact attention mass per tile, averaged over each query block's rows: (B, Hq, nb, nb).
 
-    See `block_maps` (q (B, Hq, S, d), k (B, Hkv, S, d) post-RoPE); rows sum to 1.
+    See `block_maps` (q (B, Hq, S, d), k (B, Hkv, S, d) post-RoPE; softcap, the logit soft-cap);
+    rows sum to 1.
     """
-    return block_maps(q, k, block_size, causal, scale)[0]
+    return block_maps(q, k, block_size, causal, scale, softcap)[0]
 
 
 def recall(

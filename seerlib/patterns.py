@@ -21,6 +21,7 @@ from seerlib.reference import (
     causal_block_mask,
     check_block_size,
     check_qkv,
+    check_softcap,
     default_scale,
     grouped_scores,
     num_blocks,
@@ -71,6 +72,7 @@ def vertical_slash(
     block_size: int,
     last_q: int | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """MInference-like vertical + slash block pattern, estimated per head from the last queries.
 
@@ -87,10 +89,12 @@ def vertical_slash(
         block_size: tile size b.
         last_q: query tokens used for the estimate, default b (the last query block).
         scale: score scale, 1 / sqrt(d) by default.
+        softcap: the model's logit soft-cap c (scores -> c * tanh(scores / c)), or None.
     Returns:
         (B, Hq, nb, nb) bool.
     """
     B, Hq, Hkv, S, d = check_qkv(q, k, k)
+    softcap = check_softcap(softcap)
     b = check_block_size(block_size)
     density_to_k(density, 1)  # validates the range
     nb = num_blocks(S, b)
@@ -98,6 +102,8 @@ def vertical_slash(
     qpos = torch.arange(S - last_q, S, device=q.device)
     kpos = torch.arange(S, device=q.device)
     s = grouped_scores(q[:, :, S - last_q :].float(), k.float(), default_scale(d, scale))
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # (B, Hq, last_q, S)
     vert = torch.zeros(B, Hq, nb, device=q.device).index_add_(-1, kpos // b, p.sum(dim=2))

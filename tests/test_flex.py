@@ -48,6 +48,20 @@ def test_flex_path_matches_reference_block_sparse(S_, b):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_path_carries_the_logit_soft_cap(compiled):
+    """Gemma2's soft-cap as a score_mod on the scaled scores: the reference's soft-capped
+    block-sparse attention, eager and compiled."""
+    q, k, v = qkv(S=96, seed=3)
+    q = q * 3
+    mask = select_blocks(torch.randn(1, 4, 6, 6), Selection(density=0.4))
+    out = flex_sparse_attention(q, k, v, mask, 16, scale=0.25, compiled=compiled, softcap=2.0)
+    ref = reference.block_sparse_attention(q, k, v, mask, 16, scale=0.25, softcap=2.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    plain = reference.block_sparse_attention(q, k, v, mask, 16, scale=0.25)
+    assert (ref - plain).abs().max() > 1e-2
+
+
 def test_compiled_flex_skips_dropped_tiles_exactly():
     """The path the evaluation runs: compiled flex_attention with the plain causal mask_mod."""
     q, k, v = qkv(S=96)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seerlib import methods, patterns, reference
 from seerlib.methods import (
     METHODS,
     PRESETS,
@@ -200,3 +201,25 @@ def test_series_read_back_into_their_sweep():
     assert sweep("dense", [0.3, 0.1]) == [SparseConfig("dense")]
     with pytest.raises(ValueError, match="cannot read the rule 'relatve'"):
         sweep("gate+sink relatve", [0.3])
+
+
+
+def test_ground_truth_and_oracles_see_the_logit_soft_cap(monkeypatch):
+    """The oracles' map is of the soft-capped attention (Gemma2), and the oracles pass the
+    layer's soft-cap (LayerInputs.softcap) to it; vertical_slash estimates from capped scores."""
+    q, k, v = qkv(S=96, seed=4)
+    q, k = q * 4, k * 4
+    want = reference.pooled_attention(q, k, v, 16, softcap=1.0)[1]
+    torch.testing.assert_close(methods.ground_truth(q, k, v, 16, "max", softcap=1.0), want)
+    assert (methods.ground_truth(q, k, v, 16, "max") - want).abs().max() > 1e-2
+    seen = []
+    real = methods.ground_truth
+    monkeypatch.setattr(methods, "ground_truth",
+                        lambda *a: seen.append(a[-1]) or real(*a))
+    for method in ("oracle-max", "oracle-sum"):
+        layer_block_mask(SparseConfig(method, Selection(density=0.3), block_size=16),
+                         LayerInputs(q, k, v, 16, softcap=1.0))
+    assert seen == [1.0, 1.0]
+    cfg = SparseConfig("vertical_slash", Selection(density=0.3), block_size=16)
+    got = layer_block_mask(cfg, LayerInputs(q, k, v, 16, softcap=1.0))
+    assert torch.equal(got, patterns.vertical_slash(q, k, topk_density(0.3, 6), 16, softcap=1.0))

@@ -60,3 +60,20 @@ def test_block_maps_pooled_equals_reference():
         _, want = pooled_attention(q, k, k, b)
         torch.testing.assert_close(pooled, want)
         torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass[..., 0]))
+
+
+def test_block_maps_take_the_logit_soft_cap():
+    """Gemma2's soft-cap: the pooled map equals the reference's soft-capped one, and the mass is
+    the soft-capped attention's (c * tanh(x / c) of the scaled scores, then mask and softmax)."""
+    q, k = qk(seed=2)
+    q = q * 3
+    mass, pooled = block_maps(q, k, 16, softcap=2.0)
+    torch.testing.assert_close(pooled, pooled_attention(q, k, k, 16, softcap=2.0)[1],
+                               atol=1e-6, rtol=1e-5)
+    kk = k.repeat_interleave(2, dim=1)
+    s = 2.0 * torch.tanh((q @ kk.transpose(-1, -2)) / 4.0 / 2.0)
+    s = s.masked_fill(torch.ones(97, 97, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.nn.functional.pad(torch.softmax(s, -1), (0, 15, 0, 15))
+    want = p.reshape(1, 4, 7, 16, 7, 16).sum((3, 5)) / torch.tensor([16.0] * 6 + [1.0])[:, None]
+    torch.testing.assert_close(mass, want)
+    assert (block_mass(q, k, 16) - mass).abs().max() > 1e-2
