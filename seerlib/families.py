@@ -7,8 +7,10 @@ Each `Family` says, for the models of its `model_type`s:
 - the head counts and head dim (`heads`), and the rope settings of the layers SeerAttention
   applies to (`rotary_embedding`: Gemma3 keeps one set per layer type, Phi-3 may rotate part of
   the head dim);
-- attention logit soft-capping (`softcapping`: Gemma2's `attn_logit_softcapping`), which the
-  block-sparse path cannot compute and refuses;
+- attention logit soft-capping (`softcapping`: Gemma2's `attn_logit_softcapping`). The model
+  passes it to its attention function as `softcap`, and seerlib carries that into the sparse path:
+  the oracle's ground truth, the distillation targets and the block-sparse product are all of the
+  soft-capped logits (`seerlib.reference`: logits -> cap * tanh(logits / cap), then mask, softmax);
 - sliding-window layers (`layer_window`): Mistral's `sliding_window` holds on every layer, Gemma2/3
   (and Qwen2/3 with `use_sliding_window`) mark theirs in `layer_types`. SeerAttention applies to
   the global layers; a sliding layer keeps the model's own attention (its window).

@@ -15,8 +15,10 @@ what was kept.
 
 Single-token decode steps (and any call whose query is shorter than its keys, i.e. a cached
 continuation) stay dense, and so do sliding-window layers: they keep the model's own attention and
-its window (which layers, by family: `seerlib.families`). Attention logit soft-capping (Gemma2) is
-refused: the block-sparse path computes a plain softmax. The block-sparse product goes through
+its window (which layers, by family: `seerlib.families`). Attention logit soft-capping (Gemma2's
+`softcap`, passed by the model to its attention function) is carried into the sparse path: the
+selection's ground truth and the block-sparse product are of the soft-capped logits. The
+block-sparse product goes through
 `seerlib.ops` (Triton on CUDA, the exact reference on CPU) or, with `attention="flex"`, through
 FlexAttention with the selection's `BlockMask` (`seerlib.flex`), compiled: on CPU this is the fast
 path (it skips dropped tiles; the reference computes every score).
@@ -228,18 +230,18 @@ class Sparsified:
             self.stats.dense_calls += 1  # a sliding layer: the model's attention, its window
             return default(module, query, key, value, attention_mask, **kwargs)
         cfg = self.config
-        if cfg.spec.sparse and kwargs.get("softcap") is not None:
-            raise NotImplementedError(_softcap_refusal(self.family.name, kwargs["softcap"]))
+        softcap = kwargs.get("softcap")  # Gemma2's attn_logit_softcapping, None elsewhere
         scale = kwargs.get("scaling")
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         gate = self.gates[layer] if self.gates is not None else None
         weights = self.weights.get(layer) if self.weights is not None else None
         q_pre, k_pre = (pre["q_pre"], pre["k_pre"]) if pre else (None, None)
         if self.graphs is not None and query.is_cuda and cfg.spec.sparse and cfg.attention == "ops":
-            out = self._graphed(layer, query, key, value, q_pre, k_pre, weights, gate, scale)
+            out = self._graphed(layer, query, key, value, q_pre, k_pre, weights, gate, scale,
+                                softcap)
             return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
         layer_in = LayerInputs(query, key, value, cfg.block_size, scale=scale, gate=gate,
-                               q_pre=q_pre, k_pre=k_pre, weights=weights)
+                               q_pre=q_pre, k_pre=k_pre, weights=weights, softcap=softcap)
         mask = layer_block_mask(cfg, layer_in)
         self.stats.add(layer, mask)
         if self.record_masks:
@@ -248,14 +250,16 @@ class Sparsified:
             return default(module, query, key, value, attention_mask, **kwargs)
         if cfg.attention == "flex":
             out = flex_sparse_attention(query, key, value, mask, cfg.block_size,
-                                        scale=layer_in.scale, compiled=cfg.compile_flex)
+                                        scale=layer_in.scale, compiled=cfg.compile_flex,
+                                        softcap=softcap)
         else:
             out = ops.block_sparse_attention(query, key, value, mask, cfg.block_size,
-                                             scale=layer_in.scale, sync_free=True)  # (B, Hq, S, d)
+                                             scale=layer_in.scale, sync_free=True,
+                                             softcap=softcap)  # (B, Hq, S, d)
         return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
 
 
-    def _graphed(self, layer, query, key, value, q_pre, k_pre, weights, gate, scale):
+    def _graphed(self, layer, query, key, value, q_pre, k_pre, weights, gate, scale, softcap):
         """The layer's selection and sparse attention as one CUDA graph (`seerlib.graphs`)."""
         cfg, b = self.config, self.config.block_size
         named = {"q_pre": q_pre, "k_pre": k_pre, "weights": weights}
@@ -263,16 +267,17 @@ class Sparsified:
 
         def step(q, k, v, *rest):
             *given, out = rest
-            layer_in = LayerInputs(q, k, v, b, scale=scale, gate=gate,
+            layer_in = LayerInputs(q, k, v, b, scale=scale, gate=gate, softcap=softcap,
                                    **dict(zip(extra, given, strict=True)))
             mask = layer_block_mask(cfg, layer_in)
-            ops.block_sparse_attention(q, k, v, mask, b, scale=scale, sync_free=True, out=out)
+            ops.block_sparse_attention(q, k, v, mask, b, scale=scale, sync_free=True, out=out,
+                                       softcap=softcap)
             # the mask stays in the graph's memory only when it is recorded
             return (mask if self.record_masks else None), mask.tril().sum()
 
         out, (mask, kept) = self.graphs.run(
-            (layer, scale, tuple(extra)), step, [query, key, value, *(named[n] for n in extra)],
-            out_like=query)
+            (layer, scale, softcap, tuple(extra)), step,
+            [query, key, value, *(named[n] for n in extra)], out_like=query)
         B, Hq, S, _ = query.shape
         nb = num_blocks(S, b)
         # the graph's count and mask are overwritten by its next replay: keep copies
@@ -312,13 +317,6 @@ def _check_no_padding(attention_mask, S: int, rows: int = 1024,
             "sparse prefill takes plain causal attention only; got an attention mask with padding "
             "or other masked positions (run batches of equal-length, unpadded sequences)"
         )
-
-
-def _softcap_refusal(family: str, cap) -> str:
-    return (f"{family} soft-caps its attention logits (attn_logit_softcapping={cap}); seerlib's "
-            "block-sparse attention (kernels, reference and flex) computes a plain softmax and "
-            "cannot honour it, so sparse prefill is refused for this model (method 'dense' runs "
-            "the model's own attention)")
 
 
 def sparsify(
@@ -363,7 +361,6 @@ def sparsify(
         ValueError: an unknown method, preset or label, a selection the method does not honour,
             gates missing or made for another model or block size, a model family seerlib has
             no adapter for.
-        NotImplementedError: a sparse method on a model that soft-caps its attention logits.
     """
     if selection is not None:
         if not isinstance(config, str) or "+" in config or "@" in config:
@@ -387,8 +384,5 @@ def sparsify(
         raise ValueError(f"oracle_weights are only used by the oracle methods; got method "
                          f"{cfg.method!r}")
     attention_layers(model)  # fails early on a model without attention layers
-    cap = family_of(model).softcapping(model.config)
-    if cfg.spec.sparse and cap is not None:
-        raise NotImplementedError(_softcap_refusal(family_of(model).name, cap))
     return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks,
                       cuda_graphs=cuda_graphs)

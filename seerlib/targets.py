@@ -11,6 +11,8 @@ Ground-truth source (`target`, SEERATTENTION.md §3):
   the reference (or to the kernels under `ops.use_backend("triton")`) in the model's dtype.
 - "exact" (default on CPU): the model's own attention (SDPA) plus `metrics.block_maps`, the exact
   fp32 map. The two agree to about 1e-6 in fp32 (tested) and to bf16 rounding on a GPU.
+Both take the model's attention logit soft-cap (Gemma2's `softcap`, which the model passes to its
+attention function), so the target is the soft-capped attention the model computes.
 
 Cache files: <cache root>/distill/<model>-<config hash>-b<block>-s<seq>-<split>[<target tag>]/
 w<index>.safetensors with keys L<layer>.q_<op>, L<layer>.k_<op> ((1, H, nb, d) float16) and
@@ -120,7 +122,7 @@ def cache_folder(
 
 @torch.no_grad()
 def window_features(
-    qkv: dict, block_size: int, scale: float | None = None
+    qkv: dict, block_size: int, scale: float | None = None, softcap: float | None = None
 ) -> dict[str, torch.Tensor]:
     """Pooled gate inputs and the pooled attention target of one captured batch.
 
@@ -128,6 +130,7 @@ def window_features(
         qkv: {layer: LayerQKV} from `seerlib.capture.capture_qkv`.
         block_size: b.
         scale: attention score scale (the model's; 1 / sqrt(d) by default).
+        softcap: the model's attention logit soft-cap (`families` softcapping), or None.
     Returns:
         {"L<i>.q_<op>": (B, Hq, nb, d) f16, "L<i>.k_<op>": (B, Hkv, nb, d) f16 for op in
         avg/max/min, "L<i>.pooled": (B, Hq, nb, nb) f32 from `pooled_attention`}.
@@ -139,7 +142,7 @@ def window_features(
             out[f"L{i}.k_{op}"] = pool_blocks(t.k_pre, block_size, (op,)).half().cpu()
         # The exact map (equal to pooled_attention's, tested), without P @ V and scoring causal
         # keys only: half the reference's cost on a CPU, and exact fp32 on a GPU as well.
-        _, pooled = block_maps(t.q, t.k, block_size, causal=True, scale=scale)
+        _, pooled = block_maps(t.q, t.k, block_size, causal=True, scale=scale, softcap=softcap)
         out[f"L{i}.pooled"] = pooled.float().cpu()
     return out
 
@@ -192,13 +195,14 @@ def capture_features(
                 "expects one full causal pass (no KV cache)"
             )
         s = kwargs.get("scaling") or scale
+        cap = kwargs.get("softcap")  # the model's logit soft-cap (Gemma2), None elsewhere
         if target == "exact":
-            _, pooled = block_maps(query, key, block_size, causal=True, scale=s)
+            _, pooled = block_maps(query, key, block_size, causal=True, scale=s, softcap=cap)
             out[f"L{i}.pooled"] = pooled.float().cpu()
             return default(module, query, key, value, attention_mask, **kwargs)
         kd = target_dtype(target, query.device, query.dtype)
         o, pooled = ops.pooled_attention(
-            query.to(kd), key.to(kd), value.to(kd), block_size, causal=True, scale=s
+            query.to(kd), key.to(kd), value.to(kd), block_size, causal=True, scale=s, softcap=cap
         )
         out[f"L{i}.pooled"] = pooled.float().cpu()
         return o.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, S, Hq, d)
@@ -455,15 +459,17 @@ def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows
             raise ValueError(f"layer {i}: {query.shape[2]} queries against {key.shape[2]} keys; "
                              "distillation expects one full causal pass (no KV cache)")
         s = kwargs.get("scaling") or scale
+        cap = kwargs.get("softcap")  # the model's logit soft-cap (Gemma2), None elsewhere
         pooled = {op: pool_blocks(p["k_pre"], block_size, (op,)) for op in POOL_OPS}
         q_rows = p["q_pre"][:, :, rows].float()
         if target == "exact":
-            truth = decode_block_truth(query[:, :, rows], key, block_size, s, positions=rows)
+            truth = decode_block_truth(query[:, :, rows], key, block_size, s, positions=rows,
+                                       softcap=cap)
             out[i] = (q_rows, pooled, truth)
             return default(module, query, key, value, attention_mask, **kwargs)
         kd = target_dtype(target, query.device, query.dtype)
         o, truth = ops.decode_pooled_attention(query.to(kd), key.to(kd), value.to(kd), block_size,
-                                               scale=s)
+                                               scale=s, softcap=cap)
         out[i] = (q_rows, pooled, truth[:, :, rows].float())
         return o.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, S, Hq, d)
 

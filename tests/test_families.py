@@ -1,6 +1,7 @@
 """Model-family adapters on tiny random models built from transformers' own config classes (no hub):
-the gate reads what RoPE receives, density 1.0 gives the dense logits (or a refusal that names
-what cannot be honoured), a distillation step runs, and sliding-window layers keep their window."""
+the gate reads what RoPE receives, density 1.0 gives the dense logits (Gemma2 with its logit
+soft-cap, which the sparse path and the distillation targets carry), a distillation step runs, and
+sliding-window layers keep their window."""
 
 import importlib
 from types import SimpleNamespace
@@ -9,12 +10,13 @@ import pytest
 import torch
 import transformers
 
+from seerlib import integrate, ops, reference
 from seerlib.capture import capture_qkv
 from seerlib.distill import DistillConfig, Distiller
 from seerlib.families import family_of
 from seerlib.gate import BlockRoPE, GateSet
 from seerlib.integrate import sparsify
-from seerlib.targets import WindowCache, build_cache
+from seerlib.targets import WindowCache, build_cache, capture_features
 
 S, B16, VOCAB = 128, 16, 101
 WINDOW = 32  # shorter than S: the window binds
@@ -35,7 +37,6 @@ FAMILIES = {
                dict(sliding_window=WINDOW, layer_types=HYBRID, query_pre_attn_scalar=32)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi3", {}),
 }
-SOFTCAPPED = {"gemma2"}  # attn_logit_softcapping set by default
 
 
 def _classes(name):
@@ -95,20 +96,12 @@ def test_capture_gives_what_rope_receives(name, monkeypatch):
 
 @pytest.mark.parametrize("method", ["gate@1", "oracle-max@1"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_density_one_gives_dense_logits_or_names_the_refusal(name, method):
+def test_density_one_gives_dense_logits(name, method):
+    """Every family, Gemma2 with its logit soft-cap on (carried into the sparse path)."""
     model = tiny(name)
     x = ids()
     dense = logits(model, x)
     kw = {"gates": GateSet.from_config(model.config, block_size=B16)} if "gate" in method else {}
-    if name in SOFTCAPPED:
-        with pytest.raises(NotImplementedError, match="attn_logit_softcapping=50.0"):
-            sparsify(model, method, block_size=B16, **kw)
-        with sparsify(model, "dense", block_size=B16) as sp:  # the model's own, soft-cap kept
-            torch.testing.assert_close(logits(model, x), dense, atol=1e-5, rtol=1e-5)
-        model.config.attn_logit_softcapping = None  # without it, the sparse path is exact
-        for layer in model.model.layers:
-            layer.self_attn.attn_logit_softcapping = None
-        dense = logits(model, x)
     with sparsify(model, method, block_size=B16, **kw) as sp:
         out = logits(model, x)
     torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
@@ -117,11 +110,62 @@ def test_density_one_gives_dense_logits_or_names_the_refusal(name, method):
     assert sp.stats.achieved_density == 1.0
 
 
+def _without_softcap(model):
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    return model
+
+
+@pytest.mark.parametrize("path", ["reference", "triton", "flex"])
+def test_gemma2_soft_cap_is_carried_into_the_sparse_path(path, monkeypatch):
+    """Gemma2 soft-caps its logits: at density 1.0 the sparse path (the reference, the Triton
+    kernels under the interpreter, or eager FlexAttention) gives the model's own logits, and the
+    oracle's selection sees the cap. The cap is set to 1 here so that it binds on this tiny model
+    (logits of a few units): dropping it moves the logits by far more than the tolerance."""
+    model = tiny("gemma2", attn_logit_softcapping=1.0)
+    assert family_of(model).softcapping(model.config) == 1.0
+    x = ids()
+    dense = logits(model, x)
+    seen = []
+    real = integrate.layer_block_mask
+    monkeypatch.setattr(integrate, "layer_block_mask",
+                        lambda cfg, layer: seen.append(layer.softcap) or real(cfg, layer))
+    flex = dict(attention="flex", compile_flex=False) if path == "flex" else {}
+    with ops.use_backend("reference" if path == "flex" else path):
+        with sparsify(model, "oracle-max@1", block_size=B16, **flex):
+            out = logits(model, x)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert seen == [1.0]  # the one global layer
+    uncapped = logits(_without_softcap(tiny("gemma2", attn_logit_softcapping=1.0)), x)
+    assert (uncapped - dense).abs().max() > 1e-2  # what the test would miss without the cap
+
+
+@pytest.mark.parametrize("target", ["exact", "kernel"])
+def test_gemma2_distillation_targets_are_the_soft_capped_attention(target):
+    """The cached target of each gated layer is the max-pooled map of the soft-capped attention
+    (the reference's, from the captured post-RoPE Q/K/V and the model's scale), for either
+    source; the cap (1, so that it binds) changes the map by far more than the tolerance."""
+    model = tiny("gemma2", attn_logit_softcapping=1.0)
+    x = ids()
+    feats = capture_features(model, x, B16, target=target)
+    cap = capture_qkv(model, x)
+    scale = model.model.layers[0].self_attn.scaling
+    layers = sorted({int(key.split(".")[0][1:]) for key in feats})
+    assert layers
+    for i in layers:
+        t = cap[i]
+        want = reference.pooled_attention(t.q, t.k, t.v, B16, scale=scale, softcap=1.0)[1]
+        plain = reference.pooled_attention(t.q, t.k, t.v, B16, scale=scale)[1]
+        torch.testing.assert_close(feats[f"L{i}.pooled"], want, atol=1e-6, rtol=1e-5)
+        assert (plain - want).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen3", "phi3"])
 def test_sparse_prefill_runs_on_the_global_layers(name):
-    """Below density 1 the global layers really run sparse (the logits change, stay finite);
-    Gemma2 without soft-capping is accepted: the refusal is about the soft-cap only."""
-    model = tiny(name, **({"attn_logit_softcapping": None} if name in SOFTCAPPED else {}))
+    """Below density 1 the global layers really run sparse (the logits change, stay finite),
+    Gemma2 with its soft-cap."""
+    model = tiny(name)
     x = ids()
     dense = logits(model, x)
     with sparsify(model, "oracle-max@0.3", block_size=B16, record_masks=True) as sp:
