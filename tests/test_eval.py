@@ -144,6 +144,26 @@ def test_dense_pass_recall_and_density(small):
     assert dens["oracle-sum@0.5"] == dens["sink_window@0.5"] == pytest.approx(topk_density(0.5, 16))
 
 
+def test_dense_pass_scores_the_global_layers_only():
+    """A sliding-window layer keeps its window under sparsify: recall and density are of the
+    layers that run sparse (Gemma3: the global ones), and no ground truth is built for the rest."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, vocab_size=101, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=16)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(3, 101, (1, 128))
+    cfgs = [parse_config(s, block_size=16) for s in ["oracle-sum@1", "sink_window@0.5"]]
+    _, scores, maps = dense_pass(model, ids, cfgs, block_size=16)
+    assert set(maps) == {1}
+    assert scores["oracle-sum@1"]["recall"] == [pytest.approx(1.0)]
+    assert len(scores["sink_window@0.5"]["recall"]) == 1
+
+
 @pytest.mark.model
 def test_cli_writes_json_and_markdown(smollm, tmp_path):
     out = tmp_path / "q"

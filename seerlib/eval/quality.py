@@ -15,6 +15,7 @@ from seerlib import metrics
 from seerlib.capture import attention_override, pre_rope_hooks
 from seerlib.eval.maps_cache import cached_maps, maps_key, maps_path, model_key, save_maps
 from seerlib.eval.ppl import _nll, _result
+from seerlib.families import family_of
 from seerlib.integrate import count_blocks, sparsify
 from seerlib.longtext import text_windows
 from seerlib.methods import LayerInputs, ground_truth, layer_block_mask
@@ -36,9 +37,11 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
                maps: dict | None = None, need_maps: bool | None = None):
     """One dense forward over `ids`, scoring block selections inside every layer.
 
-    For each layer the exact attention mass per tile (`metrics.block_mass`, post-RoPE Q/K) is the
-    reference: each config's mask (built by `integrate.layer_block_mask`, the code `sparsify` runs)
-    gets its recall and kept/causal counts. Oracle configs select from the dense maps.
+    For each layer that `sparsify` makes sparse (not the sliding-window layers, which keep their
+    window: Gemma3's 15 of 18) the exact attention mass per tile (`metrics.block_mass`, post-RoPE
+    Q/K) is the reference: each config's mask (built by `integrate.layer_block_mask`, the code
+    `sparsify` runs) gets its recall and kept/causal counts. Oracle configs select from the dense
+    maps.
 
     Args:
         model: the (dense) transformers model.
@@ -65,10 +68,15 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
     scores = {c.label: {"recall": [], "kept": 0, "causal": 0} for c in configs}
     pre: dict = {}
 
+    family = family_of(model)
+
     def score(module, query, key, value, attention_mask, *, default, **kwargs):
         layer = module.layer_idx
         p = pre.pop(layer, None)
         scale = kwargs.get("scaling")
+        if family.keeps_own_attention(model.config, layer, key.shape[2]):
+            # a sliding-window layer keeps its window under sparsify: nothing selected to score
+            return default(module, query, key, value, attention_mask, **kwargs)
         if need_maps:
             if layer not in maps:
                 maps[layer] = {pool: ground_truth(query, key, value, block_size, pool, scale)
