@@ -164,6 +164,42 @@ def test_dense_pass_scores_the_global_layers_only():
     assert len(scores["sink_window@0.5"]["recall"]) == 1
 
 
+def test_dense_pass_maps_are_of_the_soft_capped_attention(monkeypatch):
+    """Gemma2 soft-caps its logits: the oracle's maps (both pools) and the layer inputs of every
+    selection carry the model's cap, as sparsify's do. The cap is 1 so that it binds on this
+    tiny model: dropping it moves the maps by far more than the tolerance."""
+    import transformers
+
+    import seerlib.eval.quality as quality
+    from seerlib import metrics, reference
+    from seerlib.capture import capture_qkv
+
+    cfg = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=101, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+        attn_logit_softcapping=1.0, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+    ids = torch.randint(3, 101, (1, 128), generator=torch.Generator().manual_seed(0))
+    seen = []
+    real = quality.layer_block_mask
+    monkeypatch.setattr(quality, "layer_block_mask",
+                        lambda c, layer: seen.append(layer.softcap) or real(c, layer))
+    _, _, maps = dense_pass(model, ids, [parse_config("oracle-sum@0.5", block_size=16)],
+                            block_size=16)
+    assert set(maps) == {1}
+    t = capture_qkv(model, ids)[1]
+    scale = model.model.layers[1].self_attn.scaling
+    want = {"max": reference.pooled_attention(t.q, t.k, t.v, 16, scale=scale, softcap=1.0)[1],
+            "sum": metrics.block_mass(t.q, t.k, 16, scale=scale, softcap=1.0)}
+    plain = metrics.block_mass(t.q, t.k, 16, scale=scale)
+    for pool, w in want.items():
+        torch.testing.assert_close(maps[1][pool], w, atol=1e-6, rtol=1e-5, msg=pool)
+    assert (plain - want["sum"]).abs().max() > 1e-2  # what the test would miss without the cap
+    assert seen == [1.0]  # the one global layer's selection
+
+
 @pytest.mark.model
 def test_cli_writes_json_and_markdown(smollm, tmp_path):
     out = tmp_path / "q"

@@ -85,6 +85,25 @@ def test_a_mismatched_header_is_refused_naming_the_field(tmp_path, tiny):
     assert load_maps(path, key)  # the file itself is fine
 
 
+def test_a_soft_capped_models_maps_name_the_cap_in_their_header(tmp_path, tiny):
+    """Gemma2's maps are of the soft-capped attention: its header names the cap, so a file
+    written without it (before eval carried the cap) is refused; an uncapped model's header
+    has no such field, so its files stay valid."""
+    import transformers
+
+    cfg = transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=101, attn_logit_softcapping=50.0)
+    fields = model_key(transformers.Gemma2ForCausalLM(cfg))
+    assert fields["softcap"] == "50.0" and "softcap" not in tiny[3]
+    _, ids, maps, _ = tiny
+    path = maps_path(tmp_path, S, 0, 0, B)
+    key = maps_key(fields, ids[:1], 0, 0, B)
+    save_maps(path, maps, {k: v for k, v in key.items() if k != "softcap"})
+    with pytest.raises(MapsCacheError, match="softcap None.*'50.0'"):
+        load_maps(path, key)
+
+
 def test_a_damaged_file_is_refused(tmp_path, tiny):
     path, key = _saved(tmp_path, tiny)
     data = bytearray(path.read_bytes())

@@ -5,7 +5,8 @@ skips the slow part.
 One safetensors file per window, `maps-S<len>-w<index>-o<offset>-b<block>.safetensors`, with the
 tensors `L<layer>.max` and `L<layer>.sum` ((1, Hq, nb, nb), as `dense_pass` returns them) and a
 header (key "seerlib") that says what they were computed from: the format version, the model
-(name, a hash of its config's architecture fields, a sha256 of its weights, dtype, device type),
+(name, a hash of its config's architecture fields, a sha256 of its weights, dtype, device type,
+and its attention logit soft-cap when it has one: Gemma2's maps are of the soft-capped attention),
 the window (sha256 of its token ids, length, index, offset), the block size and the layer and
 head counts, plus a sha256 of the tensors. Written through `seerlib.io.atomic_write`.
 
@@ -27,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from seerlib.families import family_of
 from seerlib.io import atomic_write, config_hash, tensor_digest
 from seerlib.targets import model_fingerprint
 
@@ -47,10 +49,14 @@ def model_key(model) -> dict[str, str]:
     p = next(model.parameters())
     c = model.config
     name = Path(str(getattr(c, "_name_or_path", "") or c.model_type)).name  # not where it lies
-    return {"model": name,
-            "config_hash": config_hash(c), "weights_sha256": model_fingerprint(model),
-            "dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type,
-            "layers": str(c.num_hidden_layers), "heads": str(c.num_attention_heads)}
+    key = {"model": name,
+           "config_hash": config_hash(c), "weights_sha256": model_fingerprint(model),
+           "dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type,
+           "layers": str(c.num_hidden_layers), "heads": str(c.num_attention_heads)}
+    cap = family_of(model).softcapping(c)
+    if cap is not None:  # maps of the soft-capped attention; files written without it are stale
+        key["softcap"] = str(float(cap))
+    return key
 
 
 def maps_key(model_fields: dict[str, str], ids: torch.Tensor, index: int, offset: int,

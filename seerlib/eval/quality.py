@@ -74,18 +74,20 @@ def dense_pass(model, ids: torch.Tensor, configs, gates=None, block_size: int = 
         layer = module.layer_idx
         p = pre.pop(layer, None)
         scale = kwargs.get("scaling")
+        softcap = kwargs.get("softcap")  # Gemma2's attn_logit_softcapping, None elsewhere
         if family.keeps_own_attention(model.config, layer, key.shape[2]):
             # a sliding-window layer keeps its window under sparsify: nothing selected to score
             return default(module, query, key, value, attention_mask, **kwargs)
         if need_maps:
             if layer not in maps:
-                maps[layer] = {pool: ground_truth(query, key, value, block_size, pool, scale)
+                maps[layer] = {pool: ground_truth(query, key, value, block_size, pool, scale,
+                                                  softcap=softcap)
                                for pool in ("max", "sum")}
             mass = maps[layer]["sum"]
             for c in configs:
                 truth = c.spec.ground_truth
                 mask = layer_block_mask(c, LayerInputs(
-                    query, key, value, block_size, scale=scale,
+                    query, key, value, block_size, scale=scale, softcap=softcap,
                     gate=gates[layer] if gates is not None else None,
                     q_pre=p["q_pre"] if p else None, k_pre=p["k_pre"] if p else None,
                     weights=maps[layer][truth] if truth else None,
