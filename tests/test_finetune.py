@@ -74,6 +74,43 @@ def test_the_frozen_part_does_not_change(train):
     assert len(t.optimizer.param_groups) == 1
 
 
+@pytest.mark.parametrize("target", ["exact", "kernel"])
+def test_the_gate_target_is_the_soft_capped_attention(target, monkeypatch):
+    """On a tiny Gemma2 (cap 1, so that it binds) the gate loss's target is the row-normalized
+    max-pooled map of the soft-capped attention (the reference's, from the captured post-RoPE
+    Q/K/V), for either source; the plain map differs by far more than the tolerance."""
+    import transformers
+
+    import seerlib.finetune.train as train
+    from seerlib import reference
+    from seerlib.capture import capture_qkv
+    from seerlib.metrics import normalize_rows
+
+    cfg = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=211, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+        attn_logit_softcapping=1.0, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = WINDOW[:, :96]
+    t = capture_qkv(model, ids)[1]
+    scale = model.model.layers[1].self_attn.scaling
+    want = normalize_rows(reference.pooled_attention(t.q, t.k, t.v, 16, scale=scale,
+                                                     softcap=1.0)[1])
+    plain = normalize_rows(reference.pooled_attention(t.q, t.k, t.v, 16, scale=scale)[1])
+    seen = []
+    real = train.kl_div
+    monkeypatch.setattr(train, "kl_div", lambda tg, *a, **kw: seen.append(tg) or real(tg, *a, **kw))
+    tuner = FineTuner(model, ids, FinetuneConfig(steps=1, warmup=0, train="gate",
+                                                 attention="dense", target=target),
+                      gates=GateSet.from_config(model.config, block_size=16))
+    tuner._pass(ids, True)
+    assert len(seen) == 1  # the one global layer
+    torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=1e-5)
+    assert (plain - want).abs().max() > 1e-2  # what the test would miss without the cap
+
+
 def test_the_model_diff_round_trips_and_refuses_another_base(tmp_path):
     t = _tuner(steps=2, lr=1e-3, train="model", attention="dense")
     base, sha = base_snapshot(t.model), model_fingerprint(t.model)

@@ -130,9 +130,10 @@ class _Tap(AttentionSwitch):
                 gate = self.gates[layer]
                 qp, kp = gate.pool(pre["q_pre"].detach(), pre["k_pre"].detach())
                 scale = kwargs.get("scaling")
+                softcap = kwargs.get("softcap")  # Gemma2's attn_logit_softcapping, else None
                 self.features[layer] = (qp, kp, _target(query.detach(), key.detach(),
                                                         value.detach(), gate.block_size,
-                                                        self.target, scale))
+                                                        self.target, scale, softcap))
         if torch.is_autocast_enabled(query.device.type):
             dt = torch.get_autocast_dtype(query.device.type)
             query, key, value = query.to(dt), key.to(dt), value.to(dt)
@@ -148,15 +149,16 @@ class _Tap(AttentionSwitch):
         return torch.stack(per_layer).sum(), [float(x.detach()) for x in per_layer]
 
 
-def _target(q, k, v, block_size: int, target: str, scale) -> torch.Tensor:
+def _target(q, k, v, block_size: int, target: str, scale, softcap=None) -> torch.Tensor:
     """The row-normalized pooled attention map (B, Hq, nb, nb) float32 of post-RoPE q, k: one
-    dense pass over the layer's scores (the cost of the gate loss)."""
+    dense pass over the layer's scores (the cost of the gate loss); of the soft-capped attention
+    when `softcap` (the model's logit soft-cap) is given."""
     if target == "exact":
-        pooled = block_maps(q, k, block_size, causal=True, scale=scale)[1]
+        pooled = block_maps(q, k, block_size, causal=True, scale=scale, softcap=softcap)[1]
     else:
         kd = target_dtype(target, q.device, q.dtype)
         pooled = ops.pooled_attention(q.to(kd), k.to(kd), v.to(kd), block_size, causal=True,
-                                      scale=scale)[1]
+                                      scale=scale, softcap=softcap)[1]
     return normalize_rows(pooled)
 
 
