@@ -2,7 +2,9 @@
 
 What it computes: `seerlib.reference.sparse_decode_attention`: one query per sequence (q_len 1)
 over the kept key blocks of its kv head, the group's query heads sharing one list. Dense decode
-is the same kernel over every block (`decode_attention`).
+is the same kernel over every block (`decode_attention`). With a logit soft-cap c (Gemma2), the
+scaled scores x become c * tanh(x / c) before the mask and the softmax (SOFTCAP, a constexpr:
+without it the kernel is the plain one; with it, one tanh more per score: `_common.tanh`).
 
 How, in two launches:
 1. `_decode_split`, one program per (batch, kv head, split). The group's G query heads are the
@@ -33,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import check_block_size, check_decode_shapes, default_scale, num_blocks
+from seerlib.reference import check_block_size, check_decode_shapes, check_softcap, num_blocks
 
-from ._common import LOG2E, check_out, interpreting, softmax_step
+from ._common import check_out, interpreting, score_scales, softmax_step, tanh
 
 __all__ = ["sparse_decode_attention", "decode_attention", "choose_splits"]
 
@@ -48,7 +50,7 @@ MIN_ROWS = 16  # tl.dot's smallest M
 @triton.jit
 def _decode_split(
     Q, K, V, IDX, CNT, LENS, O, OP, LSEP,
-    qk_scale,
+    qk_scale, cap_log2,
     sqz, sqh,
     skz, skh, skn,
     svz, svh, svn,
@@ -59,6 +61,7 @@ def _decode_split(
     BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DIRECT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,6 +98,8 @@ def _decode_split(
         vt = tl.load(v_base + pos[:, None].to(tl.int64) * svn + offs_d[None, :],
                      mask=ok[:, None], other=0.0)
         s = tl.dot(q, kt) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2  # c * tanh(x / c) in the log2 domain (`score_scales`)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, vt, m_i, l_i, acc, True)
 
@@ -198,7 +203,8 @@ def _lens(kv_lens, B, S, device):
 
 
 def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, kv_lens=None,
-                            scale=None, *, out=None, blocks_per_split: int | None = None):
+                            scale=None, *, out=None, blocks_per_split: int | None = None,
+                            softcap: float | None = None):
     """One decode query per row over the kept key blocks of its kv head.
 
     Args:
@@ -210,10 +216,12 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
         scale: score scale; 1 / sqrt(d) by default.
         out: optional (B, Hq, 1, d) buffer in q's dtype (tests poison it).
         blocks_per_split: P, index entries per program (default: `choose_splits`).
+        softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c)), or None.
     Returns:
         out: (B, Hq, 1, d) in q's dtype; zeros for a head that keeps no valid key.
     """
     B, Hq, Hkv, S, d, b = _check(q, k, v, block_size)
+    softcap = check_softcap(softcap)
     count = _check_index(block_index, block_count, B, Hkv, q.device)
     lens = _lens(kv_lens, B, S, q.device)
     out = check_out(out, q)
@@ -230,11 +238,11 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
     else:
         parts = torch.empty((B, Hq, n_splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((B, Hq, n_splits), dtype=torch.float32, device=q.device)
-    qk_scale = (default_scale(d) if scale is None else float(scale)) * LOG2E
+    qk_scale, cap_log2 = score_scales(d, scale, softcap)
     launch = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
     _decode_split[(B * Hkv, n_splits)](
         q, k, v, block_index, count, lens, out, parts, lse,
-        qk_scale,
+        qk_scale, cap_log2,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -242,7 +250,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
         out.stride(0), out.stride(1),
         Hkv, G, S, K_w, n_splits, P,
         HEAD_D=d, BLOCK=b, BLOCK_M=max(MIN_ROWS, triton.next_power_of_2(G)), DIRECT=direct,
-        **launch,
+        SOFTCAP=softcap is not None, **launch,
     )
     if not direct:
         _decode_merge[(B * Hq,)](
@@ -254,7 +262,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
 
 
 def decode_attention(q, k, v, kv_lens=None, scale=None, *, block_size: int = 64, out=None,
-                     blocks_per_split: int | None = None):
+                     blocks_per_split: int | None = None, softcap: float | None = None):
     """Dense decode attention: the sparse kernel over every key block.
 
     Args: as `sparse_decode_attention` without the index; block_size is the key tile width.
@@ -265,4 +273,4 @@ def decode_attention(q, k, v, kv_lens=None, scale=None, *, block_size: int = 64,
     index = torch.arange(nb, dtype=torch.int32, device=q.device).expand(B, Hkv, nb)
     count = torch.full((B, Hkv), nb, dtype=torch.int32, device=q.device)
     return sparse_decode_attention(q, k, v, index, count, b, kv_lens, scale, out=out,
-                                   blocks_per_split=blocks_per_split)
+                                   blocks_per_split=blocks_per_split, softcap=softcap)

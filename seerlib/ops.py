@@ -10,10 +10,10 @@ Backends:
     "triton": always the kernels (CPU tensors need TRITON_INTERPRET=1 set before triton loads);
         a head dim the kernels lack is refused, naming it and theirs.
     "reference": always `seerlib.reference`.
-The prefill ops take `softcap=` (Gemma2's attention logit soft-cap: logits -> c * tanh(logits / c)
-before the mask and softmax), and so do the kernels; the decode target's kernel does not, so
-`decode_pooled_attention` with a soft-cap takes the reference under "auto" and is refused under
-"triton".
+The ops take `softcap=` (Gemma2's attention logit soft-cap: logits -> c * tanh(logits / c)
+before the mask and softmax), and so do the kernels, the decode step's too; the decode target's
+kernel does not, so `decode_pooled_attention` with a soft-cap takes the reference under "auto" and
+is refused under "triton".
 Choose per call (`backend=`), for a block of code (`with use_backend("reference"): ...`), or for
 the process (environment variable SEERLIB_BACKEND). Precedence: argument, context, environment.
 """
@@ -293,25 +293,26 @@ def decode_pooled_attention(q, k, v, block_size: int, scale: float | None = None
 
 def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, *,
                             kv_lens=None, scale: float | None = None,
-                            backend: str | None = None):
+                            softcap: float | None = None, backend: str | None = None):
     """One decode query per row over the kept key blocks of its kv head (shapes:
-    `reference.sparse_decode_attention`): the Triton split-KV kernel on CUDA bf16/fp16
-    (`seerlib.kernels.sparse_decode`), else the reference. The kernel takes block_index and
-    block_count as int32 (`seerlib.decode.select.decode_index` makes them so); other dtypes are
-    converted. It never syncs the host, so it skips what the reference refuses (negative counted
-    entries) instead of raising."""
+    `reference.sparse_decode_attention`; softcap, the logit soft-cap c or None): the Triton
+    split-KV kernel on CUDA bf16/fp16 (`seerlib.kernels.sparse_decode`), else the reference. The
+    kernel takes block_index and block_count as int32 (`seerlib.decode.select.decode_index` makes
+    them so); other dtypes are converted. It never syncs the host, so it skips what the reference
+    refuses (negative counted entries) instead of raising."""
     if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
         return _kernels().sparse_decode_attention(
             q, k, v, block_index.to(torch.int32), block_count.to(torch.int32), block_size,
-            kv_lens=kv_lens, scale=scale)
+            kv_lens=kv_lens, scale=scale, softcap=softcap)
     return reference.sparse_decode_attention(q, k, v, block_index, block_count, block_size,
-                                             kv_lens=kv_lens, scale=scale)
+                                             kv_lens=kv_lens, scale=scale, softcap=softcap)
 
 
 def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
-                     backend: str | None = None):
-    """Dense attention of one decode query per row over its KV cache: the same kernel over
-    every key block on CUDA bf16/fp16, else the reference."""
+                     softcap: float | None = None, backend: str | None = None):
+    """Dense attention of one decode query per row over its KV cache (softcap, the logit
+    soft-cap c or None): the same kernel over every key block on CUDA bf16/fp16, else the
+    reference."""
     if _use_kernels(q, backend, inputs=(q, k, v)):
-        return _kernels().decode_attention(q, k, v, kv_lens=kv_lens, scale=scale)
-    return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale)
+        return _kernels().decode_attention(q, k, v, kv_lens=kv_lens, scale=scale, softcap=softcap)
+    return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale, softcap=softcap)

@@ -430,11 +430,11 @@ def _check_decode(q, k, v, kv_lens):
     return B, Hq, Hkv, S, d, kv_lens.long()
 
 
-def _decode_softmax_out(q, k, v, keep, scale):
+def _decode_softmax_out(q, k, v, keep, scale, softcap=None):
     """Attention of the one query per row over the keys `keep` (B, Hkv, S) allows: (B, Hq, 1, d)."""
     B, Hq, _, d = q.shape
     Hkv = k.shape[1]
-    s = _scores(q, k, 0, 1, default_scale(d, scale))  # (B, Hq, 1, S)
+    s = _scores(q, k, 0, 1, default_scale(d, scale), check_softcap(softcap))  # (B, Hq, 1, S)
     keep = keep.repeat_interleave(Hq // Hkv, dim=1)[:, :, None]  # (B, Hq, 1, S)
     p = _safe_softmax(s.masked_fill(~keep, float("-inf")))
     # a dropped key's V never reaches the output, even when it is NaN (0 * NaN is NaN)
@@ -442,18 +442,18 @@ def _decode_softmax_out(q, k, v, keep, scale):
     return _apply_v(p, vv, Hq // Hkv).to(q.dtype)
 
 
-def decode_attention(q, k, v, kv_lens=None, scale=None) -> torch.Tensor:
+def decode_attention(q, k, v, kv_lens=None, scale=None, softcap=None) -> torch.Tensor:
     """Dense attention of one decode query per row over its KV cache.
 
     Args:
         q: (B, Hq, 1, d); k, v: (B, Hkv, S, d); kv_lens: (B,) valid keys per row (default S).
-        scale: score scale; 1 / sqrt(d) by default.
+        scale: score scale; 1 / sqrt(d) by default. softcap: logit soft-cap c, or None.
     Returns:
         out: (B, Hq, 1, d) in q's dtype.
     """
     B, Hq, Hkv, S, d, kv_lens = _check_decode(q, k, v, kv_lens)
     keep = (torch.arange(S, device=q.device)[None] < kv_lens[:, None])  # (B, S)
-    return _decode_softmax_out(q, k, v, keep[:, None].expand(B, Hkv, S), scale)
+    return _decode_softmax_out(q, k, v, keep[:, None].expand(B, Hkv, S), scale, softcap)
 
 
 def decode_index_to_mask(block_index, block_count, nb: int) -> torch.Tensor:
@@ -478,7 +478,7 @@ def decode_index_to_mask(block_index, block_count, nb: int) -> torch.Tensor:
 
 
 def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, kv_lens=None,
-                            scale=None) -> torch.Tensor:
+                            scale=None, softcap=None) -> torch.Tensor:
     """Attention of one decode query per row over the kept key blocks of its kv head.
 
     Args:
@@ -488,7 +488,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
             row's kv_len, are ignored.
         block_count: (B, Hkv) int, how many entries of block_index count.
         block_size: b, tokens per key block.
-        scale: score scale; 1 / sqrt(d) by default.
+        scale: score scale; 1 / sqrt(d) by default. softcap: logit soft-cap c, or None.
     Returns:
         out: (B, Hq, 1, d) in q's dtype; a head that keeps no valid key gives zeros.
     """
@@ -497,7 +497,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
     blocks = decode_index_to_mask(block_index, block_count, num_blocks(S, b))  # (B, Hkv, nb)
     pos = torch.arange(S, device=q.device)
     keep = blocks[..., pos // b] & (pos[None] < kv_lens[:, None])[:, None]  # (B, Hkv, S)
-    return _decode_softmax_out(q, k, v, keep, scale)
+    return _decode_softmax_out(q, k, v, keep, scale, softcap)
 
 
 def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
@@ -547,7 +547,7 @@ def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
 
 
 def row_sparse_attention(q, k, v, row_blocks, block_size: int, scale=None,
-                         return_mass: bool = False):
+                         return_mass: bool = False, softcap=None):
     """Causal attention where each query row reads its own kept key blocks: decode sparsity,
     teacher-forced (every token of a prefill attends as it would as a decode step).
 
@@ -559,6 +559,7 @@ def row_sparse_attention(q, k, v, row_blocks, block_size: int, scale=None,
         scale: score scale; 1 / sqrt(d) by default.
         return_mass: also return the recall of attention mass: the share of each row's dense
             (causal) attention that falls on the keys it keeps.
+        softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
     Returns:
         out: (B, Hq, S, d) in q's dtype; a row with no kept key gives zeros.
         mass (with return_mass): (B, Hq, S) float32 (float64 for float64 inputs), in [0, 1].
@@ -571,7 +572,7 @@ def row_sparse_attention(q, k, v, row_blocks, block_size: int, scale=None,
         got = tuple(row_blocks.shape) if isinstance(row_blocks, torch.Tensor) else row_blocks
         raise ValueError(f"row_blocks must be a bool (B, Hkv, S, nb) = {(B, Hkv, S, nb)} tensor; "
                          f"got {got}")
-    group, scale = Hq // Hkv, default_scale(d, scale)
+    group, scale, softcap = Hq // Hkv, default_scale(d, scale), check_softcap(softcap)
     out = torch.empty_like(q)
     mass = torch.zeros(B, Hq, S, dtype=_compute_dtype(q), device=q.device) if return_mass else None
     key_block = torch.arange(S, device=q.device) // b
@@ -581,7 +582,7 @@ def row_sparse_attention(q, k, v, row_blocks, block_size: int, scale=None,
         causal = _causal(r0, r1, S, q.device)
         keep = row_blocks[:, :, r0:r1][..., key_block] & causal
         keep = keep.repeat_interleave(group, dim=1)  # (B, Hq, R, S)
-        s = _scores(q, k, r0, r1, scale)
+        s = _scores(q, k, r0, r1, scale, softcap)
         out[:, :, r0:r1] = _apply_v(_safe_softmax(s.masked_fill(~keep, float("-inf"))), v,
                                     group).to(q.dtype)
         if mass is not None:

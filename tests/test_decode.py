@@ -68,6 +68,40 @@ def test_decode_references_agree_with_full_attention():
     assert torch.allclose(out, full) and torch.allclose(mass, torch.ones_like(mass))
 
 
+@pytest.mark.parametrize("cap", [2.0, 50.0])
+def test_decode_references_take_the_soft_cap(cap):
+    """Decode steps, their sparse form and the teacher-forced rows soft-cap the logits as the
+    prefill reference does: over every block they equal its soft-capped attention."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, S, d, b = 2, 6, 2, 97, 16, 16
+    q = torch.randn(B, Hq, S, d, dtype=torch.float64) * 3  # logits of a few units: the cap binds
+    k, v = torch.randn(B, Hkv, S, d, dtype=torch.float64), torch.randn(B, Hkv, S, d,
+                                                                      dtype=torch.float64)
+    full = reference.attention(q, k, v, softcap=cap)
+    assert (full - reference.attention(q, k, v)).abs().max() > 1e-2
+    last, nb = q[:, :, -1:], reference.num_blocks(S, b)
+    idx = torch.arange(nb, dtype=torch.int32).expand(B, Hkv, nb)
+    cnt = torch.full((B, Hkv), nb, dtype=torch.int32)
+    torch.testing.assert_close(reference.decode_attention(last, k, v, softcap=cap),
+                               full[:, :, -1:])
+    for backend in ("reference", "auto"):
+        torch.testing.assert_close(ops.sparse_decode_attention(
+            last, k, v, idx, cnt, b, softcap=cap, backend=backend), full[:, :, -1:])
+        torch.testing.assert_close(ops.decode_attention(last, k, v, softcap=cap,
+                                                        backend=backend), full[:, :, -1:])
+    every = torch.ones(B, Hkv, S, nb, dtype=torch.bool)
+    out, mass = reference.row_sparse_attention(q, k, v, every, b, return_mass=True, softcap=cap)
+    torch.testing.assert_close(out, full)
+    torch.testing.assert_close(mass, torch.ones_like(mass))
+    # a sparse row: the teacher-forced row and the decode step read the same blocks alike
+    keep = torch.zeros(B, Hkv, S, nb, dtype=torch.bool)
+    keep[..., [0, 3, nb - 1]] = True
+    sparse_idx = torch.tensor([0, 3, nb - 1], dtype=torch.int32).expand(B, Hkv, 3)
+    rows = reference.row_sparse_attention(q, k, v, keep, b, softcap=cap)
+    torch.testing.assert_close(reference.sparse_decode_attention(
+        last, k, v, sparse_idx, torch.full((B, Hkv), 3), b, softcap=cap), rows[:, :, -1:])
+
+
 def test_sparse_decode_ignores_padding_and_poison_outside_the_selection():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)

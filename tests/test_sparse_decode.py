@@ -1,6 +1,7 @@
 """The split-KV sparse decode kernel (kernels/sparse_decode.py) against seerlib.reference, under
 the Triton interpreter: awkward lengths, GQA 1/3/4, head dims 64/128, budgets past the context,
-padding, empty rows, poisoned outputs, variable kv lengths, splits of every size."""
+padding, empty rows, poisoned outputs, variable kv lengths, splits of every size, logit soft-caps
+(Gemma2)."""
 
 import pytest
 import torch
@@ -45,6 +46,31 @@ def test_matches_reference(B, Hq, Hkv, S, d, b):
     for per in (None, 1, 3, nb):
         got = kern.sparse_decode_attention(q, k, v, idx, cnt, b, blocks_per_split=per)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cap", [2.0, 50.0])
+@pytest.mark.parametrize("B,Hq,Hkv,S,d,b", [(1, 4, 4, 97, 64, 16), (2, 9, 3, 1025, 64, 64),
+                                            (2, 8, 2, 200, 128, 32)])
+def test_soft_cap_matches_reference(B, Hq, Hkv, S, d, b, cap):
+    """Logit soft-capping (Gemma2) in the kernel, every split size, dense decode too, and
+    through ops on the 'triton' backend; an empty head still gives zeros."""
+    q, k, v = _inputs(B, Hq, Hkv, S, d)
+    q = q * 4  # logits of several units: a cap of 2 binds
+    nb = -(-S // b)
+    idx, cnt = _random_index(B, Hkv, nb, 0.4)
+    cnt[0, 0] = 0
+    want = reference.sparse_decode_attention(q, k, v, idx, cnt, b, softcap=cap)
+    assert (want - reference.sparse_decode_attention(q, k, v, idx, cnt, b)).abs().max() > 1e-3
+    for per in (None, 1, nb):
+        got = kern.sparse_decode_attention(q, k, v, idx, cnt, b, blocks_per_split=per,
+                                           softcap=cap)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ops.sparse_decode_attention(q, k, v, idx, cnt, b, softcap=cap,
+                                                           backend="triton"), want,
+                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(kern.decode_attention(q, k, v, block_size=b, softcap=cap),
+                               reference.decode_attention(q, k, v, softcap=cap),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_variable_kv_lens_and_blocks_past_them():
@@ -152,3 +178,4 @@ def test_generation_through_the_kernel_equals_the_reference():
             runs[backend] = torch.stack(model.generate(ids, **kw).scores, 1)
         assert sg.stats.steps > 0 and sg.stats.kept_share < 1
     torch.testing.assert_close(runs["triton"], runs["reference"], atol=1e-4, rtol=1e-4)
+
