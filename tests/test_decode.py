@@ -210,6 +210,55 @@ def test_a_budget_covering_the_context_decodes_as_dense(model, gates):
     assert torch.equal(dense, sparse) and sg.stats.kept_share == 1.0
 
 
+def _gemma2(cap, layer_types=("full_attention",) * 3):
+    """A tiny random Gemma2 (transformers' own config class, no hub) with logit soft-cap `cap`."""
+    import transformers
+
+    cfg = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+        sliding_window=32, layer_types=list(layer_types), query_pre_attn_scalar=32,
+        attn_logit_softcapping=cap, initializer_range=0.1)
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("label", ["oracle@tok=4096", "gate@tok=4096", "quest@tok=4096"])
+def test_gemma2_decode_carries_the_soft_cap(label, monkeypatch):
+    """On a tiny Gemma2 whose cap (1) binds, a budget covering the context decodes as dense:
+    the same tokens and step logits, and teacher-forced the same logits; every decode method
+    is handed the cap. Without it the logits move by far more than the tolerance."""
+    import seerlib.decode.generate as generate
+    import seerlib.decode.teacher as teacher
+
+    model = _gemma2(1.0)
+    ids = torch.randint(3, 101, (2, 40), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    cfg = parse_decode_config(label, B16)
+    gates = DecodeGateSet(model.config, block_size=B16) if cfg.spec.needs_gate else None
+    seen = []
+    for mod in (generate, teacher):
+        real = mod.decode_scores
+        monkeypatch.setattr(mod, "decode_scores", lambda c, inputs, real=real:
+                            seen.append(inputs.softcap) or real(c, inputs))
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        with sparse_generation(model, cfg, decode_gates=gates) as sg:
+            sparse = model.generate(ids, **kw)
+        full = model(dense.sequences, use_cache=False).logits
+        with decode_teacher_forced(model, cfg, gates):
+            tf = model(dense.sequences, use_cache=False).logits
+    assert torch.equal(sparse.sequences, dense.sequences) and sg.stats.kept_share == 1.0
+    torch.testing.assert_close(torch.stack(sparse.scores, 1), torch.stack(dense.scores, 1),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tf, full, atol=1e-5, rtol=1e-5)
+    assert seen and set(seen) == {1.0}
+    with torch.no_grad():
+        uncapped = _gemma2(None)(dense.sequences, use_cache=False).logits
+    assert (uncapped - full).abs().max() > 1e-2  # what the test would miss without the cap
+
+
 def test_generation_refuses_missing_or_foreign_gates(model, gates):
     with pytest.raises(ValueError, match="DecodeGateSet"):
         sparse_generation(model, "gate@tok=64", block_size=B16)

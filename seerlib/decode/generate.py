@@ -13,7 +13,8 @@ Every attention layer is routed through `seerlib.capture.attention_override`:
   the key blocks (`seerlib.decode.methods`), selects them (`select_decode`: the newest block always,
   the forced ones, the budget's best) and attends over them with
   `seerlib.ops.sparse_decode_attention` (the Triton split-KV kernel on CUDA, the reference on CPU),
-  reading transformers' own KV cache in place.
+  reading transformers' own KV cache in place; of the soft-capped logits on a model that caps
+  them (Gemma2's `softcap`, passed by the model to its attention function), as its own attention.
 
 A prefill resets the per-layer state, so one handle serves many `generate` calls. Batches of
 equal-length, unpadded prompts only (a padded prompt is refused at its prefill). A token budget
@@ -131,9 +132,9 @@ class SparseGeneration(AttentionSwitch):
                                    "edited outside generate?)")
             cache.update(pre["k_pre"])
             k_gate = cache.keys
-        scale = kwargs.get("scaling")
+        scale, softcap = kwargs.get("scaling"), kwargs.get("softcap")  # softcap: Gemma2's, or None
         b = cfg.block_size
-        inputs = DecodeInputs(query, key, positions, b, scale=scale,
+        inputs = DecodeInputs(query, key, positions, b, scale=scale, softcap=softcap,
                               gate=self.gates[layer] if self.gates is not None else None,
                               q_pre=pre["q_pre"] if pre else None, k_gate=k_gate,
                               k_pre=None if k_gate is not None else (pre or {}).get("k_pre"))
@@ -141,7 +142,8 @@ class SparseGeneration(AttentionSwitch):
         index, count = decode_index(keep, self._k)
         self.last_index[layer] = (index, count)
         self.stats.add(count, num_blocks(Sk, b))
-        out = ops.sparse_decode_attention(query, key, value, index, count, b, scale=scale)
+        out = ops.sparse_decode_attention(query, key, value, index, count, b, scale=scale,
+                                          softcap=softcap)
         return out.transpose(1, 2).contiguous(), None  # (B, 1, Hq, d), like transformers
 
 

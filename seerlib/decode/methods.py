@@ -14,7 +14,9 @@ names them, and `DecodeConfig` (method + Selection + block size) describes a dec
     then the blocks by recency (forced sink blocks add more at the start);
   - "oracle": the true block scores (`ops`/`reference.decode_block_truth`: the attention, max-pooled
     over each block and over the group's heads), the gate's training target: its top-k is the best
-    any block-score predictor can do.
+    any block-score predictor can do. Of the soft-capped attention on a model that caps its
+    logits (Gemma2, `DecodeInputs.softcap`); Quest's bound needs no cap: c * tanh(x / c) is
+    increasing, so it ranks the blocks alike.
 - `DecodeConfig.label` ("gate+sink@tok=1024", "quest@tok=512", "dense") is read back by
   `parse_decode_config`.
 """
@@ -58,6 +60,7 @@ class DecodeInputs:
         k_pre: (B, Hkv, S, d) pre-RoPE keys, or None when `k_gate` is given.
         k_gate: (B, Hkv, n, d_gate) gate keys of the first n full blocks (the K-compression
             cache), instead of pooling k_pre again.
+        softcap: the model's attention logit soft-cap (Gemma2), or None.
     """
 
     q: torch.Tensor
@@ -69,6 +72,7 @@ class DecodeInputs:
     q_pre: torch.Tensor | None = None
     k_pre: torch.Tensor | None = None
     k_gate: torch.Tensor | None = None
+    softcap: float | None = None
 
     @property
     def nb(self) -> int:
@@ -185,7 +189,8 @@ def sink_window(inputs: DecodeInputs) -> torch.Tensor:
 
 @register_decode_method("oracle")
 def oracle(inputs: DecodeInputs) -> torch.Tensor:
-    return decode_block_truth(inputs.q, inputs.k, inputs.block_size, inputs.scale).float()
+    return decode_block_truth(inputs.q, inputs.k, inputs.block_size, inputs.scale,
+                              softcap=inputs.softcap).float()
 
 
 def decode_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:

@@ -125,7 +125,9 @@ class TeacherForced(AttentionSwitch):
         cfg, b = self.config, self.config.block_size
         positions = torch.arange(S, device=query.device)
         gate = self.gates[layer] if self.gates is not None else None
+        softcap = kwargs.get("softcap")  # Gemma2's attn_logit_softcapping, None elsewhere
         inputs = DecodeInputs(query, key, positions, b, scale=kwargs.get("scaling"), gate=gate,
+                              softcap=softcap,
                               q_pre=pre["q_pre"] if pre else None,
                               k_pre=pre["k_pre"] if pre else None)
         keep = select_decode(decode_scores(cfg, inputs), cfg.selection, positions, b)
@@ -134,7 +136,7 @@ class TeacherForced(AttentionSwitch):
         if self.record_masks:
             self.masks[layer] = keep
         out, mass = row_sparse_attention(query, key, value, keep, b, scale=kwargs.get("scaling"),
-                                         return_mass=True)
+                                         return_mass=True, softcap=softcap)
         r0 = min(self._first_scored(S), S - 1)
         self.stats.add(layer, mass[:, :, r0:], kept_token_counts(keep[:, :, r0:],
                                                                  positions[r0:], b),
