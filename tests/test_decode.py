@@ -259,6 +259,33 @@ def test_gemma2_decode_carries_the_soft_cap(label, monkeypatch):
     assert (uncapped - full).abs().max() > 1e-2  # what the test would miss without the cap
 
 
+@pytest.mark.parametrize("label", ["oracle@tok=4096", "gate@tok=4096"])
+def test_gemma2_sliding_layers_keep_their_window_at_decode(label):
+    """A hybrid Gemma2 (sliding, global, sliding; window 32 < the 40-token prompt, cap 1): the
+    sliding layers keep the model's own windowed attention at the prefill and every step, as
+    under sparsify, so a covering budget decodes as dense, generated and teacher-forced; only
+    the global layer's steps are sparse decode steps."""
+    model = _gemma2(1.0, ("sliding_attention", "full_attention", "sliding_attention"))
+    ids = torch.randint(3, 101, (2, 40), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    cfg = parse_decode_config(label, B16)
+    gates = DecodeGateSet(model.config, block_size=B16) if cfg.spec.needs_gate else None
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        with sparse_generation(model, cfg, decode_gates=gates) as sg:
+            sparse = model.generate(ids, **kw)
+        full = model(dense.sequences, use_cache=False).logits
+        with decode_teacher_forced(model, cfg, gates) as tf:
+            forced = model(dense.sequences, use_cache=False).logits
+    assert torch.equal(sparse.sequences, dense.sequences)
+    torch.testing.assert_close(torch.stack(sparse.scores, 1), torch.stack(dense.scores, 1),
+                               atol=1e-5, rtol=1e-5)
+    assert sg.stats.steps == 9 and sg.stats.kept_share == 1.0  # the global layer's steps
+    torch.testing.assert_close(forced, full, atol=1e-5, rtol=1e-5)
+    assert list(tf.stats.per_layer_recall) == [1]
+
+
 def test_generation_refuses_missing_or_foreign_gates(model, gates):
     with pytest.raises(ValueError, match="DecodeGateSet"):
         sparse_generation(model, "gate@tok=64", block_size=B16)

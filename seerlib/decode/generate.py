@@ -16,6 +16,9 @@ Every attention layer is routed through `seerlib.capture.attention_override`:
   reading transformers' own KV cache in place; of the soft-capped logits on a model that caps
   them (Gemma2's `softcap`, passed by the model to its attention function), as its own attention.
 
+Sliding-window layers (Gemma2/3's, by family: `seerlib.families`) keep the model's own attention
+and its window at every step, as under `sparsify`.
+
 A prefill resets the per-layer state, so one handle serves many `generate` calls. Batches of
 equal-length, unpadded prompts only (a padded prompt is refused at its prefill). A token budget
 that covers the context reads every block: the tokens are those of dense decoding (tested). Quest
@@ -31,6 +34,7 @@ from torch import nn
 
 from seerlib import ops
 from seerlib.capture import AttentionSwitch, attention_layers
+from seerlib.families import family_of
 from seerlib.integrate import _check_no_padding, sparsify
 from seerlib.reference import num_blocks
 
@@ -84,6 +88,7 @@ class SparseGeneration(AttentionSwitch):
     def __init__(self, model: nn.Module, config: DecodeConfig, decode_gates=None, prefill=None):
         super().__init__(model)
         self.config, self.gates = config, decode_gates
+        self.family = family_of(model)
         self.prefill = prefill  # a disabled Sparsified, or None
         if prefill is not None:
             prefill._pre = self._pre  # one set of hooks feeds both
@@ -103,11 +108,12 @@ class SparseGeneration(AttentionSwitch):
         layer = module.layer_idx
         B, Hq, Sq, d = query.shape
         Sk = key.shape[2]
-        cfg = self.config
+        cfg, mc = self.config, self.model.config
+        sliding = self.family.keeps_own_attention(mc, layer, Sk)  # the model's window, dense
         if Sq == Sk:  # a prefill: a new sequence starts
-            _check_no_padding(attention_mask, Sq)
+            _check_no_padding(attention_mask, Sq, window=self.family.layer_window(mc, layer))
             self.stats.prefills += 1
-            if cfg.spec.needs_gate:
+            if cfg.spec.needs_gate and not sliding:
                 cache = self.caches.setdefault(layer, KCompressionCache(self.gates[layer]))
                 cache.reset()
                 cache.update(self._pre[layer]["k_pre"])
@@ -120,7 +126,7 @@ class SparseGeneration(AttentionSwitch):
             raise NotImplementedError(f"sparse generation takes a prefill then one token per step; "
                                       f"layer {layer} got {Sq} queries against {Sk} keys")
         pre = self._pre.pop(layer, None)
-        if not cfg.spec.sparse:
+        if not cfg.spec.sparse or sliding:
             return default(module, query, key, value, attention_mask, **kwargs)
         positions = torch.full((1,), Sk - 1, device=query.device, dtype=torch.long)
         k_gate = None

@@ -12,6 +12,9 @@ selection per kv group. This is not a prefill block mask: query t's selection is
 one query block may read different blocks), as at generation, which `seerlib.decode.generate`
 runs step by step with the sparse decode kernel; the two agree token for token (tested).
 
+Sliding-window layers (Gemma2/3's, by family: `seerlib.families`) keep the model's own attention
+and its window, as under `sparsify`; they enter no statistics.
+
 Statistics (`DecodeStats`) are taken over the *scored* queries, those at or after `score_from`
 (default: the second half of the window, where the past is long enough for a budget to drop
 blocks): the recall of attention mass (share of each query head's dense attention on the keys
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from seerlib.capture import AttentionSwitch
+from seerlib.families import family_of
 from seerlib.integrate import _check_no_padding
 from seerlib.io import config_hash
 from seerlib.reference import row_sparse_attention
@@ -102,6 +106,7 @@ class TeacherForced(AttentionSwitch):
                  score_from: float | int = 0.5, prefix: int = 0):
         super().__init__(model)
         self.config, self.gates = config, gates
+        self.family = family_of(model)
         self.score_from, self.prefix = score_from, prefix
         self.stats = DecodeStats()
         self.masks: dict[int, torch.Tensor] = {}
@@ -121,7 +126,10 @@ class TeacherForced(AttentionSwitch):
         if key.shape[2] != S:
             raise ValueError(f"teacher-forced decode runs whole windows (use_cache=False); layer "
                              f"{layer} got {S} queries against {key.shape[2]} keys")
-        _check_no_padding(attention_mask, S)
+        _check_no_padding(attention_mask, S, window=self.family.layer_window(self.model.config,
+                                                                             layer))
+        if self.family.keeps_own_attention(self.model.config, layer, S):
+            return default(module, query, key, value, attention_mask, **kwargs)  # its window
         cfg, b = self.config, self.config.block_size
         positions = torch.arange(S, device=query.device)
         gate = self.gates[layer] if self.gates is not None else None
