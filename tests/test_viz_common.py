@@ -12,3 +12,20 @@ def test_renderer_bundle_has_json_and_html_without_plotlyjs():
     html = bundle["text/html"]
     assert "Plotly.newPlot" in html and len(html) < 50_000  # plotly.js is not inlined per figure
     assert "mathjax" not in html.lower()
+
+
+def test_long_titles_are_wrapped_to_fit_a_narrow_cell():
+    import plotly.io as pio
+
+    from seerlib.viz.common import TITLE_CHARS, wrap_title
+
+    text, added = wrap_title("word " * 40)
+    assert added >= 2 and all(len(line) <= TITLE_CHARS for line in text.split("<br>"))
+    assert wrap_title("short") == ("short", 0)
+    tagged = "a <span>" + "x " * 60 + "</span>"
+    assert wrap_title(tagged) == (tagged, 0)  # HTML is left whole
+    fig = go.Figure(go.Scatter(y=[1]), layout=dict(title="long " * 30, margin=dict(t=60)))
+    bundle = pio.renderers["seerlib"].to_mimebundle(fig.to_dict())
+    layout = bundle["application/vnd.plotly.v1+json"]["layout"]
+    lines = layout["title"]["text"].split("<br>")
+    assert len(lines) >= 3 and layout["margin"]["t"] == 60 + 20 * (len(lines) - 1)

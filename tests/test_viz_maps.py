@@ -87,3 +87,26 @@ def test_panel_plain_figures_unless_interactive():
     sliders = [w for w in panel.children[0].children if isinstance(w, W.IntSlider)]
     assert [s.description for s in sliders] == ["layer", "head"]
     sliders[0].value = 2  # redraws without error (Outputs are inert outside a kernel)
+
+
+def test_map_hover_shows_the_probability_and_nothing_above_the_diagonal():
+    am = fake_maps(S=40)
+    m = am.maps(1, 8)[2]  # (nb, nb), NaN above the diagonal
+    fig = viz.attention_head_figure(m, 1, 2, 8, am.labels(8))
+    (t,) = fig.data
+    np.testing.assert_array_equal(t.customdata, m.astype(np.float32))
+    assert "customdata" in t.hovertemplate and "log10" not in t.hovertemplate
+    assert t.hoverongaps is False
+    assert fig.layout.width is None and fig.layout.yaxis.scaleanchor == "x"
+
+
+def test_gated_layers_leave_out_sliding_window_layers():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=1)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(**small, num_hidden_layers=6, head_dim=16,
+                                               sliding_window=8))
+    assert viz.gated_layers(gemma, 100) == [5]  # 5 sliding layers, then the global one
+    llama = LlamaForCausalLM(LlamaConfig(**small, num_hidden_layers=3))
+    assert viz.gated_layers(llama, 100) == [0, 1, 2]

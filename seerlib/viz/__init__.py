@@ -88,6 +88,7 @@ from seerlib.viz.maps import (
     blocks_to_cover,
     coverage_density,
     display_tokens,
+    gated_layers,
     sparsity_by_layer_figure,
     sparsity_heatmap_figure,
 )
@@ -153,6 +154,7 @@ __all__ = [
     "decode_steps_figure",
     "dense_throughput_figure",
     "display_tokens",
+    "gated_layers",
     "gate_files",
     "gate_panel",
     "gate_vs_truth_figure",

@@ -26,14 +26,59 @@ KEY_FIGURES_MIME = "application/vnd.seerlib.key-figures+json"
 # ---------------------------------------------------------------- rendering
 
 
+# Page scripts of the HTML div, by the figure's `layout.meta` (a story registers its own: the model
+# view's click-to-enlarge). JupyterLab's plotly renderer runs none of them.
+POST_SCRIPTS: dict[str, str] = {}
+
+
+# A title line longer than this many characters is broken at a space: a 1000 px JupyterLab window
+# with its file browser open leaves a cell about 570 px, some 65 characters of a 17 px title.
+TITLE_CHARS = 64
+
+
+def wrap_title(text: str, width: int = TITLE_CHARS) -> tuple[str, int]:
+    """`text` with "<br>" at spaces so that no line is longer than `width` characters (lines
+    holding HTML tags are left whole). Returns (text, lines added)."""
+    out, added = [], 0
+    for line in text.split("<br>"):
+        while len(line) > width and "<" not in line:
+            cut = line.rfind(" ", 0, width + 1)
+            if cut <= 0:
+                break
+            out.append(line[:cut])
+            line = line[cut + 1:]
+            added += 1
+        out.append(line)
+    return "<br>".join(out), added
+
+
+def _wrap_figure_title(fig_dict: dict) -> None:
+    """Wrap the layout title in place (`wrap_title`), with 20 px more top margin a line."""
+    layout = fig_dict.setdefault("layout", {})
+    title = layout.get("title")
+    text = title.get("text") if isinstance(title, dict) else title
+    if not isinstance(text, str):
+        return
+    text, added = wrap_title(text)
+    if not added:
+        return
+    layout["title"] = dict(title, text=text) if isinstance(title, dict) else dict(text=text)
+    margin = layout.setdefault("margin", {})
+    margin["t"] = (margin.get("t") or 100) + 20 * added
+
+
 class _OfflineRenderer(pio.base_renderers.MimetypeRenderer):
-    """Plotly JSON for JupyterLab plus an HTML div that needs a page-level plotly.js."""
+    """Plotly JSON for JupyterLab plus an HTML div that needs a page-level plotly.js; long titles
+    are wrapped to fit a narrow cell (`wrap_title`)."""
 
     def to_mimebundle(self, fig_dict):
+        _wrap_figure_title(fig_dict)
         bundle = pio.base_renderers.PlotlyRenderer().to_mimebundle(fig_dict)
+        meta = (fig_dict.get("layout") or {}).get("meta")
         bundle["text/html"] = pio.to_html(
             fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
             default_height="520px", validate=False,
+            post_script=POST_SCRIPTS.get(meta) if isinstance(meta, str) else None,
         )
         return bundle
 
@@ -84,11 +129,13 @@ def _log_colorbar(**kw) -> dict:
 
 def _map_trace(m: np.ndarray, labels: Sequence[str] | None, show_scale: bool,
                hover: bool = True) -> go.Heatmap:
+    # z is the log colour, customdata the probability that hover shows; the gaps (NaN, above
+    # the diagonal) get no hover label
     return go.Heatmap(
-        z=_log_map(m), x=labels, y=labels, zmin=LOG_FLOOR, zmax=0.0,
-        colorscale=MAP_COLORSCALE, showscale=show_scale,
-        colorbar=_log_colorbar(title=dict(text="prob.")),
-        hovertemplate="query %{y}<br>key %{x}<br>log10 p = %{z:.2f}<extra></extra>"
+        z=_log_map(m), customdata=np.asarray(m, dtype=np.float32), x=labels, y=labels,
+        zmin=LOG_FLOOR, zmax=0.0, colorscale=MAP_COLORSCALE, showscale=show_scale,
+        colorbar=_log_colorbar(title=dict(text="prob.")), hoverongaps=False,
+        hovertemplate="query %{y}<br>key %{x}<br>p = %{customdata:.3g}<extra></extra>"
         if hover else None,
     )
 
@@ -110,7 +157,7 @@ def layer_head_heatmap(z: np.ndarray, title: str, colorbar: str, zrange=(0.0, 1.
     ))
     fig.update_yaxes(autorange="reversed", title="layer", dtick=1, tickfont_size=9)
     fig.update_xaxes(title="head")
-    fig.update_layout(title=title, height=max(360, 22 * L + 140), width=620,
+    fig.update_layout(title=title, height=max(360, 22 * L + 140),
                       margin=dict(l=40, r=20, t=60, b=40))
     return fig
 

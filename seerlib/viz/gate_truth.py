@@ -101,21 +101,23 @@ def gate_vs_truth_figure(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray,
                          oracle_mask: np.ndarray, layer: int, head: int,
                          block_size: int, recall: float | None = None) -> go.Figure:
     """Ground truth, gate prediction, selected blocks and their difference from the oracle,
-    side by side for one head. Maps are (nb, nb); masks bool (nb, nb)."""
+    for one head, in a 2 x 2 grid (it fits a narrow cell). Maps are (nb, nb); masks bool
+    (nb, nb)."""
     nb = truth.shape[-1]
     upper = ~np.tri(nb, dtype=bool)
-    fig = make_subplots(rows=1, cols=4, horizontal_spacing=0.04, subplot_titles=[
-        "ground truth (pooled, row-normalized)", "gate prediction (softmax)",
-        "selected blocks", "selection vs oracle"])
+    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.14,
+                        subplot_titles=["ground truth (pooled)", "gate prediction (softmax)",
+                                        "selected blocks", "selection vs oracle"])
+    at = {1: (1, 1), 2: (1, 2), 3: (2, 1), 4: (2, 2)}  # panel -> (row, col)
     for col, m in ((1, truth), (2, pred)):
         m = np.array(m, dtype=np.float32)
         m[upper] = np.nan
-        fig.add_trace(_map_trace(m, None, show_scale=col == 1), row=1, col=col)
+        fig.add_trace(_map_trace(m, None, show_scale=col == 1), *at[col])
     sel = np.where(upper, np.nan, np.asarray(mask, dtype=np.float32))
     fig.add_trace(go.Heatmap(z=sel, zmin=0, zmax=1, showscale=False,
                              colorscale=[[0, "#f2f2f2"], [1, "#08306b"]],
                              hovertemplate="q %{y} k %{x}: kept %{z}<extra></extra>"),
-                  row=1, col=3)
+                  *at[3])
     m, o = np.asarray(mask, bool), np.asarray(oracle_mask, bool)
     diff = np.select([m & o, m & ~o, ~m & o], [1, 2, 3], 0).astype(np.float32)
     diff[upper] = np.nan
@@ -124,15 +126,18 @@ def gate_vs_truth_figure(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray,
         scale += [[i / 4, c], [(i + 1) / 4, c]]
     fig.add_trace(go.Heatmap(
         z=diff, zmin=-0.5, zmax=3.5, colorscale=scale,
-        colorbar=dict(x=1.08, tickvals=[0, 1, 2, 3],
+        colorbar=dict(x=1.02, y=0.0, yanchor="bottom", len=0.43, tickvals=[0, 1, 2, 3],
                       ticktext=["neither", "both", "gate only", "oracle only"]),
-        hovertemplate="q %{y} k %{x}: %{z}<extra></extra>"), row=1, col=4)
+        hovertemplate="q %{y} k %{x}: %{z}<extra></extra>"), *at[4])
+    # the probability colour bar beside the maps (top row), the selection key beside the bottom
+    fig.update_traces(colorbar=dict(y=1.0, yanchor="top", len=0.43), selector=dict(showscale=True),
+                      row=1, col=1)
     fig.update_xaxes(showgrid=False, constrain="domain", title=f"key block (b={block_size})")
     fig.update_yaxes(showgrid=False, autorange="reversed")
-    fig.update_yaxes(title="query block", row=1, col=1)
+    fig.update_yaxes(title="query block", col=1)
     extra = "" if recall is None else f"; recall of the mass {recall:.3f}"
     fig.update_layout(title=f"Layer {layer}, head {head}: gate vs ground truth{extra}",
-                      height=400, plot_bgcolor="white", margin=dict(l=40, r=40, t=80, b=40))
+                      height=720, plot_bgcolor="white", margin=dict(l=40, r=40, t=80, b=40))
     return fig
 
 
@@ -203,12 +208,19 @@ def gate_panel(comparisons: Mapping[int, GateComparison], layer: int, head: int,
                 show(fig)
         status.value = ""
 
+    def enable_rule(*_):  # only the chosen rule's slider moves anything
+        w_density.disabled = w_rule.value != "density"
+        w_threshold.disabled = w_rule.value != "threshold"
+
+    w_rule.observe(enable_rule, "value")
+    enable_rule()
     for w in (w_block, w_layer, w_head, w_rule, w_density, w_threshold):
         w.observe(redraw, "value")
     redraw()
-    controls = W.VBox([W.HBox([w_block, w_layer, w_head]),
-                       W.HBox([w_rule, w_density, w_threshold, status])])
-    return W.VBox([controls, out_head, W.HBox([out_recall, out_kl])])
+    wrap = W.Layout(flex_flow="row wrap")  # controls wrap onto more rows in a narrow notebook
+    controls = W.VBox([W.HBox([w_block, w_layer, w_head], layout=wrap),
+                       W.HBox([w_rule, w_density, w_threshold, status], layout=wrap)])
+    return W.VBox([controls, out_head, out_recall, out_kl])
 
 
 # ---------------------------------------------------------------- head view: one query row
@@ -248,14 +260,14 @@ def query_row_figure(row: dict, layer: int, head: int, query_block: int, block_s
     who = np.select([g & o, g & ~o, ~g & o], [1, 2, 3], 0)
     colors = [dict(_DIFF_COLORS)[w] for w in who]
     names = np.array(["neither", "both", "gate only", "oracle only"])[who]
-    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07, subplot_titles=[
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.12, subplot_titles=[
         f"gate keeps {int(g.sum())}", f"{ORACLE} keeps {int(o.sum())}",
         "exact attention mass"])
     for col, kept, color in ((1, g, "#2b8cbe"), (2, o, "#31a354")):
         fig.add_trace(go.Bar(x=keys, y=kept.astype(int), marker_color=color, showlegend=False,
                              hovertemplate="key block %{x}: %{y}<extra></extra>"), row=1, col=col)
         fig.update_yaxes(range=[0, 1.05], tickvals=[0, 1], ticktext=["dropped", "kept"],
-                         row=1, col=col)
+                         showticklabels=col == 1, row=1, col=col)  # one key for both
     fig.add_trace(go.Bar(x=keys, y=mass, marker_color=colors, customdata=names,
                          showlegend=False, hovertemplate="key block %{x}: mass %{y:.4f}"
                          "<br>%{customdata}<extra></extra>"), row=1, col=3)
@@ -265,7 +277,7 @@ def query_row_figure(row: dict, layer: int, head: int, query_block: int, block_s
         title=dict(text=f"Layer {layer}, head {head}, query block {query_block}, {rule}: achieved "
                    f"density {row['density']:.3f}; row recall gate {row['recall_gate']:.3f}, "
                    f"oracle {row['recall_oracle']:.3f}", font=dict(size=13)),
-        bargap=0.1, height=340, width=900, plot_bgcolor="white",
+        bargap=0.1, height=340, plot_bgcolor="white",
         margin=dict(l=60, r=20, t=80, b=50))
     return fig
 
@@ -281,5 +293,4 @@ def recall_gap_figure(scores: dict, layers: Sequence[int], rule: str) -> go.Figu
         f"{gap.min():+.3f})", "gate − oracle", zrange=(-lim, lim), colorscale=_GAP_COLORS,
         fmt="+.2f", layers=layers)
     fig.update_traces(zmid=0.0)
-    fig.update_layout(width=560)
     return fig

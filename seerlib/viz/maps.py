@@ -13,6 +13,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from seerlib import ops
+from seerlib.families import family_of
 from seerlib.metrics import block_mass
 from seerlib.viz.common import _map_trace, show
 
@@ -120,6 +121,15 @@ class AttentionMaps:
                 for i in range(math.ceil(self.seq_len / block))]
 
 
+def gated_layers(model, num_keys: int) -> list[int]:
+    """The layers SeerAttention applies to at `num_keys` keys: every layer of SmolLM2; Gemma 3's
+    global layers only (a sliding-window layer keeps its window, so a full causal map of it would
+    show attention the model never computes)."""
+    family = family_of(model)
+    n = model.config.num_hidden_layers
+    return [i for i in range(n) if not family.keeps_own_attention(model.config, i, num_keys)]
+
+
 def display_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     """Readable per-token strings (spaces as '·', newlines as '⏎') for axis labels."""
     return [tokenizer.decode([i]).replace(" ", "·").replace("\n", "⏎") for i in ids]
@@ -168,12 +178,13 @@ def attention_head_figure(m: np.ndarray, layer: int, head: int, block: int,
                           labels: Sequence[str] | None = None) -> go.Figure:
     """One head's attention map, large, with query/key labels on the axes (log colour scale)."""
     fig = go.Figure(_map_trace(m, labels, show_scale=True))
+    # square tiles at any width: the y axis keeps the x axis' scale, the plot shrinks to fit
     fig.update_yaxes(autorange="reversed", title=f"query ({_unit(block)})", tickfont_size=9,
-                     showgrid=False)
+                     showgrid=False, scaleanchor="x", constrain="domain")
     fig.update_xaxes(title=f"key ({_unit(block)})", tickfont_size=9, tickangle=-60, showgrid=False)
     fig.update_layout(title=f"Layer {layer}, head {head} ({_how(block)}, log scale)",
                       plot_bgcolor="white",
-                      height=680, width=760, margin=dict(l=40, r=20, t=60, b=40))
+                      height=680, margin=dict(l=40, r=20, t=60, b=40))
     return fig
 
 
@@ -197,7 +208,7 @@ def sparsity_heatmap_figure(density: np.ndarray, coverage: float, block_size: in
     fig.update_layout(
         title=f"Share of causal blocks (b={block_size}) needed for {coverage:.0%} of the mass "
         f"(mean {density.mean():.2f})",
-        height=max(360, 22 * L + 140), width=620, margin=dict(l=40, r=20, t=60, b=40),
+        height=max(360, 22 * L + 140), margin=dict(l=40, r=20, t=60, b=40),
     )
     return fig
 
@@ -306,5 +317,7 @@ def attention_maps_panel(
     w_cov.observe(redraw_sparsity, "value")
     redraw_maps()
     redraw_sparsity()
-    controls = W.HBox([w_layer, w_head, w_block, w_cov, status])
-    return W.VBox([controls, out_grid, W.HBox([out_head, out_sparse])])
+    # the controls wrap onto more rows in a narrow notebook; the figures stack
+    controls = W.HBox([w_layer, w_head, w_block, w_cov, status],
+                      layout=W.Layout(flex_flow="row wrap"))
+    return W.VBox([controls, out_grid, out_head, out_sparse])

@@ -63,8 +63,9 @@ def prompt_box(draw: Callable[[str], None], value: str = "", rows: int = 6):
     """
     import ipywidgets as W  # lazy: only interactive panels need widgets (~0.35 s to import)
 
+    # width "auto": the cell's width (100% plus the widget's margins would overflow it)
     box = W.Textarea(value=value, placeholder="Type or paste text (or a .txt path), then run",
-                     rows=rows, layout=W.Layout(width="100%"))
+                     rows=rows, layout=W.Layout(width="auto"))
     button, status, out = W.Button(description="draw maps"), W.Label(), W.Output()
 
     def run(_=None):

@@ -99,8 +99,8 @@ def loss_curve_figure(history: Sequence[Mapping], title: str = "Gate distillatio
     values as markers. `history` holds `Distiller.steps()` metrics dicts; `blocks` (key blocks
     per row at the window length) names each density's k in the legend and notes a k = 1 line;
     `status` (e.g. `progress_text`) goes under the title."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[
-        "KL loss (summed over layers)", "recall of the pooled target at density"])
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=[
+        "KL loss (sum over layers)", "recall at density"])
     steps = [m["step"] for m in history]
     fig.add_trace(go.Scatter(x=steps, y=[m["loss"] for m in history], name="train loss",
                              mode="lines", line_color="#1f77b4"), row=1, col=1)
@@ -130,14 +130,17 @@ def loss_curve_figure(history: Sequence[Mapping], title: str = "Gate distillatio
     ticks = log_ticks(min(losses), max(losses)) if losses else []
     fig.update_yaxes(type="log", tickvals=ticks or None, ticktext=[f"{t:g}" for t in ticks]
                      or None, row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02], title="recall of the pooled target", row=1, col=2)
     fig.update_xaxes(title="step")
     sub = [status] if status else []
     if flat:
         sub.append(f"recall @ {', '.join(flat)} keeps 1 block per row (the diagonal only): "
                    "flat by construction")
+    # the notes and the legend take their own rows (above and below the plots), so that nothing
+    # overlaps the subplot titles in a narrow cell
     fig.update_layout(title=dict(text=title + "".join(f"<br><sub>{s}</sub>" for s in sub)),
-                      height=420 + 20 * len(sub), margin=dict(t=80 + 20 * len(sub)))
+                      legend=dict(orientation="h", y=-0.25, yanchor="top", x=0),
+                      height=480 + 22 * len(sub), margin=dict(t=100 + 22 * len(sub), b=110))
     return fig
 
 
