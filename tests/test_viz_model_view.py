@@ -1,6 +1,8 @@
 """seerlib.viz.model_view (notebook 01): every layer x head as thumbnails, one head enlarged."""
 
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
 
 from seerlib import viz
 from tests.test_viz_maps import fake_maps
@@ -34,7 +36,7 @@ def test_model_view_structure_hover_and_dropdown():
     assert "layer 0, head 5" in fig.data[5].hovertemplate
     np.testing.assert_array_equal(fig.data[-1].customdata, am.maps(1, 16)[2])
     texts = [a.text for a in fig.layout.annotations]
-    assert [f"layer {ly}" for ly in range(L)] + [f"head {h}" for h in range(H)] == texts[:L + H]
+    assert [f"layer {ly}" for ly in range(L)] + [f"h{h}" for h in range(H)] == texts[:L + H]
     assert not any(getattr(fig.layout[f"xaxis{i}"], "title", None) and
                    fig.layout[f"xaxis{i}"].title.text for i in range(1, L * H + 1))
     (menu,) = fig.layout.updatemenus
@@ -43,7 +45,7 @@ def test_model_view_structure_hover_and_dropdown():
     fr = fig.frames[7]
     assert list(fr.traces) == [L * H]
     np.testing.assert_array_equal(fr.data[0].customdata, am.maps(1, 16)[1])
-    assert fig.layout.width <= 1000
+    assert fig.layout.width is None  # it takes its cell's width (test_browser checks at 1000 px)
 
 
 def test_model_view_pools_token_maps_and_says_so():
@@ -55,7 +57,46 @@ def test_model_view_pools_token_maps_and_says_so():
     assert "enlarged: 2x2" in fig.layout.title.text
 
 
-def test_model_view_panel_interactive():
+def test_model_view_panel_interactive_hover_previews_and_click_pins():
     import ipywidgets as W
+    from plotly.callbacks import Points
 
-    assert isinstance(viz.model_view_panel(fake_maps(), 16, 0, 1, interactive=True), W.VBox)
+    am = fake_maps()  # 3 layers, 6 heads
+    panel = viz.model_view_panel(am, 16, 0, 1, interactive=True)
+    assert isinstance(panel, W.VBox)
+    grid, menus = panel.children[:2]
+    assert isinstance(grid, go.FigureWidget) and not grid.layout.updatemenus
+    w_layer, w_head = menus.children[:2]
+    big = grid.data[-1]
+
+    def shown():
+        return np.asarray(big.customdata, dtype=np.float32)
+
+    np.testing.assert_array_equal(shown(), am.maps(0, 16)[1])
+    thumb = grid.data[2 * 6 + 4]  # layer 2, head 4
+    assert thumb.meta == "layer 2 head 4"
+
+    def points(t):
+        return Points(point_inds=[0], xs=[0], ys=[0], trace_name=None,
+                      trace_index=list(grid.data).index(t))
+
+    thumb._dispatch_on_hover(points(thumb), None)  # hover previews
+    np.testing.assert_array_equal(shown(), am.maps(2, 16)[4])
+    assert (w_layer.value, w_head.value) == (0, 1)
+    thumb._dispatch_on_unhover(points(thumb), None)  # leaving brings the pinned head back
+    np.testing.assert_array_equal(shown(), am.maps(0, 16)[1])
+    thumb._dispatch_on_click(points(thumb), None)  # a click pins it, menus follow
+    assert (w_layer.value, w_head.value) == (2, 4)
+    np.testing.assert_array_equal(shown(), am.maps(2, 16)[4])
+    thumb._dispatch_on_unhover(points(thumb), None)
+    np.testing.assert_array_equal(shown(), am.maps(2, 16)[4])
+
+
+def test_report_figure_carries_the_click_script():
+    am = fake_maps()
+    fig = viz.model_view_panel(am, 16, 0, 1, interactive=False)
+    bundle = pio.renderers["seerlib"].to_mimebundle(fig.to_dict())
+    html = bundle["text/html"]
+    assert "plotly_click" in html and "plotly_hover" in html and "{plot_id}" not in html
+    plain = pio.renderers["seerlib"].to_mimebundle(go.Figure(go.Scatter(y=[1])).to_dict())
+    assert "plotly_click" not in plain["text/html"]
