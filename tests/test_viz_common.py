@@ -22,8 +22,10 @@ def test_long_titles_are_wrapped_to_fit_a_narrow_cell():
     text, added = wrap_title("word " * 40)
     assert added >= 2 and all(len(line) <= TITLE_CHARS for line in text.split("<br>"))
     assert wrap_title("short") == ("short", 0)
-    tagged = "a <span>" + "x " * 60 + "</span>"
-    assert wrap_title(tagged) == (tagged, 0)  # HTML is left whole
+    text, added = wrap_title("Title<br><sub>" + "w " * 50 + "</sub>")
+    assert added == 1 and text.count("<sub>") == 2 and text.count("</sub>") == 2
+    assert text.split("<br>")[1].endswith("</sub>") and text.split("<br>")[2].startswith("<sub>")
+    assert wrap_title("<b>short</b> text") == ("<b>short</b> text", 0)
     fig = go.Figure(go.Scatter(y=[1]), layout=dict(title="long " * 30, margin=dict(t=60)))
     bundle = pio.renderers["seerlib"].to_mimebundle(fig.to_dict())
     layout = bundle["application/vnd.plotly.v1+json"]["layout"]

@@ -8,6 +8,7 @@ plotly.js or MathJax (what nbconvert exports; the report adds plotly.js to the p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,19 +37,37 @@ POST_SCRIPTS: dict[str, str] = {}
 TITLE_CHARS = 64
 
 
+_TOKENS = re.compile(r"(<[^>]+>)|(\s+)|([^<\s]+)")
+
+
 def wrap_title(text: str, width: int = TITLE_CHARS) -> tuple[str, int]:
-    """`text` with "<br>" at spaces so that no line is longer than `width` characters (lines
-    holding HTML tags are left whole). Returns (text, lines added)."""
-    out, added = [], 0
+    """`text` with "<br>" at spaces so that no line shows more than `width` characters. Plotly's
+    tags (<sub>, <b>, ...) count for nothing and are closed before a break and reopened after it.
+    Returns (text, lines added)."""
+    out, added, open_tags = [], 0, []  # tags stay open across "<br>" (as plotly draws them)
     for line in text.split("<br>"):
-        while len(line) > width and "<" not in line:
-            cut = line.rfind(" ", 0, width + 1)
-            if cut <= 0:
-                break
-            out.append(line[:cut])
-            line = line[cut + 1:]
-            added += 1
-        out.append(line)
+        parts, shown, pending = [], 0, ""
+        for tag, space, word in (m.groups() for m in _TOKENS.finditer(line)):
+            if tag:
+                parts.append(tag)
+                name = tag.strip("</>").split()[0].lower() if tag.strip("</>") else ""
+                if tag.startswith("</"):
+                    if name in open_tags:
+                        open_tags.remove(name)
+                elif not tag.endswith("/>"):
+                    open_tags.append(name)
+            elif space:
+                pending = " " if shown else ""
+            else:
+                if shown and shown + len(pending) + len(word) > width:
+                    closing = "".join(f"</{t}>" for t in reversed(open_tags))
+                    opening = "".join(f"<{t}>" for t in open_tags)
+                    parts.append(f"{closing}<br>{opening}")
+                    shown, pending, added = 0, "", added + 1
+                parts.append(pending + word)
+                shown += len(pending) + len(word)
+                pending = ""
+        out.append("".join(parts))
     return "<br>".join(out), added
 
 

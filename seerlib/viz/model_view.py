@@ -146,7 +146,7 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
     s = max(12, (width - ml - mr - big - 40 - (H - 1) * gap) // H)
     grid_w = H * s + (H - 1) * gap
     grid_h = L * s + (L - 1) * gap
-    plot_h = max(grid_h, big + 40)
+    plot_h = max(grid_h, big + 130)  # the enlarged head, its two-line axis title, the menu
     plot_w = width - ml - mr
 
     data, axes = [], {}
@@ -166,21 +166,23 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
     n = L * H + 1
     bx0 = (grid_w + 40) / plot_w
     axes[f"xaxis{n}"] = dict(domain=[bx0, bx0 + big / plot_w], anchor=f"y{n}", showgrid=False,
-                             title=dict(text=f"key ({_tile_words(big_tokens)})"))
+                             title=dict(text=f"key ({_tile_words(big_tokens)})<br>"
+                                        "<i>hover a thumbnail, click to pin it</i>"))
     axes[f"yaxis{n}"] = dict(domain=[1 - big / plot_h, 1], anchor=f"x{n}", showgrid=False,
                              autorange="reversed", title=dict(text="query", standoff=2))
     li0 = layers.index(layer)
     data.append(_heat(bigs[li0][0][head], layer, head, big_tokens, xaxis=f"x{n}",
                       yaxis=f"y{n}"))
 
-    big_title = dict(text="enlarged head<br>hover a thumbnail, click to pin it", xref="paper",
-                     yref="paper", x=bx0 + big / plot_w / 2, y=1.0, xanchor="center",
-                     yanchor="bottom", showarrow=False, font=dict(size=12))
+    big_title = dict(text="enlarged head", xref="paper", yref="paper", x=bx0 + big / plot_w / 2,
+                     y=1.0, xanchor="center", yanchor="bottom", showarrow=False,
+                     font=dict(size=12))
     notes = [dict(text=f"layer {ly}", x=-0.005, y=1 - (li * (s + gap) + s / 2) / plot_h,
                   xref="paper", yref="paper", xanchor="right", showarrow=False,
                   font=dict(size=9)) for li, ly in enumerate(layers)]
+    # (head labels at 8 px: "h10" fits a 15 px thumbnail)
     notes += [dict(text=f"h{h}", x=(h * (s + gap) + s / 2) / plot_w, y=1.0, xref="paper",
-                   yref="paper", yanchor="bottom", showarrow=False, font=dict(size=9))
+                   yref="paper", yanchor="bottom", showarrow=False, font=dict(size=8))
               for h in range(H)]
     # one frame per head: the dropdown swaps the enlarged trace's data, nothing else
     frames = [dict(name=f"layer {ly} head {h}", traces=[n - 1],
@@ -192,7 +194,7 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
         for fr in frames]
     how = "token level" if tokens == 1 else f"max over {tokens}x{tokens}-token tiles"
     if f > 1:
-        how += f" (pooled {f}x, at most {max_blocks} tiles a side)"
+        how += f" (pooled {f}x)"
     if big_tokens != tokens:
         how += "; enlarged: " + ("tokens" if big_tokens == 1 else f"{big_tokens}x{big_tokens}")
     layout = dict(
@@ -203,7 +205,7 @@ def model_view_figure(maps: Sequence[np.ndarray], layers: Sequence[int], map_blo
         title=dict(text=f"Every layer x head (h: query head), log colour<br>"
                    f"<span style='font-size:11px'>{how}</span>", font=dict(size=14)),
         updatemenus=[dict(buttons=buttons, direction="down", showactive=True,
-                          active=li0 * H + head, x=bx0, xanchor="left", y=1 - (big + 60) / plot_h,
+                          active=li0 * H + head, x=bx0, xanchor="left", y=1 - (big + 90) / plot_h,
                           yanchor="top", pad=dict(t=0, r=0))],
         height=plot_h + mt + mb, plot_bgcolor="white",
         margin=dict(l=ml, r=mr, t=mt, b=mb),

@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 from seerlib.methods import PRESETS
 from seerlib.names import color, display_name, series
 from seerlib.select import density_to_k
-from seerlib.viz.common import table_figure
+from seerlib.viz.common import table_figure, wrap_title
 
 # Below this many scored tokens (windows x (length - 1)), perplexity differences between methods
 # are within the spread of one window to the next: the figure says the run cannot rank methods.
@@ -94,8 +94,9 @@ def _summary(rows: Sequence[Mapping], length: int) -> str:
 def quality_figure(rows: Sequence[Mapping], length: int | None = None,
                    block_size: int | None = None, max_series: int = 6,
                    source: str = "") -> go.Figure:
-    """Perplexity (left) and recall of the attention mass (right) against the achieved block
-    density, one line per method; dense as a dashed line (the first legend entry).
+    """Perplexity (top) and recall of the attention mass (below) against the achieved block
+    density, one line per method; dense as a dashed line (the first legend entry). Stacked, so
+    that both fit a narrow cell.
 
     Args:
         rows: `seerlib.eval.evaluate` rows (or a result file's); those at `length` are drawn
@@ -111,8 +112,9 @@ def quality_figure(rows: Sequence[Mapping], length: int | None = None,
     """
     length = length or rows[0]["length"]
     rows = [r for r in rows if r["length"] == length]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=[
-        "perplexity (lower is better)", "recall of the attention mass"])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=["perplexity (lower is better)",
+                                        "recall of the attention mass"])
     x_range = density_range(rows)
     dense = next((r for r in rows if series(r) == "dense"), None)
     if dense is not None:  # a trace, not a shape: shapes' labels misplace on log axes
@@ -137,10 +139,11 @@ def quality_figure(rows: Sequence[Mapping], length: int | None = None,
                                  "<br>ppl %{y:.3f}<extra></extra>", **common), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[r["recall"] for r in pts], showlegend=False,
                                  hovertemplate="density %{x:.3f}<br>recall %{y:.3f}"
-                                 "<extra></extra>", **common), row=1, col=2)
-    fig.update_xaxes(title="achieved density (kept share of causal blocks)", range=x_range)
+                                 "<extra></extra>", **common), row=2, col=1)
+    fig.update_xaxes(range=x_range)
+    fig.update_xaxes(title="achieved density (kept share of causal blocks)", row=2, col=1)
     fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02], row=2, col=1)
     sub = _summary(rows, length)
     if left:
         sub += f"; {len(left)} more series not drawn"
@@ -151,9 +154,9 @@ def quality_figure(rows: Sequence[Mapping], length: int | None = None,
         sub = f"{source}<br>{sub}"
     fig.update_layout(title=dict(text=f"Sparsity against quality at {length} tokens"
                                       f"<br><sub>{sub}</sub>"),
-                      height=480 + 20 * (bool(caveat) + bool(source)),
+                      height=760 + 20 * (bool(caveat) + bool(source)),
                       margin=dict(t=100 + 20 * (bool(caveat) + bool(source))),
-                      legend=dict(orientation="h", y=-0.22, x=0))
+                      legend=dict(orientation="h", y=-0.12, x=0))
     return fig
 
 
@@ -204,8 +207,10 @@ def passkey_figure(accuracy: Mapping[str, Mapping[tuple, float]], note: str = ""
     labels = list(accuracy)
     cells = sorted({c for acc in accuracy.values() for c in acc})
     z = [[accuracy[m].get(c, np.nan) for c in cells] for m in labels]
+    # long method names on two or three lines, so that the cells keep the width of a narrow cell
+    names = [wrap_title(m, 26)[0] for m in labels]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"{L} tok, depth {d:.0%}" for L, d in cells], y=labels, zmin=0, zmax=1,
+        z=z, x=[f"{L} tok, depth {d:.0%}" for L, d in cells], y=names, zmin=0, zmax=1,
         colorscale="RdYlGn", texttemplate="%{z:.0%}", colorbar=dict(title=dict(text="correct")),
         hovertemplate="%{y}<br>%{x}: %{z:.0%}<extra></extra>"))
     title = "Passkey retrieval: is the hidden number recalled?"
