@@ -26,7 +26,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -238,7 +238,14 @@ def _verify_tensors(path, meta: dict, tensors: dict[str, torch.Tensor], what: st
 _GATE_FILE = "a safetensors file written by seerlib.io.save_gates"
 
 
-def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -> dict:
+def _layer_of(name: str) -> int | None:
+    """The layer of a gate set's state-dict key ("gates.<layer>.<param>"), else None."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "gates" and parts[1].isdigit() else None
+
+
+def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None,
+               layers: Sequence[int] | None = None, **info) -> dict:
     """Write a gate set to a safetensors file with its metadata, atomically.
 
     Args:
@@ -246,6 +253,8 @@ def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -
         path: file path (.safetensors); parent folders are created.
         dtype: store weights in this floating-point dtype (e.g. torch.float16 to halve the file);
             default as trained.
+        layers: store only these layers' gates (those SeerAttention applies to: Gemma 3's 3
+            global layers of 18), recorded as `saved_layers`; default every layer.
         **info: JSON-able training facts to record, e.g. tokens_seen, steps, final_loss, command.
     Returns:
         the metadata dict written.
@@ -257,6 +266,13 @@ def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None, **info) -
         _check_storage_dtype(dtype)
     path = Path(path)
     trained = {name: t.detach() for name, t in gates.state_dict().items()}
+    if layers is not None:
+        layers = sorted({int(i) for i in layers})
+        if not layers or not all(0 <= i < len(gates) for i in layers):
+            raise ValueError(f"layers must be a non-empty subset of 0..{len(gates) - 1}; got "
+                             f"{layers}")
+        trained = {k: t for k, t in trained.items() if _layer_of(k) in layers}
+        info = {**info, "saved_layers": layers}
     bad = _non_finite(trained)
     if bad:
         raise ValueError(
@@ -439,8 +455,18 @@ def load_gates(
             q_linear=meta["q_linear"],
             model_name=meta["model_name"],
         )
+    saved = meta.get("saved_layers")
     try:
-        gates.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
+        if saved is None:
+            gates.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
+        else:  # only these layers' gates were stored; the others stay unused (and untrained)
+            missing, unexpected = gates.load_state_dict(
+                {k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+            wrong = [k for k in missing if _layer_of(k) in saved] + list(unexpected)
+            wrong += [f"layer {i}" for i in saved
+                      if not any(_layer_of(k) == i for k in tensors)]
+            if wrong:
+                raise RuntimeError(f"saved_layers {saved} but missing or extra: {wrong[:5]}")
     except RuntimeError as e:
         raise GateFileError(
             f"{path} holds tensors that do not fit the gates its header describes ({e}); "

@@ -309,3 +309,27 @@ def test_failed_save_keeps_the_old_gate_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_gates(_gates(), p, steps=2)
     assert p.read_bytes() == before and sorted(tmp_path.iterdir()) == [p]
+
+
+def test_gates_of_chosen_layers_only_are_saved_and_load(tmp_path):
+    """A file of some layers' gates (the layers SeerAttention applies to) is smaller, loads with
+    those layers' weights, and a file missing one of its saved_layers is refused."""
+    cfg = tiny_config()
+    gates = _gates()
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.add_(torch.randn_like(p))
+    full, part = tmp_path / "full.safetensors", tmp_path / "part.safetensors"
+    save_gates(gates, full)
+    meta = save_gates(gates, part, layers=[1])
+    assert meta["saved_layers"] == [1] and part.stat().st_size < full.stat().st_size
+    loaded = load_gates(part, cfg, model_name="tiny")
+    for a, b in zip(loaded[1].parameters(), gates[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="subset"):
+        save_gates(gates, tmp_path / "bad.safetensors", layers=[99])
+    lies = tmp_path / "lies.safetensors"
+    save_gates(gates, lies, layers=[0])
+    _rewrite(lies, saved_layers=[0, 1])  # claims a layer it does not hold
+    with pytest.raises(GateFileError, match="saved_layers"):
+        load_gates(lies, cfg, model_name="tiny")
