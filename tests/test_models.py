@@ -325,3 +325,19 @@ def test_gemma_capture_reads_what_rope_receives_and_density_one_is_dense(gemma, 
     torch.testing.assert_close(out, dense, atol=1e-3, rtol=1e-4)
     assert (sp.stats.prefill_calls, sp.stats.dense_calls) == (3, 15)  # the 3 global layers
     assert sp.stats.achieved_density == 1.0
+
+
+@pytest.mark.model
+def test_gemma_distill_stores_the_global_layers_gates_only(gemma, tmp_path):
+    from seerlib.distill import cli
+    from seerlib.io import load_gates, read_metadata
+
+    out = tmp_path / "g.safetensors"
+    cli.main(["--model", GEMMA, "--seq-len", "256", "--train-windows", "1", "--steps", "1",
+              "--batch-size", "1", "--warmup", "0", "--target", "exact", "--quiet",
+              "--cache-root", str(tmp_path / "cache"), "--out", str(out)])
+    meta = read_metadata(out)
+    assert meta["saved_layers"] == [5, 11, 17] and meta["model_name"] == "gemma-3-270m"
+    assert meta["model"] == GEMMA
+    gates = load_gates(out, gemma[0], block_size=64, model_name="gemma-3-270m")
+    assert len(gates) == 18

@@ -24,6 +24,7 @@ from seerlib.distill.train import (
     DivergedError,
     _dist,
 )
+from seerlib.families import family_of
 from seerlib.gate import POOL_OPS, GateSet
 from seerlib.io import fresh_path, save_gates
 from seerlib.models import add_model_argument, get_model, resolve_model_argument
@@ -261,6 +262,15 @@ def _decode_distiller(args, cfg, model, model_name, tokenizer) -> DecodeDistille
                            eval_windows=ev, rows=args.rows, target=args.target)
 
 
+def _gated_layers(model) -> list[int] | None:
+    """The layers whose prefill gates sparsify reads (not Gemma's sliding-window layers, which
+    keep their window and were not trained), or None where that is every layer."""
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    gated = [i for i in range(n) if not family_of(cfg).keeps_own_attention(cfg, i, 0)]
+    return gated if len(gated) < n else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 gates,
                 out,
                 dtype=getattr(torch, args.save_dtype),
+                layers=_gated_layers(model) if args.phase == "prefill" else None,
                 tokens_seen=distiller.tokens_seen,
                 steps=distiller.step,
                 final_loss=last.get("loss"),
