@@ -5,8 +5,13 @@ long caches, every split size, variable kv lengths and poisoned outputs.
 The reference runs in float32 on the same bf16 inputs; the tolerance is bf16's (outputs are
 convex combinations of the values, so |err| <= a few ulps of max |v|).
 
-Usage (repo root, a CUDA machine): python bench/check_sparse_decode.py --out DIR
-Writes DIR/check-sparse-decode-<gpu>-<date>.json (one record per case) and exits 1 on a failure.
+With `--softcap C [C ...]` every case runs with attention-logit soft-capping (Gemma2) at each cap
+instead, q scaled by 4 so that the cap binds; each record also says how far the capped reference is
+from the plain one (`cap_effect`), so a kernel that ignored the cap would fail.
+
+Usage (repo root, a CUDA machine): python bench/check_sparse_decode.py --out DIR [--softcap 2 50]
+Writes DIR/check-sparse-decode[-softcap]-<gpu>-<date>.json (one record per case) and exits 1 on a
+failure.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ CASES = [
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def one_case(B, Hq, Hkv, S, d, b, share, dtype, seed):
+def one_case(B, Hq, Hkv, S, d, b, share, dtype, seed, softcap=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, Hq, 1, d, device="cuda", generator=g).to(dtype)
+    q = (torch.randn(B, Hq, 1, d, device="cuda", generator=g) * (4 if softcap else 1)).to(dtype)
     k = torch.randn(B, Hkv, S, d, device="cuda", generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, d, device="cuda", generator=g).to(dtype)
     lens = torch.randint(max(1, S // 2), S + 1, (B,), device="cuda", generator=g)
@@ -50,42 +55,55 @@ def one_case(B, Hq, Hkv, S, d, b, share, dtype, seed):
     keep[..., -1] = True
     idx, cnt = decode_index(keep)
     want = reference.sparse_decode_attention(q.float(), k.float(), v.float(), idx, cnt, b,
-                                             kv_lens=lens).to(dtype)
+                                             kv_lens=lens, softcap=softcap).to(dtype)
+    plain = reference.sparse_decode_attention(q.float(), k.float(), v.float(), idx, cnt, b,
+                                              kv_lens=lens).to(dtype)
+    extra = {} if softcap is None else {
+        "softcap": softcap, "cap_effect": (plain.float() - want.float()).abs().max().item()}
     rec = []
     for per in (None, 1, 7, nb):
         out = torch.full_like(q, float("nan"))
-        got = sparse_decode_attention(q, k, v, idx, cnt, b, lens, out=out, blocks_per_split=per)
+        got = sparse_decode_attention(q, k, v, idx, cnt, b, lens, out=out, blocks_per_split=per,
+                                      softcap=softcap)
         err = (got.float() - want.float()).abs().max().item()
         rec.append({"op": "sparse", "blocks_per_split": per, "max_abs_err": err,
-                    "finite": bool(torch.isfinite(got).all())})
-    dense = decode_attention(q, k, v, lens)
-    want_d = reference.decode_attention(q.float(), k.float(), v.float(), kv_lens=lens)
+                    "finite": bool(torch.isfinite(got).all()), **extra})
+    dense = decode_attention(q, k, v, lens, softcap=softcap)
+    want_d = reference.decode_attention(q.float(), k.float(), v.float(), kv_lens=lens,
+                                        softcap=softcap)
     rec.append({"op": "dense", "blocks_per_split": None,
                 "max_abs_err": (dense.float() - want_d).abs().max().item(),
-                "finite": bool(torch.isfinite(dense).all())})
+                "finite": bool(torch.isfinite(dense).all()), **extra})
     return rec
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
+    ap.add_argument("--softcap", type=float, nargs="+", default=None,
+                    help="run every case soft-capped at each of these caps instead")
     args = ap.parse_args(argv)
     gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     records, ok = [], True
     for dtype in (torch.bfloat16, torch.float16):
         for i, (B, Hq, Hkv, S, d, b, share) in enumerate(CASES):
-            for r in one_case(B, Hq, Hkv, S, d, b, share, dtype, seed=i):
-                passed = r["finite"] and r["max_abs_err"] <= TOL[dtype]
-                ok &= passed
-                records.append({"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "d": d, "block_size": b,
-                                "share": share, "dtype": str(dtype).split(".")[-1], **r,
-                                "tol": TOL[dtype], "passed": passed})
-                print(json.dumps(records[-1]), flush=True)
+            for cap in args.softcap or [None]:
+                for r in one_case(B, Hq, Hkv, S, d, b, share, dtype, seed=i, softcap=cap):
+                    # a soft-capped case must also differ from the plain one by more than tol
+                    binds = cap is None or r["cap_effect"] > TOL[dtype]
+                    passed = r["finite"] and r["max_abs_err"] <= TOL[dtype] and binds
+                    ok &= passed
+                    records.append({"B": B, "Hq": Hq, "Hkv": Hkv, "S": S, "d": d,
+                                    "block_size": b, "share": share,
+                                    "dtype": str(dtype).split(".")[-1], **r, "tol": TOL[dtype],
+                                    "passed": passed})
+                    print(json.dumps(records[-1]), flush=True)
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": date,
             "all_passed": ok}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"check-sparse-decode-{gpu.replace(' ', '-')}-{date}.json")
+    kind = "check-sparse-decode" + ("-softcap" if args.softcap else "")
+    path = os.path.join(args.out, f"{kind}-{gpu.replace(' ', '-')}-{date}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({**meta, "records": records}, f, indent=1)
     os.replace(path + ".tmp", path)
