@@ -31,3 +31,17 @@ def test_long_titles_are_wrapped_to_fit_a_narrow_cell():
     layout = bundle["application/vnd.plotly.v1+json"]["layout"]
     lines = layout["title"]["text"].split("<br>")
     assert len(lines) >= 3 and layout["margin"]["t"] == 60 + 20 * (len(lines) - 1)
+
+
+def test_gate_files_look_into_subfolders_after_the_folder(tmp_path, monkeypatch):
+    from seerlib import GateSet, save_gates
+    from seerlib.distill import tiny_config
+
+    gates = GateSet.from_config(tiny_config(), block_size=32, model_name="tiny")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "seerlib").mkdir()
+    for rel in ("g/sub/a.safetensors", "g/b.safetensors", "g/c.ckpt.safetensors"):
+        save_gates(gates, tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in viz.gate_files(None, "g")] == [
+        "g/b.safetensors", "g/sub/a.safetensors"]

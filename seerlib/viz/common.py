@@ -215,13 +215,18 @@ def table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
 
 def gate_files(gate: str | None, gate_dir: str) -> list:
     """Trained gate files for a notebook: `gate` first (when given and present), then every
-    `*.safetensors` in `gate_dir` that is not a training checkpoint nor a decode gate (the
-    prefill notebooks' gates only); paths relative to the repo."""
+    `*.safetensors` in `gate_dir` and its subfolders (`data/gates/gemma3-270m/`), files before
+    subfolders, that is not a training checkpoint nor a decode gate (the prefill notebooks'
+    gates only); paths relative to the repo. Which model a file serves is for `load_gates` to
+    check."""
     files = [repo_path(gate)] if gate else []
     folder = repo_path(gate_dir)
     if folder.is_dir():
-        files += sorted(f for f in folder.glob("*.safetensors") if ".ckpt" not in f.name
-                        and read_metadata(f).get("phase", "prefill") == "prefill")
+        found = sorted(folder.rglob("*.safetensors"),
+                       key=lambda f: (len(f.relative_to(folder).parts), str(f)))
+        files += sorted((f for f in found if ".ckpt" not in f.name
+                        and read_metadata(f).get("phase", "prefill") == "prefill"),
+                        key=found.index)
     return [f for f in dict.fromkeys(files) if f.exists() and ".ckpt" not in f.name]
 
 
