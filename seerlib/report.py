@@ -452,14 +452,18 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 vertical-align: top; text-align: left; }} table.k td {{ border: none; padding: 1px 6px; }}
 td.p {{ font-family: monospace; font-size: 85%; }} td.p .set {{ font-weight: bold; }}
 .fail {{ color: #b00; font-weight: bold; }}
+table.i {{ width: 100%; table-layout: fixed; }} table.i > tbody > tr > td {{
+overflow-wrap: break-word; }} table.k {{ width: 100%; }} table.k td + td {{
+overflow-wrap: anywhere; min-width: 8ch; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p>Generated {now} on {esc(_device())}; seerlib {esc(__version__)}, commit {esc(_git_commit())}.
 Every page reads offline: nothing is fetched from the network, and the pages share one
 plotly.js ({PLOTLY_JS}) beside them. Code cells are folded; "Show code" opens them.
 Parameters in bold were set for the run; the others are the notebook's defaults.</p>
-<table><tr><th>notebook</th><th>status</th><th>time</th><th>parameters</th>
-<th>key figures</th></tr>
+<table class="i"><col style="width: 17%"><col style="width: 7%"><col style="width: 6%">
+<col style="width: 36%"><col style="width: 34%">
+<tr><th>notebook</th><th>status</th><th>time</th><th>parameters</th><th>key figures</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """
