@@ -30,7 +30,8 @@ def test_long_titles_are_wrapped_to_fit_a_narrow_cell():
     bundle = pio.renderers["seerlib"].to_mimebundle(fig.to_dict())
     layout = bundle["application/vnd.plotly.v1+json"]["layout"]
     lines = layout["title"]["text"].split("<br>")
-    assert len(lines) >= 3 and layout["margin"]["t"] == 60 + 20 * (len(lines) - 1)
+    assert len(lines) >= 3 and layout["margin"]["t"] == max(60, 40 + 19 * len(lines))
+    assert layout["title"]["yanchor"] == "top" and layout["title"]["yref"] == "container"
 
 
 def test_gate_files_look_into_subfolders_after_the_folder(tmp_path, monkeypatch):

@@ -72,7 +72,8 @@ def wrap_title(text: str, width: int = TITLE_CHARS) -> tuple[str, int]:
 
 
 def _wrap_figure_title(fig_dict: dict) -> None:
-    """Wrap the layout title in place (`wrap_title`), with 20 px more top margin a line."""
+    """Wrap the layout title in place (`wrap_title`); a wrapped title hangs from the top of the
+    figure, and the top margin holds all its lines (19 px each) and a subplot title below."""
     layout = fig_dict.setdefault("layout", {})
     title = layout.get("title")
     text = title.get("text") if isinstance(title, dict) else title
@@ -81,9 +82,11 @@ def _wrap_figure_title(fig_dict: dict) -> None:
     text, added = wrap_title(text)
     if not added:
         return
-    layout["title"] = dict(title, text=text) if isinstance(title, dict) else dict(text=text)
+    base = title if isinstance(title, dict) else {}
+    layout["title"] = dict(base, text=text, y=1, yref="container", yanchor="top",
+                           pad=dict(t=12))
     margin = layout.setdefault("margin", {})
-    margin["t"] = (margin.get("t") or 100) + 20 * added
+    margin["t"] = max(margin.get("t") or 100, 40 + 19 * (text.count("<br>") + 1))
 
 
 class _OfflineRenderer(pio.base_renderers.MimetypeRenderer):
