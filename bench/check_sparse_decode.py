@@ -1,5 +1,5 @@
-"""The sparse decode kernel (kernels/sparse_decode.py) against `seerlib.reference` on a GPU, in
-bf16 and fp16: the shapes of tests/test_sparse_decode.py (which run on the CPU interpreter) plus
+"""The sparse decode kernel (seerlib/kernels/sparse_decode.py) against `seerlib.reference` on a GPU,
+in bf16 and fp16: the shapes of tests/test_sparse_decode.py (which run on the CPU interpreter) plus
 long caches, every split size, variable kv lengths and poisoned outputs.
 
 The reference runs in float32 on the same bf16 inputs; the tolerance is bf16's (outputs are
@@ -24,10 +24,10 @@ import sys
 
 import torch
 import triton
-from seerlib.kernels.sparse_decode import decode_attention, sparse_decode_attention
 
 from seerlib import reference
 from seerlib.decode.select import decode_index
+from seerlib.kernels.sparse_decode import decode_attention, sparse_decode_attention
 
 # (B, Hq, Hkv, S, d, b, share kept)
 CASES = [

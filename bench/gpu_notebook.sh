@@ -5,8 +5,6 @@ set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD JUPYTER_PATH=/tmp/site/share/jupyter PYTHONUNBUFFERED=1
-# seerlib.kernels lives in kernels/ (pyproject's package-dir); without an install, link it in.
-[ -e seerlib/kernels ] || ln -s ../kernels seerlib/kernels
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/device.txt
 python3 -c 'import torch, triton, papermill, plotly; print(torch.__version__, triton.__version__, papermill.__version__, plotly.__version__, torch.cuda.get_device_name())' | tee -a $OUT/device.txt
 mkdir -p $OUT/gpu

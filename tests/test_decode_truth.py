@@ -1,4 +1,4 @@
-"""The decode-truth forward (`kernels/decode_truth.py`) against the exact reference.
+"""The decode-truth forward (`seerlib/kernels/decode_truth.py`) against the exact reference.
 
 On a machine without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
 set here before torch/triton load) in float32; with a GPU they run in bfloat16 on CUDA.
@@ -18,10 +18,10 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from seerlib.kernels import decode_truth  # noqa: E402
-from seerlib.kernels.decode_truth import decode_pooled_attention  # noqa: E402
 
 from seerlib import reference as ref  # noqa: E402
+from seerlib.kernels import decode_truth  # noqa: E402
+from seerlib.kernels.decode_truth import decode_pooled_attention  # noqa: E402
 from seerlib.reference import num_blocks  # noqa: E402
 
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()

@@ -1,7 +1,7 @@
-"""The split-KV sparse decode kernel (kernels/sparse_decode.py) against seerlib.reference, under
-the Triton interpreter: awkward lengths, GQA 1/3/4, head dims 64/128, budgets past the context,
-padding, empty rows, poisoned outputs, variable kv lengths, splits of every size, logit soft-caps
-(Gemma2)."""
+"""The split-KV sparse decode kernel (seerlib/kernels/sparse_decode.py) against seerlib.reference,
+under the Triton interpreter: awkward lengths, GQA 1/3/4, head dims 64/128, budgets past the
+context, padding, empty rows, poisoned outputs, variable kv lengths, splits of every size, logit
+soft-caps (Gemma2)."""
 
 import pytest
 import torch

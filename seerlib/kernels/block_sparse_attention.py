@@ -20,7 +20,7 @@ Design (bench/NOTES.md has the measurements):
   block that did not keep the key block are masked. QPT = 1 wastes nothing; QPT = 2 with b = 64
   gives 128-row tiles (twice the reuse of each K/V tile, a full-size wgmma) at the price of
   computing rows of the union that one half did not keep. `choose_rows_per_tile` picks it from the
-  mask; `build_block_index` (kernels/block_index.py) builds the lists.
+  mask; `build_block_index` (seerlib/kernels/block_index.py) builds the lists.
 - Entries are split: those strictly before the program's first query block need no causal mask
   (loop 1, no boundary checks: those key blocks are always complete); the last <= QPT entries
   touch the diagonal and the partial last key block (loop 2, masked, done last).
