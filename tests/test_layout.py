@@ -37,3 +37,10 @@ def test_imports_are_at_the_top_unless_a_comment_says_why():
             if re.match(r"\s+(from \S+ )?import ", line) and not line.lstrip().startswith("#"):
                 context = " ".join(lines[max(0, i - 3):i + 1])
                 assert "#" in context, f"{p.relative_to(ROOT)}:{i + 1}: {line.strip()}"
+
+
+def test_the_repo_root_holds_no_package_but_seerlib():
+    # `python -m` from the root puts it first on sys.path, where a folder named like a PyPI
+    # package (kernels/ did, which transformers >= 5.25 imports) shadows the installed one
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages <= {"seerlib"}, packages
