@@ -21,6 +21,7 @@ from seerlib.distill.train import DistillConfig
 from seerlib.eval.decode import decode_configs, decode_quality, markdown
 from seerlib.io import load_gates, save_gates
 from seerlib.select import Selection, parse_selection, select_blocks
+from seerlib.tiny import tiny_family
 
 B16 = 16
 
@@ -211,16 +212,9 @@ def test_a_budget_covering_the_context_decodes_as_dense(model, gates):
 
 
 def _gemma2(cap, layer_types=("full_attention",) * 3):
-    """A tiny random Gemma2 (transformers' own config class, no hub) with logit soft-cap `cap`."""
-    import transformers
-
-    cfg = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
-        sliding_window=32, layer_types=list(layer_types), query_pre_attn_scalar=32,
-        attn_logit_softcapping=cap, initializer_range=0.1)
-    torch.manual_seed(0)
-    return transformers.Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+    """A tiny random Gemma2 with logit soft-cap `cap` and these layer types."""
+    return tiny_family("gemma2", attn_logit_softcapping=cap, layer_types=list(layer_types),
+                       num_hidden_layers=len(layer_types))
 
 
 @pytest.mark.parametrize("label", ["oracle@tok=4096", "gate@tok=4096", "quest@tok=4096"])

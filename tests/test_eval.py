@@ -147,14 +147,9 @@ def test_dense_pass_recall_and_density(small):
 def test_dense_pass_scores_the_global_layers_only():
     """A sliding-window layer keeps its window under sparsify: recall and density are of the
     layers that run sparse (Gemma3: the global ones), and no ground truth is built for the rest."""
-    import transformers
+    from seerlib.tiny import tiny_family
 
-    cfg = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, vocab_size=101, sliding_window=32,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        query_pre_attn_scalar=16)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model = tiny_family("gemma3", num_key_value_heads=1, query_pre_attn_scalar=16)
     model.config._attn_implementation = "sdpa"
     ids = torch.randint(3, 101, (1, 128))
     cfgs = [parse_config(s, block_size=16) for s in ["oracle-sum@1", "sink_window@0.5"]]
@@ -168,19 +163,13 @@ def test_dense_pass_maps_are_of_the_soft_capped_attention(monkeypatch):
     """Gemma2 soft-caps its logits: the oracle's maps (both pools) and the layer inputs of every
     selection carry the model's cap, as sparsify's do. The cap is 1 so that it binds on this
     tiny model: dropping it moves the maps by far more than the tolerance."""
-    import transformers
-
     import seerlib.eval.quality as quality
     from seerlib import metrics, reference
     from seerlib.capture import capture_qkv
+    from seerlib.tiny import tiny_family
 
-    cfg = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=101, sliding_window=32,
-        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
-        attn_logit_softcapping=1.0, initializer_range=0.1)
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+    model = tiny_family("gemma2", num_hidden_layers=2, attn_logit_softcapping=1.0,
+                        layer_types=["sliding_attention", "full_attention"])
     ids = torch.randint(3, 101, (1, 128), generator=torch.Generator().manual_seed(0))
     seen = []
     real = quality.layer_block_mask

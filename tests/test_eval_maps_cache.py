@@ -89,12 +89,9 @@ def test_a_soft_capped_models_maps_name_the_cap_in_their_header(tmp_path, tiny):
     """Gemma2's maps are of the soft-capped attention: its header names the cap, so a file
     written without it (before eval carried the cap) is refused; an uncapped model's header
     has no such field, so its files stay valid."""
-    import transformers
+    from seerlib.tiny import tiny_family
 
-    cfg = transformers.Gemma2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, vocab_size=101, attn_logit_softcapping=50.0)
-    fields = model_key(transformers.Gemma2ForCausalLM(cfg))
+    fields = model_key(tiny_family("gemma2", attn_logit_softcapping=50.0))
     assert fields["softcap"] == "50.0" and "softcap" not in tiny[3]
     _, ids, maps, _ = tiny
     path = maps_path(tmp_path, S, 0, 0, B)

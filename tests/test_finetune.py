@@ -79,20 +79,14 @@ def test_the_gate_target_is_the_soft_capped_attention(target, monkeypatch):
     """On a tiny Gemma2 (cap 1, so that it binds) the gate loss's target is the row-normalized
     max-pooled map of the soft-capped attention (the reference's, from the captured post-RoPE
     Q/K/V), for either source; the plain map differs by far more than the tolerance."""
-    import transformers
-
     import seerlib.finetune.train as train
     from seerlib import reference
     from seerlib.capture import capture_qkv
     from seerlib.metrics import normalize_rows
+    from seerlib.tiny import tiny_family
 
-    cfg = transformers.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=211, sliding_window=32,
-        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
-        attn_logit_softcapping=1.0, initializer_range=0.1)
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    model = tiny_family("gemma2", num_hidden_layers=2, vocab_size=211, attn_logit_softcapping=1.0,
+                        layer_types=["sliding_attention", "full_attention"]).requires_grad_(True)
     ids = WINDOW[:, :96]
     t = capture_qkv(model, ids)[1]
     scale = model.model.layers[1].self_attn.scaling
