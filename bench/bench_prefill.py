@@ -22,6 +22,9 @@ Rows (`--providers`), all at the same shape and length in one process:
   the kernel alone on the same index: the gate + selection + index share of the kernel's time.
 - `graph:<label>` (CUDA only): the same sparse row with `sparsify(..., cuda_graphs=True)`: each
   layer's selection and sparse attention replayed as a CUDA graph (`seerlib.graphs`).
+- `compile:<label>`, `graph+compile:<label>`: with `compile_selection=True` (the gate and the
+  selection through torch.compile, compiled in the warm-up); `cstep@0.1`: the layer step so.
+  Compiled rows get no breakdown (its timers would break the compiled graph).
 Each row also gets a breakdown from a separate instrumented call (synchronized timers wrapped
 around the functions in `PATCH_TARGETS`; exclusive times, so the kernel's share leaves out the
 index build it calls): gate, selection, index build, kernel, rest = that call's total - the parts.
@@ -55,7 +58,14 @@ from seerlib import ops
 from seerlib.capture import attention_override
 from seerlib.gate import GateSet
 from seerlib.integrate import sparsify
-from seerlib.methods import LayerInputs, SparseConfig, layer_block_mask, parse_config, preset
+from seerlib.methods import (
+    LayerInputs,
+    SparseConfig,
+    compiled_layer_block_mask,
+    layer_block_mask,
+    parse_config,
+    preset,
+)
 from seerlib.reference import num_blocks
 from seerlib.select import Selection, achieved_density, density_to_k
 
@@ -108,8 +118,9 @@ CUDA_ONLY = {
 }
 DEFAULT_PROVIDERS = (
     "sdpa", "sdpa_flash", "sdpa_cudnn", "gate@0.5", "gate@0.1", "gate@0.05", "recommended@0.1",
-    "sink_window@0.1", "ideal@0.1", "step@0.1", "graph:gate@0.1", "graph:gate@0.05",
-    "graph:recommended@0.1", "flex",
+    "sink_window@0.1", "ideal@0.1", "step@0.1", "cstep@0.1", "graph:gate@0.1", "graph:gate@0.05",
+    "graph:recommended@0.1", "graph+compile:gate@0.1", "graph+compile:gate@0.05",
+    "graph+compile:recommended@0.1", "flex",
 )
 RATIO_REFS = ("sdpa_flash", "sdpa_cudnn", "sdpa")  # speed-up columns vs_<ref>
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -370,17 +381,31 @@ def dense_row(run: Run, provider: str) -> dict:
             return {**run.measure(), "gqa": f"repeated_kv (enable_gqa failed: {why})"}
 
 
+MODES = ("graph", "compile")  # "graph+compile:gate@0.1": cuda_graphs and compile_selection
+
+
+def split_modes(provider: str) -> tuple[set[str], str]:
+    """"graph+compile:gate@0.1" -> ({"graph", "compile"}, "gate@0.1")."""
+    head, sep, label = provider.partition(":")
+    if not sep:
+        return set(), provider
+    modes = set(head.split("+"))
+    if not modes <= set(MODES):
+        raise ValueError(f"unknown mode in {provider!r}; modes: {MODES}")
+    return modes, label
+
+
 def sparse_row(run: Run, provider: str) -> dict:
-    graphs = provider.startswith("graph:")
-    label = provider.removeprefix("graph:")
-    if graphs and run.device.type != "cuda":
+    modes, label = split_modes(provider)
+    if "graph" in modes and run.device.type != "cuda":
         raise Skip("CUDA graphs (graph:...) run on CUDA only")
     scfg = sparse_config(label, run.cfg.block_size)
     gates = run.gates if scfg.spec.needs_gate else None
     with sparsify(run.model, scfg, gates=gates, block_size=run.cfg.block_size,
-                  cuda_graphs=graphs) as sp:
-        out = run.measure()
-        if run.cfg.breakdown:
+                  cuda_graphs="graph" in modes, compile_selection="compile" in modes) as sp:
+        # a compiled selection compiles in its first call: warm up at least twice
+        out = run.measure(max(run.cfg.warmup, 2) if "compile" in modes else None)
+        if run.cfg.breakdown and "compile" not in modes:  # the timers would break the graph
             out["breakdown"] = breakdown(run.forward, run.device)
         out["achieved_density"] = sp.stats.achieved_density
         out["stats"] = sp.stats.as_dict()
@@ -435,7 +460,8 @@ def ideal_row(run: Run, provider: str) -> dict:
 def step_row(run: Run, provider: str) -> dict:
     """One attention layer's sparse step (gate -> selection -> index -> kernel, `sync_free`) on
     random pre/post-RoPE inputs of the model's shape: eager, then captured in a CUDA graph and
-    replayed, and the kernel alone on the same selection's index built once."""
+    replayed, and the kernel alone on the same selection's index built once. "cstep@D": the
+    gate and selection through torch.compile (`compiled_layer_block_mask`)."""
     if run.device.type != "cuda":
         raise Skip("the layer step is timed on CUDA (CUDA graphs)")
     # lazy: triton (through the kernels) is imported on CUDA runs only
@@ -452,8 +478,10 @@ def step_row(run: Run, provider: str) -> dict:
     scfg = SparseConfig("gate", Selection(density=float(arg or 0.1)), block_size=b)
     layer = LayerInputs(q, k, v, b, scale=d ** -0.5, gate=run.gates[0], q_pre=q_pre, k_pre=k_pre)
 
+    block_mask = compiled_layer_block_mask() if provider.startswith("cstep") else layer_block_mask
+
     def step():
-        mask = layer_block_mask(scfg, layer)
+        mask = block_mask(scfg, layer)
         return ops.block_sparse_attention(q, k, v, mask, b, scale=d ** -0.5, sync_free=True)
 
     reps, warm = max(run.cfg.reps, 10), max(run.cfg.warmup, 3)
@@ -511,7 +539,7 @@ def row_kind(provider: str) -> str:
     if provider in DENSE:
         return "dense"
     head = provider.split("@")[0]
-    return head if head in ("ideal", "step") else "sparse"
+    return {"ideal": "ideal", "step": "step", "cstep": "step"}.get(head, "sparse")
 
 
 def row_order(providers) -> list[str]:
@@ -795,7 +823,7 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     for prov in a.providers:
         if row_kind(prov) == "sparse":
             # a bad label fails now, not after the models are built
-            sparse_config(prov.removeprefix("graph:"), a.block_size)
+            sparse_config(split_modes(prov)[1], a.block_size)
     cfg = BenchConfig(
         shapes=tuple(a.shapes), seq_lens=tuple(seq_lens), providers=tuple(a.providers),
         layers=a.layers, block_size=a.block_size, reps=a.reps, warmup=max(1, a.warmup),

@@ -40,7 +40,13 @@ from seerlib.flex import flex_sparse_attention
 from seerlib.gate import GateSet
 from seerlib.graphs import StepGraphs
 from seerlib.io import config_hash
-from seerlib.methods import LayerInputs, SparseConfig, layer_block_mask, resolve_config
+from seerlib.methods import (
+    LayerInputs,
+    SparseConfig,
+    compiled_layer_block_mask,
+    layer_block_mask,
+    resolve_config,
+)
 from seerlib.reference import causal_block_count, num_blocks
 from seerlib.select import Selection
 
@@ -154,8 +160,10 @@ class Sparsified:
     """
 
     def __init__(self, model: nn.Module, cfg: SparseConfig, gates=None, weights=None,
-                 record_masks: bool = False, cuda_graphs: bool = False):
+                 record_masks: bool = False, cuda_graphs: bool = False,
+                 compile_selection: bool = False):
         self.model, self.config, self.gates = model, cfg, gates
+        self.compile_selection = compile_selection
         self.weights = weights
         self.record_masks = record_masks
         self.graphs = StepGraphs() if cuda_graphs else None
@@ -242,7 +250,7 @@ class Sparsified:
             return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
         layer_in = LayerInputs(query, key, value, cfg.block_size, scale=scale, gate=gate,
                                q_pre=q_pre, k_pre=k_pre, weights=weights, softcap=softcap)
-        mask = layer_block_mask(cfg, layer_in)
+        mask = self._block_mask(cfg, layer_in)
         self.stats.add(layer, mask)
         if self.record_masks:
             self.masks[layer] = mask
@@ -259,6 +267,11 @@ class Sparsified:
         return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
 
 
+    def _block_mask(self, cfg: SparseConfig, layer_in: LayerInputs) -> torch.Tensor:
+        if self.compile_selection:
+            return compiled_layer_block_mask()(cfg, layer_in)
+        return layer_block_mask(cfg, layer_in)
+
     def _graphed(self, layer, query, key, value, q_pre, k_pre, weights, gate, scale, softcap):
         """The layer's selection and sparse attention as one CUDA graph (`seerlib.graphs`)."""
         cfg, b = self.config, self.config.block_size
@@ -269,7 +282,7 @@ class Sparsified:
             *given, out = rest
             layer_in = LayerInputs(q, k, v, b, scale=scale, gate=gate, softcap=softcap,
                                    **dict(zip(extra, given, strict=True)))
-            mask = layer_block_mask(cfg, layer_in)
+            mask = self._block_mask(cfg, layer_in)
             ops.block_sparse_attention(q, k, v, mask, b, scale=scale, sync_free=True, out=out,
                                        softcap=softcap)
             # the mask stays in the graph's memory only when it is recorded
@@ -331,6 +344,7 @@ def sparsify(
     oracle_weights: dict[int, torch.Tensor] | None = None,
     record_masks: bool = False,
     cuda_graphs: bool = False,
+    compile_selection: bool = False,
 ) -> Sparsified:
     """Make a transformers model run block-sparse prefill.
 
@@ -355,6 +369,10 @@ def sparsify(
             as a CUDA graph, captured on a layer's first prefill of a shape and replayed after
             (`seerlib.graphs`): short prefills are bound by launch cost, which this removes.
             Inputs are copied into static buffers shared by the layers.
+        compile_selection: run each layer's gate and selection through `torch.compile`
+            (`seerlib.methods.compiled_layer_block_mask`): the same masks from a few fused kernels
+            instead of some 50 small launches; the first prefill of each shape compiles (seconds).
+            Combines with `cuda_graphs` (compiled before the capture, in its warm-up).
     Returns:
         A `Sparsified` handle: a context manager, or `.enable()` for the permanent form.
     Raises:
@@ -385,4 +403,4 @@ def sparsify(
                          f"{cfg.method!r}")
     attention_layers(model)  # fails early on a model without attention layers
     return Sparsified(model, cfg, gates=gates, weights=oracle_weights, record_masks=record_masks,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, compile_selection=compile_selection)

@@ -27,6 +27,7 @@ until the same number of blocks is met, so it lands near it, not on it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -347,3 +348,15 @@ def layer_block_mask(cfg: SparseConfig, layer: LayerInputs) -> torch.Tensor:
         (B, Hq, nb, nb) bool, False above the block diagonal.
     """
     return cfg.spec.build(layer, cfg.selection)
+
+
+@functools.cache
+def compiled_layer_block_mask() -> Callable[[SparseConfig, LayerInputs], torch.Tensor]:
+    """`layer_block_mask` through `torch.compile` (inductor, static shapes), built once.
+
+    The gate's pooling, projections, block RoPE and logits and the selection (top-k, threshold,
+    layer budgets, forced blocks) are some 50 small operations per layer; compiled, they fuse into
+    a few kernels. Every layer of one shape and config shares a compiled graph; the first call at
+    a new shape compiles (seconds). The masks are those of `layer_block_mask` (tested).
+    """
+    return torch.compile(layer_block_mask, dynamic=False)

@@ -26,8 +26,9 @@ def test_cpu_run_records_every_row_and_merges(tmp_path):
     records = _records(stem_a)
     rows = {r["provider"]: r for r in records if r["kind"] == "row"}
     assert list(rows) == bench.row_order(bench.DEFAULT_PROVIDERS)
-    graphed = [p for p in bench.DEFAULT_PROVIDERS if p.startswith("graph:")]
-    for p in ("sdpa_flash", "sdpa_cudnn", "flex", "step@0.1", *graphed):
+    graphed = [p for p in bench.DEFAULT_PROVIDERS if "graph" in bench.split_modes(p)[0]]
+    assert "graph+compile:gate@0.1" in graphed
+    for p in ("sdpa_flash", "sdpa_cudnn", "flex", "step@0.1", "cstep@0.1", *graphed):
         assert rows[p]["status"] == "skipped" and "CUDA" in rows[p]["reason"]
     ran = {p: r for p, r in rows.items() if r["status"] != "skipped"}
     for p, r in ran.items():
@@ -56,9 +57,14 @@ def test_cpu_run_records_every_row_and_merges(tmp_path):
     assert "## Breakdown" in md and "## Check" in md and "random weights" in md
 
     # a second run at another length, with a row that fails (density 2): recorded, not raised
+    # and a compiled selection (inductor's C++ backend here), which gets no breakdown
     stem_b = bench.main([*common, "--seq-lens", "128", "--providers", "sdpa", "gate@0.5",
-                         "ideal@2", "--no-check", "--out", str(tmp_path / "b"), "--tag", "_b"])
-    bad = {r["provider"]: r for r in _records(stem_b)}["ideal@2"]
+                         "compile:gate@0.5", "ideal@2", "--no-check", "--out",
+                         str(tmp_path / "b"), "--tag", "_b"])
+    by = {r["provider"]: r for r in _records(stem_b)}
+    assert by["compile:gate@0.5"]["status"] == "ok" and "breakdown" not in by["compile:gate@0.5"]
+    assert by["compile:gate@0.5"]["achieved_density"] == by["gate@0.5"]["achieved_density"]
+    bad = by["ideal@2"]
     assert bad["status"] == "failed" and "ValueError" in bad["error"]
     assert "ideal@2 at 128: failed" in Path(f"{stem_b}.md").read_text()
 
