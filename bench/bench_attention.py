@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 import triton
+from triton.testing import do_bench
+
+from seerlib import reference as ref
+from seerlib.io import atomic_write_text
 
 # Submodules by name: robust to an editable install that sees seerlib.kernels as a namespace.
 from seerlib.kernels.block_index import build_block_index
 from seerlib.kernels.block_sparse_attention import block_sparse_attention
 from seerlib.kernels.pooled_attention import attention, pooled_attention
-from triton.testing import do_bench
-
-from seerlib import reference as ref
-from seerlib.io import atomic_write_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results beside it
 from _results import device_name, read_records, write_json  # noqa: E402

@@ -58,12 +58,12 @@ from _results import (  # noqa: E402
     stop_when_out_of_time,
 )
 from bench_attention import flex_setup, random_mask, realized_sparsity, rel_err  # noqa: E402
-from seerlib.kernels.block_index import build_block_index, build_key_index  # noqa: E402
-from seerlib.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
-from seerlib.kernels.block_sparse_backward import block_sparse_backward  # noqa: E402
 
 from seerlib import ops  # noqa: E402
 from seerlib import reference as ref  # noqa: E402
+from seerlib.kernels.block_index import build_block_index, build_key_index  # noqa: E402
+from seerlib.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from seerlib.kernels.block_sparse_backward import block_sparse_backward  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from seerlib import reference as ref  # noqa: E402
 from seerlib.kernels._common import ENTRY_BLOCK_MASK  # noqa: E402
 from seerlib.kernels.block_index import (  # noqa: E402
     build_block_index,
@@ -25,8 +27,6 @@ from seerlib.kernels.block_sparse_backward import (  # noqa: E402
     block_sparse_attention_trainable,
     block_sparse_backward,
 )
-
-from seerlib import reference as ref  # noqa: E402
 from seerlib.reference import causal_block_mask, num_blocks  # noqa: E402
 
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()

@@ -19,11 +19,11 @@ import itertools  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from seerlib import reference as ref  # noqa: E402
 from seerlib.kernels.block_index import BlockIndex, build_block_index  # noqa: E402
 from seerlib.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from seerlib.kernels.pooled_attention import attention, pooled_attention  # noqa: E402
-
-from seerlib import reference as ref  # noqa: E402
 from seerlib.reference import mask_to_index, num_blocks  # noqa: E402
 
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()
