@@ -49,7 +49,7 @@ lab: data
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
 
 lint: venv
-	$(VENV)/bin/ruff check seerlib tests bench
+	$(VENV)/bin/ruff check --no-cache seerlib tests bench
 
 clean:
 	rm -rf reports/*.ipynb reports/*.html reports/plotly.min.js
