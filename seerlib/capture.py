@@ -30,13 +30,18 @@ _names = itertools.count()
 
 @dataclass
 class LayerQKV:
-    """One layer's projections, each (B, H, S, d); k and v have the kv head count."""
+    """One layer's projections, each (B, H, S, d); k and v have the kv head count. `scale` and
+    `softcap` are what the model passes its attention function (`scaling`, Gemma's
+    `query_pre_attn_scalar`; `softcap`, Gemma2's logit soft-cap), None when it passes none: the
+    maps of this layer's attention take both."""
 
     q_pre: torch.Tensor
     k_pre: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    scale: float | None = None
+    softcap: float | None = None
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -151,7 +156,8 @@ def capture_qkv(
 
     def record(module, query, key, value, attention_mask, *, default, **kwargs):
         if module.layer_idx in keep:
-            post[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+            post[module.layer_idx] = (query.detach(), key.detach(), value.detach(),
+                                      kwargs.get("scaling"), kwargs.get("softcap"))
         return default(module, query, key, value, attention_mask, **kwargs)
 
     with pre_rope_hooks(model, pre, keep), attention_override(model, record):
@@ -163,6 +169,8 @@ def capture_qkv(
             q=post[i][0],
             k=post[i][1],
             v=post[i][2],
+            scale=post[i][3],
+            softcap=post[i][4],
         )
         for i in keep
     }

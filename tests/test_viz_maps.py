@@ -110,3 +110,30 @@ def test_gated_layers_leave_out_sliding_window_layers():
     assert viz.gated_layers(gemma, 100) == [5]  # 5 sliding layers, then the global one
     llama = LlamaForCausalLM(LlamaConfig(**small, num_hidden_layers=3))
     assert viz.gated_layers(llama, 100) == [0, 1, 2]
+
+
+def test_maps_of_a_soft_capped_model_are_of_its_own_attention():
+    """On a tiny Gemma2 (cap 1, so that it binds; query_pre_attn_scalar 32, so the scale is not
+    1/sqrt(d)) the capture records the scale and cap the model passes its attention, and the
+    drawn maps, the block mass and the gate comparison's truth are of that attention: the plain
+    maps differ by far more than the tolerance."""
+    from seerlib import reference
+    from seerlib.capture import capture_qkv
+    from seerlib.gate import GateSet
+    from seerlib.tiny import tiny_family
+
+    model = tiny_family("gemma2", attn_logit_softcapping=1.0)
+    ids = torch.randint(3, 101, (1, 96), generator=torch.Generator().manual_seed(0))
+    cap = capture_qkv(model, ids, layers=[1])  # the global layer
+    c = cap[1]
+    assert c.softcap == 1.0 and c.scale == pytest.approx(32 ** -0.5) != 16 ** -0.5
+    am = viz.AttentionMaps(cap, [str(i) for i in range(96)], token_level_max=32)
+    want = reference.pooled_attention(c.q, c.k, c.v, 16, scale=c.scale, softcap=1.0)[1][0]
+    plain = reference.pooled_attention(c.q, c.k, c.v, 16)[1][0]
+    got = torch.from_numpy(np.nan_to_num(am.maps(1, 16)))
+    torch.testing.assert_close(got, want.tril_(), atol=1e-6, rtol=1e-5)
+    assert (plain - want).abs().max() > 1e-2
+    torch.testing.assert_close(am.mass(1, 16), block_mass(c.q, c.k, 16, scale=c.scale,
+                                                          softcap=1.0))
+    gc = viz.GateComparison(cap, GateSet.from_config(model.config, block_size=16))
+    torch.testing.assert_close(gc.layer(1)["mass"], am.mass(1, 16))

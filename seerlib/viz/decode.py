@@ -145,10 +145,13 @@ class DecodeTrace:
         return kept / total if total else math.nan
 
 
-def _block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale) -> torch.Tensor:
+def _block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale,
+                softcap=None) -> torch.Tensor:
     """(Hq, nb): one decode query's dense attention mass per key block; q (1, Hq, 1, d) against
-    all of k (1, Hkv, S, d)."""
+    all of k (1, Hkv, S, d), of the soft-capped logits when the model caps them."""
     s = reference.grouped_scores(q.float(), k.float(), scale)[0, :, 0]  # (Hq, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     p = torch.softmax(s, dim=-1)
     nb = reference.num_blocks(k.shape[2], block_size)
     p = torch.nn.functional.pad(p, (0, nb * block_size - k.shape[2]))
@@ -197,17 +200,18 @@ def trace_generation(model, ids: torch.Tensor, config, decode_gates=None,
         layer = module.layer_idx
         if query.shape[2] != 1 or (wanted is not None and layer not in wanted):
             return out
-        scale = kwargs.get("scaling")
+        scale, softcap = kwargs.get("scaling"), kwargs.get("softcap")
         S = key.shape[2]
         nb = reference.num_blocks(S, b)
         positions = torch.tensor([S - 1], device=query.device)
-        truth = reference.decode_block_truth(query, key, b, scale)  # (1, Hkv, 1, nb)
+        truth = reference.decode_block_truth(query, key, b, scale,
+                                             softcap=softcap)  # (1, Hkv, 1, nb)
         if config.spec.sparse:
             keep = reference.decode_index_to_mask(*sg.last_index[layer], nb)[0]  # (Hkv, nb)
         else:
             keep = torch.ones(key.shape[1], nb, dtype=torch.bool, device=query.device)
         best = select_decode(truth, config.selection, positions, b)[0, :, 0]  # (Hkv, nb)
-        mass = _block_mass(query, key, b, scale)
+        mass = _block_mass(query, key, b, scale, softcap)
         steps.setdefault(layer, []).append((truth[0, :, 0].float().cpu(), keep.cpu(),
                                             _recall(mass, keep), _recall(mass, best)))
         return out

@@ -48,7 +48,8 @@ class GateComparison:
         row-normalized max-pooled map (the training target), gate logits and their softmax."""
         if layer not in self._layers:
             c = self.captured[layer]
-            mass, pooled = block_maps(c.q, c.k, self.block_size)
+            mass, pooled = block_maps(c.q, c.k, self.block_size, scale=c.scale,
+                                      softcap=c.softcap)
             with torch.no_grad():
                 logits = self.gates[layer](c.q_pre, c.k_pre).float()
             self._layers[layer] = {"mass": mass, "truth": normalize_rows(pooled),
@@ -71,8 +72,8 @@ class GateComparison:
     def oracle(self, layer: int, selection: Selection) -> torch.Tensor:
         """(1, Hq, nb, nb) bool: the `ORACLE` method of `seerlib.methods` on this layer."""
         c, d = self.captured[layer], self.layer(layer)
-        return METHODS[ORACLE].build(LayerInputs(c.q, c.k, c.v, self.block_size,
-                                                 weights=d["mass"]), selection)
+        return METHODS[ORACLE].build(LayerInputs(c.q, c.k, c.v, self.block_size, scale=c.scale,
+                                                 weights=d["mass"], softcap=c.softcap), selection)
 
     def scores(self, density: float | None = None,
                threshold: float | None = None) -> dict[str, np.ndarray]:

@@ -235,11 +235,12 @@ def _mass_hook(configs, block_size: int, acc: dict):
     returns the dense attention."""
 
     def score(module, query, key, value, attention_mask, *, default, **kwargs):
-        scale = kwargs.get("scaling")
-        mass = metrics.block_mass(query, key, block_size, scale=scale)  # (B, Hq, nb, nb)
+        scale, softcap = kwargs.get("scaling"), kwargs.get("softcap")
+        mass = metrics.block_mass(query, key, block_size, scale=scale,
+                                  softcap=softcap)  # (B, Hq, nb, nb)
         for c in configs:
             mask = layer_block_mask(c, LayerInputs(query, key, value, block_size, scale=scale,
-                                                   weights=mass))
+                                                   weights=mass, softcap=softcap))
             a = acc[c.label]
             a["layers"].setdefault(module.layer_idx, []).append(float(metrics.recall(mass, mask)))
             kept, causal = count_blocks(mask)

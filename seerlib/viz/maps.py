@@ -89,7 +89,8 @@ class AttentionMaps:
         key = (layer, b)
         if key not in self._maps:
             c = self.captured[layer]
-            _, pooled = ops.pooled_attention(c.q, c.k, c.v, b)  # (1, H, nb, nb)
+            _, pooled = ops.pooled_attention(c.q, c.k, c.v, b, scale=c.scale,
+                                             softcap=c.softcap)  # (1, H, nb, nb)
             m = pooled[0].float().numpy().copy()
             nb = m.shape[-1]
             m[:, ~np.tri(nb, dtype=bool)] = np.nan
@@ -101,7 +102,8 @@ class AttentionMaps:
         key = (layer, block_size)
         if key not in self._mass:
             c = self.captured[layer]
-            self._mass[key] = block_mass(c.q, c.k, block_size)
+            self._mass[key] = block_mass(c.q, c.k, block_size, scale=c.scale,
+                                         softcap=c.softcap)
         return self._mass[key]
 
     def sparsity(self, block_size: int, coverages: Sequence[float]) -> np.ndarray:
