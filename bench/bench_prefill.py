@@ -25,6 +25,8 @@ Rows (`--providers`), all at the same shape and length in one process:
 - `compile:<label>`, `graph+compile:<label>`: with `compile_selection=True` (the gate and the
   selection through torch.compile, compiled in the warm-up); `cstep@0.1`: the layer step so.
   Compiled rows get no breakdown (its timers would break the compiled graph).
+- `--profile`: one more call of each sparse and ideal row under torch.profiler: the call's wall
+  time, the device's busy time (kernel self times summed) and the top operations by device time.
 Each row also gets a breakdown from a separate instrumented call (synchronized timers wrapped
 around the functions in `PATCH_TARGETS`; exclusive times, so the kernel's share leaves out the
 index build it calls): gate, selection, index build, kernel, rest = that call's total - the parts.
@@ -142,6 +144,7 @@ class BenchConfig:
     gate_dtype: str | None = None  # default: the model's dtype
     check: bool = True
     breakdown: bool = True
+    profile: bool = False  # one extra call of each sparse / ideal row under torch.profiler
     budget_s: float = 0.0  # stop starting rows after this many seconds (0: no limit)
     seed: int = 0
 
@@ -289,6 +292,28 @@ def instrumented(device):
                 delattr(owner, name)
 
 
+def profiled(fwd, device, top: int = 25) -> dict:
+    """One call under torch.profiler: wall ms, the device's busy ms (the kernels' self time
+    summed) and the `top` operations by device time (name, calls, device ms, host ms)."""
+    # lazy: the profiler is loaded only for --profile
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        fwd()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    rows = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    return {"wall_ms": wall, "device_busy_ms": busy,
+            "top": [{"name": e.key[:90], "calls": e.count,
+                     "device_ms": e.self_device_time_total / 1e3,
+                     "host_ms": e.self_cpu_time_total / 1e3} for e in rows]}
+
+
 def breakdown(fwd, device) -> dict:
     """One instrumented call: ms per part (n/a when none of its targets exists), rest, calls."""
     with instrumented(device) as timer:
@@ -407,6 +432,8 @@ def sparse_row(run: Run, provider: str) -> dict:
         out = run.measure(max(run.cfg.warmup, 2) if "compile" in modes else None)
         if run.cfg.breakdown and "compile" not in modes:  # the timers would break the graph
             out["breakdown"] = breakdown(run.forward, run.device)
+        if run.cfg.profile:
+            out["profile"] = profiled(run.forward, run.device)
         out["achieved_density"] = sp.stats.achieved_density
         out["stats"] = sp.stats.as_dict()
     return {**out, "config": scfg.label, "gate": "untrained" if gates is not None else None}
@@ -454,6 +481,8 @@ def ideal_row(run: Run, provider: str) -> dict:
         out = run.measure()
         if run.cfg.breakdown:
             out["breakdown"] = breakdown(run.forward, run.device)
+        if run.cfg.profile:
+            out["profile"] = profiled(run.forward, run.device)
     return {**out, **extra, "achieved_density": achieved_density(mask)}
 
 
@@ -787,6 +816,13 @@ def report(r: dict, elapsed: float) -> None:
     if bd:
         line += " | " + " ".join(f"{p} {fmt_ms(bd[f'{p}_ms'])}" for p in (*PARTS, "rest"))
     print(line + f" ({r['row_s']:.1f} s)", flush=True)
+    pr = r.get("profile")
+    if pr:
+        print(f"    profiled call: wall {pr['wall_ms']:.2f} ms, device busy "
+              f"{pr['device_busy_ms']:.2f} ms", flush=True)
+        for e in pr["top"]:
+            print(f"    {e['device_ms']:9.3f} ms {e['calls']:5d}x  host {e['host_ms']:8.3f} ms  "
+                  f"{e['name']}", flush=True)
 
 
 def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
@@ -811,6 +847,8 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                    help="the gates' parameter dtype (default: the model's; load_gates gives fp32)")
     p.add_argument("--no-check", action="store_true", help="skip the gate@1 vs dense check")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented calls")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more call of each sparse and ideal row (torch.profiler)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="start no row after this many seconds (0: no limit)")
     p.add_argument("--out", default="bench/results")
@@ -829,7 +867,8 @@ def parse(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         layers=a.layers, block_size=a.block_size, reps=a.reps, warmup=max(1, a.warmup),
         device=device, dtype=a.dtype or ("fp32" if device == "cpu" else "bf16"),
         gate_dtype=a.gate_dtype,
-        check=not a.no_check, breakdown=not a.no_breakdown, budget_s=a.budget_s,
+        check=not a.no_check, breakdown=not a.no_breakdown, profile=a.profile,
+        budget_s=a.budget_s,
     )
     for s in cfg.shapes:
         parse_shape(s, cfg.layers)

@@ -59,9 +59,12 @@ def test_cpu_run_records_every_row_and_merges(tmp_path):
     # a second run at another length, with a row that fails (density 2): recorded, not raised
     # and a compiled selection (inductor's C++ backend here), which gets no breakdown
     stem_b = bench.main([*common, "--seq-lens", "128", "--providers", "sdpa", "gate@0.5",
-                         "compile:gate@0.5", "ideal@2", "--no-check", "--out",
+                         "compile:gate@0.5", "ideal@2", "--no-check", "--profile", "--out",
                          str(tmp_path / "b"), "--tag", "_b"])
     by = {r["provider"]: r for r in _records(stem_b)}
+    prof = by["gate@0.5"]["profile"]  # one more call under torch.profiler (host ops on a CPU)
+    assert prof["wall_ms"] > 0 and prof["top"] and all(e["calls"] > 0 for e in prof["top"])
+    assert "profile" not in by["sdpa"]
     assert by["compile:gate@0.5"]["status"] == "ok" and "breakdown" not in by["compile:gate@0.5"]
     assert by["compile:gate@0.5"]["achieved_density"] == by["gate@0.5"]["achieved_density"]
     bad = by["ideal@2"]
