@@ -11,9 +11,8 @@ Backends:
         a head dim the kernels lack is refused, naming it and theirs.
     "reference": always `seerlib.reference`.
 The ops take `softcap=` (Gemma2's attention logit soft-cap: logits -> c * tanh(logits / c)
-before the mask and softmax), and so do the kernels, the decode step's too; the decode target's
-kernel does not, so `decode_pooled_attention` with a soft-cap takes the reference under "auto" and
-is refused under "triton".
+before the mask and softmax), and so do all the kernels, the decode step's and the decode
+target's too.
 Choose per call (`backend=`), for a block of code (`with use_backend("reference"): ...`), or for
 the process (environment variable SEERLIB_BACKEND). Precedence: argument, context, environment.
 """
@@ -111,13 +110,12 @@ def _wants_grad(tensors) -> bool:
 
 
 def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = None,
-                 inputs=(), differentiable: bool = False, lacks: str | None = None) -> bool:
+                 inputs=(), differentiable: bool = False) -> bool:
     """Whether the Triton kernels take this call. Only block-sparse attention has a kernel
     backward (`differentiable`); for the others, when autograd needs one (grad mode on and an
     input that requires grad), "auto" takes the differentiable reference and "triton" refuses, so
-    gradients are never silently lost. `lacks` names what the kernel cannot compute for this call
-    (a soft-cap): "auto" then takes the reference and "triton" refuses, naming it. A head dim
-    outside KERNEL_HEAD_DIMS: "triton" refuses; "auto" takes the reference, warning once on CUDA."""
+    gradients are never silently lost. A head dim outside KERNEL_HEAD_DIMS: "triton" refuses;
+    "auto" takes the reference, warning once on CUDA."""
     name = get_backend(backend)
     if name == "reference":
         return False
@@ -127,10 +125,6 @@ def _use_kernels(q: torch.Tensor, backend: str | None, block_size: int | None = 
             f"backend='triton': head dim {d} is not among the Triton kernels' head dims "
             f"{KERNEL_HEAD_DIMS}; use backend='auto' or 'reference' (the exact reference, slow on "
             "a GPU)")
-    if lacks is not None:
-        if name == "triton":
-            raise ValueError(f"backend='triton': {lacks}; use backend='auto' or 'reference'")
-        return False
     if not differentiable and _wants_grad(inputs):
         if name == "triton":
             raise RuntimeError(
@@ -276,17 +270,15 @@ def decode_pooled_attention(q, k, v, block_size: int, scale: float | None = None
 
     Args:
         q: (B, Hq, S, d); k, v: (B, Hkv, S, d); block_size: b.
-        softcap: logit soft-cap c, or None. Its kernel has none: "auto" takes the reference for a
-            soft-capped call, "triton" refuses it.
+        softcap: logit soft-cap c, or None (the kernel takes it too).
     Returns:
         out (B, Hq, S, d) in q's dtype; truth (B, Hkv, S, nb) float32, each row's attention
         max-pooled over each key block and over the group's heads, normalized
         (`reference.decode_block_truth`).
     """
-    lacks = (None if softcap is None else f"the decode target's kernel "
-             f"(seerlib.kernels.decode_truth) has no logit soft-cap (softcap={softcap})")
-    if _use_kernels(q, backend, block_size, inputs=(q, k, v), lacks=lacks):
-        return _kernels().decode_pooled_attention(q, k, v, block_size, scale=scale)
+    if _use_kernels(q, backend, block_size, inputs=(q, k, v)):
+        return _kernels().decode_pooled_attention(q, k, v, block_size, scale=scale,
+                                                  softcap=softcap)
     return (reference.attention(q, k, v, causal=True, scale=scale, softcap=softcap),
             reference.decode_block_truth(q, k, block_size, scale, softcap=softcap).float())
 

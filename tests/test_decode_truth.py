@@ -51,11 +51,12 @@ def _poisoned(shape, dtype=DTYPE):
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
-def _expected_out(q, k, v, causal=True, scale=None):
+def _expected_out(q, k, v, causal=True, scale=None, softcap=None):
     """Reference attention for queries at the last Sq positions: q padded at the front."""
     Sq, S = q.shape[2], k.shape[2]
     pad = q.new_zeros(q.shape[0], q.shape[1], S - Sq, q.shape[3])
-    return ref.attention(torch.cat([pad, q], 2), k, v, causal=causal, scale=scale)[:, :, S - Sq:]
+    return ref.attention(torch.cat([pad, q], 2), k, v, causal=causal, scale=scale,
+                         softcap=softcap)[:, :, S - Sq:]
 
 
 def _assert_out(out, expected, low=False):
@@ -125,6 +126,22 @@ def test_rows_per_program_and_scale(S, b, rows):
     out, truth = decode_pooled_attention(q, k, v, b, scale=0.2, rows_per_program=rows)
     _assert_out(out, ref.attention(q, k, v, scale=0.2))
     _assert_truth(truth, ref.decode_block_truth(q, k, b, scale=0.2), S, b)
+
+
+@pytest.mark.parametrize("S,Sq,b,group,cap", [(97, 97, 16, 3, 2.0), (200, 37, 32, 2, 20.0),
+                                              (130, 1, 64, 1, 2.0)])
+def test_soft_cap(S, Sq, b, group, cap):
+    """Gemma2's logit soft-cap in the output and the truth alike, at the tail and for one decode
+    row; cap 2 binds on these logits (the uncapped truth differs by far more than the tolerance)."""
+    q, k, v = _qkv(1, 2 * group, 2, S, 64, seed=S + Sq, Sq=Sq)
+    q, k = q * 2, k * 2
+    out, truth = decode_pooled_attention(q, k, v, b, softcap=cap)
+    _assert_out(out, _expected_out(q, k, v, softcap=cap))
+    want = ref.decode_block_truth(q, k, b, softcap=cap)
+    _assert_truth(truth, want, S, b)
+    if cap == 2.0:
+        plain = ref.decode_block_truth(q, k, b)
+        assert (plain - want).abs().max() > 1e-2
 
 
 def test_low_precision():

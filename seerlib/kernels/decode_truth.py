@@ -36,16 +36,17 @@ import torch
 import triton
 import triton.language as tl
 
-from seerlib.reference import check_block_size, default_scale, num_blocks
+from seerlib.reference import check_block_size, check_softcap, num_blocks
 
 from ._common import (
-    LOG2E,
     check_inputs,
     check_out,
     default_launch,
     float32_buffer,
     last_dim_contiguous,
+    score_scales,
     softmax_step,
+    tanh,
 )
 from .pooled_attention import SCRATCH_BYTES
 
@@ -82,7 +83,7 @@ def _store_block_maxima(s, rm_base, jt, hi, offs_n, BLOCK: tl.constexpr, BLOCK_M
 @triton.jit
 def _truth_fwd(
     Q, K, V, O, RM, LSE, TILES,
-    qk_scale,
+    qk_scale, cap_log2,
     sqz, sqh, sqm,
     skz, skh, skn,
     svz, svh, svn,
@@ -93,6 +94,7 @@ def _truth_fwd(
     BLOCK_M: tl.constexpr,
     KEY_TILE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     t = N_TILES - 1 - tl.program_id(1)  # heaviest tiles first
@@ -128,6 +130,8 @@ def _truth_fwd(
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         _store_block_maxima(s, rm_base, jt, hi, offs_n, BLOCK, BLOCK_M, KEY_TILE, False)
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, False)
 
@@ -138,6 +142,8 @@ def _truth_fwd(
                      other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
+        if SOFTCAP:
+            s = tanh(s) * cap_log2
         if CAUSAL:
             keep = (offs_m[:, None] + OFFSET >= cols[None, :]) & col_ok[None, :]
         else:
@@ -266,6 +272,7 @@ def decode_pooled_attention(
     causal: bool = True,
     scale: float | None = None,
     *,
+    softcap: float | None = None,
     out: torch.Tensor | None = None,
     truth_out: torch.Tensor | None = None,
     rows_per_program: int | None = None,
@@ -279,6 +286,8 @@ def decode_pooled_attention(
         block_size: key block b in {16, 32, 64, 128}.
         causal: query row i sees keys <= S - Sq + i; False: every row sees all S keys.
         scale: score scale, 1/sqrt(d) by default.
+        softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c) before the mask and the
+            softmax, in the output and the truth alike), or None.
         out, truth_out: optional buffers to write into ((B, Hq, Sq, d) in q's dtype and
             (B, Hkv, Sq, nb) float32, last dim contiguous).
         rows_per_program: query rows per program, a power-of-two multiple of b (tests);
@@ -286,10 +295,12 @@ def decode_pooled_attention(
     Returns:
         out: (B, Hq, Sq, d) in q's dtype, = `seerlib.reference.attention`.
         truth: (B, Hkv, Sq, nb) float32, nb = ceil(S / b), =
-            `seerlib.reference.decode_block_truth(q, k, b, scale)` (causal): rows sum to 1,
+            `seerlib.reference.decode_block_truth(q, k, b, scale, softcap=softcap)` (causal):
+            rows sum to 1,
             0 on blocks wholly after the row.
     """
     B, Hq, Hkv, Sq, d = _check(q, k, v, block_size)
+    softcap = check_softcap(softcap)
     Sk = k.shape[2]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out = check_out(out, q)
@@ -307,7 +318,7 @@ def decode_pooled_attention(
     n_tiles = -(-Sq // block_m)
     s_pad = n_tiles * block_m
     tiles, head_numel = _tile_table(n_tiles, block_m, Sq, Sk, b, causal, q.device)
-    qk_scale = default_scale(d, scale) * LOG2E
+    qk_scale, cap_log2 = score_scales(d, scale, softcap)
     key_tile = max(b, KEY_TILE_MIN)
     nb_chunk = max(1, min(triton.next_power_of_2(nb), 4096 // block_m))
     launch = default_launch(block_m, d)
@@ -324,14 +335,14 @@ def decode_pooled_attention(
         shape = (h1 - h0, group, Sq, Sk, Sk - Sq, n_tiles, nb, head_numel, s_pad)
         _truth_fwd[(B * (h1 - h0), n_tiles)](
             qc, kc, vc, oc, rm, lse, tiles,
-            qk_scale,
+            qk_scale, cap_log2,
             qc.stride(0), qc.stride(1), qc.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2),
             oc.stride(0), oc.stride(1), oc.stride(2),
             *shape,
             HEAD_D=d, BLOCK=b, BLOCK_M=block_m, KEY_TILE=key_tile, CAUSAL=bool(causal),
-            **launch,
+            SOFTCAP=softcap is not None, **launch,
         )
         _truth_finish[(B * (kv1 - kv0), n_tiles)](
             rm, lse, tiles, tc,
