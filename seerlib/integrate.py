@@ -266,7 +266,6 @@ class Sparsified:
                                              softcap=softcap)  # (B, Hq, S, d)
         return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
 
-
     def _block_mask(self, cfg: SparseConfig, layer_in: LayerInputs) -> torch.Tensor:
         if self.compile_selection:
             return compiled_layer_block_mask()(cfg, layer_in)

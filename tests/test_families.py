@@ -42,9 +42,11 @@ def logits(model, x):
         return model(input_ids=x, use_cache=False).logits
 
 
-def n_sliding(model):
+def n_sliding(model, length=S):
+    """Layers that keep the model's own attention (a sliding window) at `length` tokens."""
     cfg = model.config
-    return sum(family_of(cfg).keeps_own_attention(cfg, i, S) for i in range(cfg.num_hidden_layers))
+    return sum(family_of(cfg).keeps_own_attention(cfg, i, length)
+               for i in range(cfg.num_hidden_layers))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -188,12 +190,6 @@ def _generate(model, x, cfg=None, gates=None):
     return res.sequences, torch.stack(res.scores, 1), sg.stats
 
 
-def _n_global(model, length):
-    cfg = model.config
-    return sum(not family_of(cfg).keeps_own_attention(cfg, i, length)
-               for i in range(cfg.num_hidden_layers))
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_decode_with_a_covering_budget_gives_dense_generation(name):
     """Every family (Gemma2 soft-capped, Gemma2/3 hybrid with a window shorter than the prompt):
@@ -207,7 +203,7 @@ def test_decode_with_a_covering_budget_gives_dense_generation(name):
                                                                           block_size=B16))
     assert torch.equal(sparse, seq)
     torch.testing.assert_close(sparse_scores, scores, atol=1e-4, rtol=1e-4)
-    assert stats.steps == (NEW - 1) * _n_global(model, PROMPT) and stats.kept_share == 1.0
+    assert stats.steps == (NEW - 1) * (3 - n_sliding(model, PROMPT)) and stats.kept_share == 1.0
 
 
 @pytest.mark.parametrize("label", ["gate@tok=32", "quest@tok=32"])
