@@ -205,6 +205,13 @@ class AttnGate(nn.Module):
 
     def pool(self, q_pre: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool q (B, Hq, S, d), k (B, Hkv, S, d) -> (B, Hq, nb, nq * d), (B, Hkv, nb, nk * d)."""
+        self.check_pre(q_pre, k_pre)
+        return pool_blocks(q_pre, self.block_size, self.q_pool), pool_blocks(
+            k_pre, self.block_size, self.k_pool
+        )
+
+    def check_pre(self, q_pre: torch.Tensor, k_pre: torch.Tensor) -> None:
+        """Raise ValueError unless q_pre is (B, Hq, S, d) and k_pre (B, Hkv, S, d) for this gate."""
         if q_pre.dim() != 4 or k_pre.dim() != 4:
             raise ValueError(
                 f"q_pre and k_pre must be 4-D (B, H, S, d); got {tuple(q_pre.shape)} and "
@@ -221,9 +228,6 @@ class AttnGate(nn.Module):
                 f"k_pre has shape {tuple(k_pre.shape)}; expected (B, Hkv, S, d) = "
                 f"{(B, self.num_kv_heads, S, d)}"
             )
-        return pool_blocks(q_pre, self.block_size, self.q_pool), pool_blocks(
-            k_pre, self.block_size, self.k_pool
-        )
 
     def forward_pooled(self, q_pooled: torch.Tensor, k_pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled features (what `pool` returns; the distillation cache stores these).

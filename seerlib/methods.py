@@ -47,6 +47,7 @@ __all__ = [
     "LayerInputs",
     "Method",
     "SparseConfig",
+    "gate_block_mask",
     "ground_truth",
     "layer_block_mask",
     "parse_config",
@@ -171,8 +172,31 @@ def dense(layer: LayerInputs, selection: Selection) -> torch.Tensor:
 def gate(layer: LayerInputs, selection: Selection) -> torch.Tensor:
     if layer.gate is None or layer.q_pre is None or layer.k_pre is None:
         raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+    return gate_block_mask(layer.gate, *_pooled(layer.gate, layer.q_pre, layer.k_pre), selection)
+
+
+def _pooled(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor):
+    """The gate's pooled q_pre, k_pre: `ops.pool_blocks` (one pass each, the kernel on CUDA), or
+    inside torch.compile the gate's torch pooling, which inductor fuses itself."""
+    if torch.compiler.is_compiling():
+        return gate.pool(q_pre, k_pre)
+    gate.check_pre(q_pre, k_pre)
+    return (ops.pool_blocks(q_pre, gate.block_size, gate.q_pool),
+            ops.pool_blocks(k_pre, gate.block_size, gate.k_pool))
+
+
+def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,
+                    selection: Selection) -> torch.Tensor:
+    """The "gate" method's mask from the gate's pooled features (`AttnGate.pool`'s output, or
+    `ops.pool_blocks`'): the logits (`AttnGate.forward_pooled`) through `select_blocks`.
+
+    Args:
+        q_pooled: (B, Hq, nb, len(q_pool) * d); k_pooled: (B, Hkv, nb, len(k_pool) * d).
+    Returns:
+        (B, Hq, nb, nb) bool.
+    """
     with torch.no_grad():
-        logits = layer.gate(layer.q_pre, layer.k_pre)
+        logits = gate.forward_pooled(q_pooled, k_pooled)
     return select_blocks(logits, selection)
 
 
@@ -360,3 +384,10 @@ def compiled_layer_block_mask() -> Callable[[SparseConfig, LayerInputs], torch.T
     a new shape compiles (seconds). The masks are those of `layer_block_mask` (tested).
     """
     return torch.compile(layer_block_mask, dynamic=False)
+
+
+@functools.cache
+def compiled_gate_block_mask() -> Callable[..., torch.Tensor]:
+    """`gate_block_mask` through `torch.compile` (inductor, static shapes), built once: what a
+    graphed gate layer replays (`seerlib.integrate`), the same masks as eager (tested)."""
+    return torch.compile(gate_block_mask, dynamic=False)

@@ -1,6 +1,8 @@
 """The one dispatch point for attention: Triton kernels on CUDA, the exact reference elsewhere.
 
-Everything else in seerlib calls these three functions and never picks an implementation by hand.
+Everything else in seerlib calls these functions (attention, the block-sparse and pooled
+attention, the decode steps, the gate's block pooling and the kernel's block index) and never
+picks an implementation by hand.
 
 Backends:
     "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16 whose head dim and
@@ -27,7 +29,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import gate, reference
 
 __all__ = [
     "attention",
@@ -36,6 +38,9 @@ __all__ = [
     "decode_attention",
     "decode_pooled_attention",
     "sparse_decode_attention",
+    "pool_blocks",
+    "kernel_path",
+    "block_index",
     "use_backend",
     "get_backend",
     "BACKENDS",
@@ -259,6 +264,49 @@ def block_sparse_attention(
         )
     return reference.block_sparse_attention(q, k, v, mask, block_size, scale=scale,
                                             softcap=softcap)
+
+
+def kernel_path(q, block_size: int, backend: str | None = None) -> bool:
+    """Whether `block_sparse_attention(q, ...)` at this block size runs the Triton kernel (and so
+    takes a `block_index`) rather than the reference; reads only q's shape, dtype and device."""
+    return _use_kernels(q, backend, block_size)
+
+
+def block_index(mask: torch.Tensor, seq_len: int, block_size: int):
+    """The kernel's block index of a (B, Hq, nb, nb) bool mask, built on the device without a
+    host sync (`seerlib.kernels.build_block_index(..., sync_free=True)`, one query block per
+    tile), for `block_sparse_attention` on the kernel path (`kernel_path`): build it once and
+    reuse it, or inside a CUDA graph."""
+    from seerlib.kernels.block_index import build_block_index  # lazy: imports triton
+
+    B, Hq = mask.shape[:2]
+    return build_block_index(mask, B, Hq, seq_len, block_size, rows_per_tile=1, sync_free=True)
+
+
+def pool_blocks(x, block_size: int, pool_ops, *, out: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """The gate's block pooling (`seerlib.gate.pool_blocks`: mean / max / min over each block of
+    tokens, the ops concatenated on channels), in one pass over x on the kernel path.
+
+    Args:
+        x: (B, H, S, d), e.g. a layer's pre-RoPE q or k; pool_ops: distinct ops from
+            ("avg", "max", "min"), in output order; block_size: b.
+        out: optional (B, H, nb, len(pool_ops) * d) buffer that receives the result on every
+            backend (a CUDA graph's static input); float32 when None.
+    Returns:
+        (B, H, nb, len(pool_ops) * d): `out`, or a new float32 tensor.
+    """
+    if _use_kernels(x, backend, block_size, inputs=(x,)):
+        from seerlib.kernels.block_pool import pool_blocks as kernel_pool  # lazy: imports triton
+
+        return kernel_pool(x, block_size, pool_ops, out=out)
+    pooled = gate.pool_blocks(x, block_size, pool_ops)
+    if out is None:
+        return pooled
+    if tuple(out.shape) != tuple(pooled.shape) or out.device != pooled.device:
+        raise ValueError(f"out must be {tuple(pooled.shape)} on {pooled.device}; got "
+                         f"{tuple(out.shape)} on {out.device}")
+    return out.copy_(pooled)
 
 
 # ---------------------------------------------------------------- decode (SeerAttention-R)

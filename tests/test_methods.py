@@ -11,6 +11,7 @@ from seerlib.methods import (
     PRESETS,
     LayerInputs,
     SparseConfig,
+    gate_block_mask,
     layer_block_mask,
     parse_config,
     preset,
@@ -223,3 +224,22 @@ def test_ground_truth_and_oracles_see_the_logit_soft_cap(monkeypatch):
     cfg = SparseConfig("vertical_slash", Selection(density=0.3), block_size=16)
     got = layer_block_mask(cfg, LayerInputs(q, k, v, 16, softcap=1.0))
     assert torch.equal(got, patterns.vertical_slash(q, k, topk_density(0.3, 6), 16, softcap=1.0))
+
+
+def test_gate_block_mask_from_pooled_features_is_the_gate_method():
+    """The graphed path's split (pool, then `gate_block_mask`) gives the method's own masks, and
+    the pooled features are the gate's."""
+    from seerlib import ops
+    from seerlib.gate import AttnGate
+
+    torch.manual_seed(0)
+    gate = AttnGate(4, 2, 16, block_size=16)
+    q, k, v = qkv(S=97)
+    q_pre, k_pre = q + 0.1, k - 0.1
+    sel = Selection(density=0.3)
+    layer = LayerInputs(q, k, v, 16, gate=gate, q_pre=q_pre, k_pre=k_pre)
+    want = layer_block_mask(SparseConfig("gate", sel, block_size=16), layer)
+    qp, kp = gate.pool(q_pre, k_pre)
+    assert torch.equal(gate_block_mask(gate, qp, kp, sel), want)
+    out = torch.full_like(kp, float("nan"))
+    assert ops.pool_blocks(k_pre, 16, gate.k_pool, out=out) is out and torch.equal(out, kp)
