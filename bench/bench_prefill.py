@@ -24,6 +24,9 @@ Rows (`--providers`), all at the same shape and length in one process:
   layer's selection and sparse attention replayed as a CUDA graph (`seerlib.graphs`).
 - `compile:<label>`, `graph+compile:<label>`: with `compile_selection=True` (the gate and the
   selection through torch.compile, compiled in the warm-up); `cstep@0.1`: the layer step so.
+- `pstep@0.1`, `pcstep@0.1` (CUDA only): the layer step as `graph:gate` runs it
+  (`seerlib.integrate.graphed_gate_step`: pooling into the graph's inputs, the graph of logits,
+  selection and index replayed, the kernel outside it), eager or compiled selection.
   Compiled rows get no breakdown (its timers would break the compiled graph).
 - `--profile`: one more call of each sparse and ideal row under torch.profiler: the call's wall
   time, the device's busy time (kernel self times summed) and the top operations by device time.
@@ -59,7 +62,8 @@ import torch.nn.functional as F
 from seerlib import ops
 from seerlib.capture import attention_override
 from seerlib.gate import GateSet
-from seerlib.integrate import sparsify
+from seerlib.graphs import StepGraphs
+from seerlib.integrate import graphed_gate_step, sparsify
 from seerlib.methods import (
     LayerInputs,
     SparseConfig,
@@ -87,7 +91,8 @@ from _results import (  # noqa: E402
 # What the breakdown times: (part, module, attribute path), looked up where the sparse path looks
 # them up. A target that does not resolve makes its part "n/a" (listed in the record), not a crash.
 PATCH_TARGETS = (
-    ("gate", "seerlib.gate", "AttnGate.forward"),
+    ("gate", "seerlib.ops", "pool_blocks"),  # the gate's block pooling (the kernel on CUDA)
+    ("gate", "seerlib.gate", "AttnGate.forward_pooled"),  # its projection, RoPE and logits
     ("selection", "seerlib.methods", "select_blocks"),  # the gate / oracle methods' selection
     ("selection", "seerlib.patterns", "sink_window"),  # sink_window's mask, via methods.patterns
     ("index", "seerlib.kernels.block_sparse_attention", "build_block_index"),
@@ -120,7 +125,8 @@ CUDA_ONLY = {
 }
 DEFAULT_PROVIDERS = (
     "sdpa", "sdpa_flash", "sdpa_cudnn", "gate@0.5", "gate@0.1", "gate@0.05", "recommended@0.1",
-    "sink_window@0.1", "ideal@0.1", "step@0.1", "cstep@0.1", "graph:gate@0.1", "graph:gate@0.05",
+    "sink_window@0.1", "ideal@0.1", "step@0.1", "cstep@0.1", "pstep@0.1", "pcstep@0.1",
+    "graph:gate@0.1", "graph:gate@0.05",
     "graph:recommended@0.1", "graph+compile:gate@0.1", "graph+compile:gate@0.05",
     "graph+compile:recommended@0.1", "flex",
 )
@@ -474,7 +480,12 @@ def ideal_row(run: Run, provider: str) -> dict:
         index, extra = mask, {"index": "bool mask (ops' reference path takes no BlockIndex)"}
 
     def attend(module, query, key, value, attention_mask, *, default, **kwargs):
-        out = ops.block_sparse_attention(query, key, value, index, b, scale=kwargs.get("scaling"))
+        B, Hq, S, d = query.shape
+        out = None
+        if query.is_cuda:  # the kernel writes (B, S, Hq, d) itself, as the sparse path's does
+            out = torch.empty(B, S, Hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+        out = ops.block_sparse_attention(query, key, value, index, b, scale=kwargs.get("scaling"),
+                                         out=out)
         return out.transpose(1, 2).contiguous(), None  # (B, Hq, S, d) -> (B, S, Hq, d)
 
     with attention_override(run.model, attend):
@@ -507,13 +518,16 @@ def step_row(run: Run, provider: str) -> dict:
     scfg = SparseConfig("gate", Selection(density=float(arg or 0.1)), block_size=b)
     layer = LayerInputs(q, k, v, b, scale=d ** -0.5, gate=run.gates[0], q_pre=q_pre, k_pre=k_pre)
 
-    block_mask = compiled_layer_block_mask() if provider.startswith("cstep") else layer_block_mask
+    head = provider.split("@")[0]
+    block_mask = compiled_layer_block_mask() if head == "cstep" else layer_block_mask
 
     def step():
         mask = block_mask(scfg, layer)
         return ops.block_sparse_attention(q, k, v, mask, b, scale=d ** -0.5, sync_free=True)
 
     reps, warm = max(run.cfg.reps, 10), max(run.cfg.warmup, 3)
+    if head in ("pstep", "pcstep"):
+        return pooled_step(run, head, step, (q, k, v, q_pre, k_pre), scfg, reps, warm)
     eager = measure(step, dev, reps, warm)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -538,6 +552,35 @@ def step_row(run: Run, provider: str) -> dict:
             "graph_vs_eager_max_abs_diff": diff,
             "achieved_density": achieved_density(mask),
             "peak_mem_gb": eager.get("peak_mem_gb")}
+
+
+def pooled_step(run: Run, head: str, step, tensors, scfg: SparseConfig, reps, warm) -> dict:
+    """The sparse path's own graphed gate step (`seerlib.integrate.graphed_gate_step`: pooling
+    into the graph's statics, the graph of logits + selection + index replayed, the kernel on
+    the layer's q, k, v); "pcstep": its selection compiled. Beside the kernel alone, on the same
+    selection's index, and checked against the eager `step`."""
+    from seerlib.kernels.block_index import build_block_index  # lazy: triton, CUDA runs only
+
+    q, k, v, q_pre, k_pre = tensors
+    _, Hq, S, d = q.shape
+    b, dev, gate = scfg.block_size, run.device, run.gates[0]
+    graphs = StepGraphs()
+
+    def pstep():
+        return graphed_gate_step(graphs, 0, gate, scfg.selection, q, k, v, q_pre, k_pre, b,
+                                 scale=d ** -0.5, compiled=head == "pcstep")[0]
+
+    timed = measure(pstep, dev, reps, warm)  # the first call captures (warm-up included)
+    layer = LayerInputs(q, k, v, b, scale=d ** -0.5, gate=gate, q_pre=q_pre, k_pre=k_pre)
+    mask = layer_block_mask(scfg, layer)
+    index = build_block_index(mask, 1, Hq, S, b, 1, sync_free=True)
+    kernel = measure(lambda: ops.block_sparse_attention(q, k, v, index, b, scale=d ** -0.5),
+                     dev, reps, warm)
+    diff = float((pstep().transpose(1, 2).float() - step().float()).abs().max())
+    return {"ms": timed["ms"], "graph_ms": timed["ms"], "kernel_ms": kernel["ms"],
+            "graph_overhead_share": (timed["ms"] - kernel["ms"]) / kernel["ms"],
+            "graph_vs_eager_max_abs_diff": diff, "path": "graphed_gate_step",
+            "achieved_density": achieved_density(mask), "peak_mem_gb": timed.get("peak_mem_gb")}
 
 
 def check_row(run: Run) -> dict:
@@ -568,7 +611,8 @@ def row_kind(provider: str) -> str:
     if provider in DENSE:
         return "dense"
     head = provider.split("@")[0]
-    return {"ideal": "ideal", "step": "step", "cstep": "step"}.get(head, "sparse")
+    return {"ideal": "ideal", "step": "step", "cstep": "step", "pstep": "step",
+            "pcstep": "step"}.get(head, "sparse")
 
 
 def row_order(providers) -> list[str]:
@@ -598,6 +642,8 @@ def add_ratios(records: list[dict]) -> None:
 
 
 def fmt_ms(ms) -> str:
+    if ms is None:
+        return "-"
     if not isinstance(ms, (int, float)):
         return str(ms)
     return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
@@ -703,11 +749,12 @@ def markdown(records: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (shape, _layers, S, p), r in steps:
+            eager = r.get("overhead_share")  # pstep rows have no eager timing
             lines.append(
-                f"| {shape} | {S} | {p} | {r['achieved_density']:.3f} | {fmt_ms(r['eager_ms'])} "
-                f"| {fmt_ms(r['graph_ms'])} | {fmt_ms(r['kernel_ms'])} | "
-                f"{r['overhead_share']:.0%} | {r['graph_overhead_share']:.0%} | "
-                f"{r['graph_vs_eager_max_abs_diff']:.1e} |")
+                f"| {shape} | {S} | {p} | {r['achieved_density']:.3f} | "
+                f"{fmt_ms(r.get('eager_ms'))} | {fmt_ms(r['graph_ms'])} | "
+                f"{fmt_ms(r['kernel_ms'])} | {'-' if eager is None else f'{eager:.0%}'} | "
+                f"{r['graph_overhead_share']:.0%} | {r['graph_vs_eager_max_abs_diff']:.1e} |")
     checks = _latest(records, "check")
     if checks:
         lines += [

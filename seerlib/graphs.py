@@ -7,6 +7,9 @@ the kernel are some 60 small launches per layer, each costing more host time tha
 key of the same shapes (layers replay one after another, so one set serves them all), and `fn`
 writes its main result into the shared `out` buffer, so memory does not grow with the number of
 layers; what `fn` returns (small tensors such as a kept-block count) is per graph.
+`statics(specs)` hands out such shared buffers for a caller to fill in place (a kernel writing
+its result straight into them, with no copy), and `replay(key, fn, statics)` replays the graph
+of `fn(*statics)`; `run` is the two with the inputs copied in.
 
 `fn` must be capturable: no host syncs (`.item()`, `.tolist()`, data-dependent shapes) and no
 CPU tensors; seerlib's selection and its `sync_free` block index are written that way.
@@ -38,12 +41,39 @@ class StepGraphs:
         self._buffers.clear()
         self._pool = None
 
-    def _statics(self, inputs: Sequence[torch.Tensor], out_like: torch.Tensor):
-        shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in (*inputs, out_like))
-        if shapes not in self._buffers:
-            self._buffers[shapes] = ([torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                                      for t in inputs], torch.empty_like(out_like))
-        return shapes, *self._buffers[shapes]
+    def statics(self, specs: Sequence[tuple[tuple, torch.dtype, torch.device]]) -> list:
+        """The static buffers for these (shape, dtype, device) specs, made on first use and shared
+        by every step of the same specs: fill them, then `replay` a step that reads them."""
+        specs = tuple((tuple(shape), dtype, device) for shape, dtype, device in specs)
+        if specs not in self._buffers:
+            self._buffers[specs] = [torch.empty(shape, dtype=dtype, device=device)
+                                    for shape, dtype, device in specs]
+        return self._buffers[specs]
+
+    def replay(self, key, fn: Callable, statics: Sequence[torch.Tensor]):
+        """Replay the graph of `fn(*statics)` for `key` (captured on first use; `statics` from
+        `statics()`, already filled) and return what the captured call returned: tensors of the
+        graph's memory, overwritten by the graph's next replay."""
+        shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in statics)
+        entry = self._graphs.get((key, shapes))
+        if entry is None:
+            device = statics[0].device
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask
+                for _ in range(self.warmup):
+                    fn(*statics)
+            current.wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                result = fn(*statics)
+            entry = self._graphs[(key, shapes)] = (graph, result)
+        graph, result = entry
+        graph.replay()
+        return result
 
     def run(self, key, fn: Callable, inputs: Sequence[torch.Tensor], out_like: torch.Tensor):
         """Run `fn(*inputs, out)` through the graph of `key` (captured on first use).
@@ -57,24 +87,7 @@ class StepGraphs:
             (out, what `fn` returned): `out` is the shared buffer, valid until the next run of a
             step of the same shapes: copy it (the caller's `.contiguous()` on a transpose does).
         """
-        shapes, statics, out = self._statics(inputs, out_like)
+        *statics, out = self.statics([(t.shape, t.dtype, t.device) for t in (*inputs, out_like)])
         for s, t in zip(statics, inputs, strict=True):
             s.copy_(t)
-        entry = self._graphs.get((key, shapes))
-        if entry is None:
-            current = torch.cuda.current_stream(out.device)
-            side = torch.cuda.Stream(out.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask
-                for _ in range(self.warmup):
-                    fn(*statics, out)
-            current.wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                result = fn(*statics, out)
-            entry = self._graphs[(key, shapes)] = (graph, result)
-        graph, result = entry
-        graph.replay()
-        return out, result
+        return out, self.replay(key, fn, [*statics, out])

@@ -43,14 +43,16 @@ from seerlib.io import config_hash
 from seerlib.methods import (
     LayerInputs,
     SparseConfig,
+    compiled_gate_block_mask,
     compiled_layer_block_mask,
+    gate_block_mask,
     layer_block_mask,
     resolve_config,
 )
 from seerlib.reference import causal_block_count, num_blocks
 from seerlib.select import Selection
 
-__all__ = ["Sparsified", "SparsityStats", "count_blocks", "sparsify"]
+__all__ = ["Sparsified", "SparsityStats", "count_blocks", "graphed_gate_step", "sparsify"]
 
 
 class SparsityStats:
@@ -245,6 +247,10 @@ class Sparsified:
         weights = self.weights.get(layer) if self.weights is not None else None
         q_pre, k_pre = (pre["q_pre"], pre["k_pre"]) if pre else (None, None)
         if self.graphs is not None and query.is_cuda and cfg.spec.sparse and cfg.attention == "ops":
+            if (cfg.method == "gate" and weights is None and ops.kernel_path(query, cfg.block_size)
+                    and not _wants_grad(query, key, value)):
+                return self._graphed_gate(layer, query, key, value, q_pre, k_pre, gate, scale,
+                                          softcap), None
             out = self._graphed(layer, query, key, value, q_pre, k_pre, weights, gate, scale,
                                 softcap)
             return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
@@ -261,15 +267,33 @@ class Sparsified:
                                         scale=layer_in.scale, compiled=cfg.compile_flex,
                                         softcap=softcap)
         else:
-            out = ops.block_sparse_attention(query, key, value, mask, cfg.block_size,
-                                             scale=layer_in.scale, sync_free=True,
-                                             softcap=softcap)  # (B, Hq, S, d)
-        return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), like transformers
+            out = ops.block_sparse_attention(
+                query, key, value, mask, cfg.block_size, scale=layer_in.scale, sync_free=True,
+                softcap=softcap, out=_transposed_out(query, key, value))
+        # (B, Hq, S, d) -> (B, S, Hq, d), like transformers; a no-op copy when the kernel wrote
+        # into _transposed_out's buffer
+        return out.transpose(1, 2).contiguous(), None
 
     def _block_mask(self, cfg: SparseConfig, layer_in: LayerInputs) -> torch.Tensor:
         if self.compile_selection:
             return compiled_layer_block_mask()(cfg, layer_in)
         return layer_block_mask(cfg, layer_in)
+
+    def _graphed_gate(self, layer, query, key, value, q_pre, k_pre, gate, scale, softcap):
+        """`graphed_gate_step` for this layer, its kept count and mask recorded."""
+        if gate is None or q_pre is None or k_pre is None:
+            raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+        out, kept, mask = graphed_gate_step(
+            self.graphs, layer, gate, self.config.selection, query, key, value, q_pre, k_pre,
+            self.config.block_size, scale=scale, softcap=softcap,
+            compiled=self.compile_selection, keep_mask=self.record_masks)
+        # the graph's count and mask are overwritten by its next replay: keep copies
+        B, Hq, S, _ = query.shape
+        nb = num_blocks(S, self.config.block_size)
+        self.stats.add(layer, None, kept=kept.clone(), shape=(B, Hq, nb, nb))
+        if mask is not None:
+            self.masks[layer] = mask.clone()
+        return out
 
     def _graphed(self, layer, query, key, value, q_pre, k_pre, weights, gate, scale, softcap):
         """The layer's selection and sparse attention as one CUDA graph (`seerlib.graphs`)."""
@@ -297,6 +321,58 @@ class Sparsified:
         if mask is not None:
             self.masks[layer] = mask.clone()
         return out
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _transposed_out(query, key, value):
+    """A (B, Hq, S, d) view of a new (B, S, Hq, d) buffer for the kernel to write into, so the
+    layer's output needs no transposing copy; None off the kernel path (CPU, or autograd on)."""
+    if not query.is_cuda or _wants_grad(query, key, value):
+        return None
+    B, Hq, S, d = query.shape
+    return torch.empty(B, S, Hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+
+
+def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, value, q_pre,
+                      k_pre, block_size: int, *, scale: float, softcap=None,
+                      compiled: bool = False, keep_mask: bool = False):
+    """One layer's "gate" step on CUDA with no copy of the layer's tensors: `ops.pool_blocks`
+    writes the pooled q_pre / k_pre straight into `graphs`' static inputs, the CUDA graph of
+    (layer, "gate", S) replays the gate's logits, the selection (`compiled`: through
+    torch.compile) and the sync-free block index, and the kernel then runs outside the graph on
+    the layer's own q, k, v, writing a (B, S, Hq, d) buffer directly.
+
+    Args:
+        query: (B, Hq, S, d); key, value: (B, Hkv, S, d); q_pre, k_pre: their pre-RoPE forms;
+            on the kernel path (`ops.kernel_path`).
+    Returns:
+        (out (B, S, Hq, d), kept causal tiles (0-d tensor), mask (B, Hq, nb, nb) or None unless
+        keep_mask): the count and mask live in the graph's memory, overwritten by its next replay.
+    """
+    B, Hq, S, d = query.shape
+    nb, dev = num_blocks(S, block_size), query.device
+    qp, kp = graphs.statics([
+        ((B, Hq, nb, len(gate.q_pool) * d), torch.float32, dev),
+        ((B, key.shape[1], nb, len(gate.k_pool) * d), torch.float32, dev)])
+    gate.check_pre(q_pre, k_pre)
+    ops.pool_blocks(q_pre, block_size, gate.q_pool, out=qp)
+    ops.pool_blocks(k_pre, block_size, gate.k_pool, out=kp)
+    build = compiled_gate_block_mask() if compiled else gate_block_mask
+
+    def step(qp, kp):
+        mask = build(gate, qp, kp, selection)
+        index = ops.block_index(mask, S, block_size)
+        # the mask stays in the graph's memory only when it is kept
+        return index, (mask if keep_mask else None), mask.tril().sum()
+
+    index, mask, kept = graphs.replay((layer, "gate", S), step, [qp, kp])
+    out = torch.empty(B, S, Hq, d, dtype=query.dtype, device=dev)
+    ops.block_sparse_attention(query, key, value, index, block_size, scale=scale,
+                               softcap=softcap, out=out.transpose(1, 2))
+    return out, kept, mask
 
 
 def count_blocks(mask: torch.Tensor) -> tuple[int, int]:

@@ -45,7 +45,8 @@ def test_cpu_run_records_every_row_and_merges(tmp_path):
         assert bd["rest_ms"] == pytest.approx(bd["total_ms"] - sum(parts))
         assert bd["kernel_ms"] > 0 and bd["calls"]["kernel"] == 2, (p, bd)  # one per layer
         if p.startswith(("gate", "recommended")):
-            assert bd["gate_ms"] > 0 and bd["calls"]["gate"] == 2 and bd["calls"]["selection"] == 2
+            # per layer the gate is three calls (pool q, pool k, logits), then one selection
+            assert bd["gate_ms"] > 0 and bd["calls"]["gate"] == 6 and bd["calls"]["selection"] == 2
             assert r["stats"]["dense_calls"] == 0 and r["gate"] == "untrained"
     assert rows["ideal@0.1"]["breakdown"]["calls"]["gate"] == 0
     (check,) = [r for r in records if r["kind"] == "check"]
@@ -85,11 +86,11 @@ def test_every_patch_target_resolves_and_is_restored():
     import seerlib.gate
     import seerlib.methods
 
-    before = (seerlib.gate.AttnGate.forward, seerlib.methods.select_blocks)
+    before = (seerlib.gate.AttnGate.forward_pooled, seerlib.methods.select_blocks)
     with bench.instrumented(torch.device("cpu")) as timer:
         assert not timer.missing and timer.present == set(bench.PARTS)
-        assert seerlib.gate.AttnGate.forward is not before[0]
-    assert (seerlib.gate.AttnGate.forward, seerlib.methods.select_blocks) == before
+        assert seerlib.gate.AttnGate.forward_pooled is not before[0]
+    assert (seerlib.gate.AttnGate.forward_pooled, seerlib.methods.select_blocks) == before
 
 
 def test_part_timer_subtracts_nested_calls():

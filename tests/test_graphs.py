@@ -55,3 +55,16 @@ def test_step_graphs_share_buffers_across_keys():
     assert o2.data_ptr() == o1.data_ptr() and len(g) == 2  # one shared output buffer
     torch.testing.assert_close(o2, (x + 1) * 2)
     torch.testing.assert_close(s2, (x + 1).sum())
+
+
+def test_graphed_gate_copies_none_of_the_layer_tensors():
+    """The "gate" path pools straight into the graph's inputs: its only static buffers are the
+    float32 pooled features, never a copy of q, k, v (bf16) or of the output."""
+    model = tiny_model().cuda().to(torch.bfloat16)
+    gates = GateSet.from_config(model.config, block_size=16).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 160), device="cuda")
+    with sparsify(model, "gate@0.3", gates=gates, block_size=16, cuda_graphs=True) as sp:
+        _logits(model, ids)
+        specs = [spec for buffers in sp.graphs._buffers for spec in buffers]
+        assert specs and {dtype for _, dtype, _ in specs} == {torch.float32}
+        assert len(sp.graphs) == model.config.num_hidden_layers

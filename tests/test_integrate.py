@@ -300,3 +300,10 @@ def test_oracle_weights_of_another_shape_are_named():
     with pytest.raises(ValueError, match=r"shape \(1, 4, 5, 5\); 128 tokens .* \(1, 4, 8, 8\)"):
         layer_block_mask(parse_config("oracle-max@0.3", block_size=16),
                          LayerInputs(q, k, k, 16, weights=torch.rand(1, 4, 5, 5)))
+
+
+def test_transposed_out_is_only_made_for_the_kernel_path():
+    from seerlib.integrate import _transposed_out
+
+    q, k = torch.randn(1, 4, 33, 16), torch.randn(1, 2, 33, 16)
+    assert _transposed_out(q, k, k) is None  # a CPU tensor: the reference path returns its own
