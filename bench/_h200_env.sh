@@ -3,9 +3,7 @@
 # slices; join and check them and build the model cache under $SEERLIB_CACHE).
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /root/parts
-rm -rf .device/site && mkdir -p .device/site && cp -r seerlib .device/site/ \
-  && cp -r kernels .device/site/seerlib/kernels
-[ -e seerlib/kernels ] || ln -s ../kernels seerlib/kernels  # python -m puts the cwd first
+rm -rf .device/site && mkdir -p .device/site && cp -r seerlib .device/site/
 export PYTHONPATH=$PWD/.device/site:$PWD PYTHONUNBUFFERED=1 SEERLIB_CACHE=/root/cache
 WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 log() { echo "[$(date +%T)] $*"; }

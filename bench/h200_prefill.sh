@@ -1,0 +1,48 @@
+#!/bin/bash
+# Issue 13's GPU runs (prefill that pays), as run on this workplace's H200; random weights, no
+# model carried. Stages, each well inside one 10-minute device call:
+#   check   versions (device.txt), then the CUDA tests of the kernels, the pooling and the graphs
+#   tune    the block-sparse forward's launch / TMA / warp-specialization variants at 32k
+#           (bench_attention.py --tune seer; TUNE_SHAPES, default "8b smollm2")
+#   attn    the kernel sweep at both head layouts at 32k (bench_attention.py), the README's
+#           kernel figures of the same session
+#   smol    bench_prefill, SmolLM2's shape at 8k and 32k
+#   8b32    bench_prefill, Llama-3-8B's shape, 8 layers, 32k
+#   8b      bench_prefill, Llama-3-8B's shape, 4 layers, 8k and 128k
+# Usage on the device: bash bench/h200_prefill.sh STAGE [STAGE ...]   (results under $OUT)
+# Then here: python bench/bench_prefill.py --merge <the prefill JSONs> --out bench/results
+set -euo pipefail
+source "$(dirname "$0")/_h200_env.sh"
+export TORCHINDUCTOR_COMPILE_THREADS=1
+ROWS=(sdpa_flash sdpa_cudnn gate@0.1 graph:gate@0.1 graph+compile:gate@0.1 graph:gate@0.05
+      graph+compile:recommended@0.1 sink_window@0.1 ideal@0.1 step@0.1 pstep@0.1 pcstep@0.1)
+
+prefill() {  # TAG SHAPE LENGTHS...
+  local tag=$1 shape=$2; shift 2
+  timeout 540 python3 bench/bench_prefill.py --shapes "$shape" --seq-lens "$@" \
+    --providers "${ROWS[@]}" ${PREFILL_ARGS:-} --budget-s 420 --out "$OUT" --tag "$tag" 2>&1 \
+    | grep -v "it/s" | cut -c1-220 | tail -40 || true
+}
+
+for stage in "$@"; do
+  log "stage $stage"
+  case $stage in
+    check)
+      python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
+      timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_block_pool.py \
+        tests/test_block_sparse_tma.py tests/test_graphs.py tests/test_kernels.py 2>&1 \
+        | tail -15 | tee "$OUT/gpu-tests.txt" || true ;;
+    tune)
+      timeout ${TUNE_TIMEOUT:-540} python3 bench/bench_attention.py --tune seer --shape ${TUNE_SHAPES:-8b smollm2} \
+        --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -60 || true ;;
+    attn)
+      for shape in 8b smollm2; do
+        timeout 270 python3 bench/bench_attention.py --shape $shape --seq-lens 32768 \
+          --sparsities 0 0.9 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -25 || true
+      done ;;
+    smol) prefill _smol smollm2 8192 32768 ;;
+    8b32) prefill _8b32 llama3-8b:8 32768 ;;
+    8b) prefill _8b llama3-8b:4 8192 131072 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
