@@ -151,5 +151,8 @@ def softmax_step(s, v, m_i, l_i, acc, SAFE: tl.constexpr):
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    # Rescale, then let the dot accumulate into acc (on Hopper, wgmma accumulates in place
+    # instead of adding a fresh product tile): the same math as acc * alpha + p @ v.
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
     return m_new, l_i, acc

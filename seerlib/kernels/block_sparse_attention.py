@@ -26,14 +26,28 @@ Design (bench/NOTES.md has the measurements):
   touch the diagonal and the partial last key block (loop 2, masked, done last).
 - GQA: K and V are read at kv head = q head // group; nothing is repeated.
 - The heaviest tiles (last query blocks) are launched first.
-- exp2 with log2(e) folded into the score scale; fp32 accumulation.
+- exp2 with log2(e) folded into the score scale; fp32 accumulation, the P @ V product accumulated
+  into it in place (`softmax_step`).
+- TMA (constexpr, `tma=`): Q, K, V tiles are loaded and O is stored through host tensor
+  descriptors, 4-D over (B, H, S, d) so any strides that meet TMA's rules work (Hopper's tensor
+  memory accelerator: one asynchronous copy per tile into shared memory instead of per-thread
+  address arithmetic and masks; rows past S are zero-filled on load and clipped on store). K is
+  read as a (b, d) tile and transposed in the dot. The default on sm_90+ whenever the tensors
+  meet the rules; measured in bench/NOTES.md.
+- Warp specialization (constexpr, `warp_specialize=`): loop 1 as
+  `tl.range(..., warp_specialize=True)`, so the compiler splits producer warps (loads) from
+  consumer warps (matmuls, softmax) and overlaps them; off by default, for the tune to try;
+  measured in bench/NOTES.md.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from seerlib.reference import check_softcap
 
@@ -44,6 +58,7 @@ from ._common import (
     check_out,
     default_launch,
     float32_buffer,
+    interpreting,
     last_dim_contiguous,
     score_scales,
     softmax_step,
@@ -51,7 +66,49 @@ from ._common import (
 )
 from .block_index import BlockIndex, build_block_index
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["block_sparse_attention", "tma_rule_broken"]
+
+
+@triton.jit
+def _load_kv(K, V, k_base, v_base, z, kvh, col0, offs_n, offs_d, skn, svn, S,
+             HEAD_D: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
+    """Key block starting at row col0: kT (HEAD_D, BLOCK) and v (BLOCK, HEAD_D); key rows past S
+    are zeros when MASKED (the pointer path) or always (TMA pads its box with zeros)."""
+    if TMA:
+        # (1, 1, BLOCK, HEAD_D) boxes -> (BLOCK, HEAD_D); K transposed in registers, not in memory
+        kT = K.load([z, kvh, col0, 0]).reshape(BLOCK, HEAD_D).T
+        v = V.load([z, kvh, col0, 0]).reshape(BLOCK, HEAD_D)
+    else:
+        cols = col0 + offs_n
+        if MASKED:
+            col_ok = cols < S
+            kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
+                         other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None],
+                        other=0.0)
+        else:
+            kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
+    return kT, v
+
+
+@triton.jit
+def _full_step(q, K, V, k_base, v_base, z, kvh, e, offs_n, offs_d, skn, svn, S, row_blk,
+               qk_scale, cap_log2, m_i, l_i, acc,
+               HEAD_D: tl.constexpr, BLOCK: tl.constexpr, QPT: tl.constexpr,
+               SOFTCAP: tl.constexpr, TMA: tl.constexpr):
+    """Loop 1's step: one complete key block (index entry e) strictly before the tile's first
+    query block; no causal mask, no boundary checks. Returns the updated (m_i, l_i, acc)."""
+    col0 = (e & ENTRY_BLOCK_MASK_TL) * BLOCK
+    kT, v = _load_kv(K, V, k_base, v_base, z, kvh, col0, offs_n, offs_d, skn, svn, S,
+                     HEAD_D, BLOCK, TMA, False)
+    s = tl.dot(q, kT) * qk_scale
+    if SOFTCAP:
+        s = tanh(s) * cap_log2
+    if QPT > 1:
+        keep = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
+        s = tl.where(keep[:, None] != 0, s, float("-inf"))
+    return softmax_step(s, v, m_i, l_i, acc, QPT > 1)
 
 
 @triton.jit
@@ -69,7 +126,11 @@ def _block_sparse_fwd(
     KV_MAJOR: tl.constexpr,
     STORE_LSE: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
+    # With TMA, Q, K, V, O are (B, H, S, HEAD_D) tensor descriptors (the strides unused);
+    # without, plain pointers.
     BLOCK_M: tl.constexpr = BLOCK * QPT
     if KV_MAJOR:
         # One kv head's programs run together (its K/V, 2*S*d*2 bytes, stays in L2): within it,
@@ -91,16 +152,20 @@ def _block_sparse_fwd(
         h = pid_bh % H
         kvh = h // GROUP
 
-    q_base = Q + z.to(tl.int64) * sqz + h.to(tl.int64) * sqh
-    k_base = K + z.to(tl.int64) * skz + kvh.to(tl.int64) * skh
-    v_base = V + z.to(tl.int64) * svz + kvh.to(tl.int64) * svh
-    o_base = O + z.to(tl.int64) * soz + h.to(tl.int64) * soh
-
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < S
-    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if TMA:
+        k_base = K  # unused: the descriptors address the tiles themselves
+        v_base = V
+        q = Q.load([z, h, t * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)  # rows past S: zeros
+    else:
+        q_base = Q + z.to(tl.int64) * sqz + h.to(tl.int64) * sqh
+        k_base = K + z.to(tl.int64) * skz + kvh.to(tl.int64) * skh
+        v_base = V + z.to(tl.int64) * svz + kvh.to(tl.int64) * svh
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
 
     meta = pid_bh.to(tl.int64) * N_TILES + t
     count = tl.load(COUNTS + meta)
@@ -113,31 +178,29 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
 
     # Loop 1: key blocks strictly before this tile's first query block; complete, no causal mask.
-    for n in tl.range(0, n_full):
-        e = tl.load(e_base + n)
-        cols = (e & ENTRY_BLOCK_MASK_TL) * BLOCK + offs_n
-        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None])
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
-        s = tl.dot(q, kT) * qk_scale
-        if SOFTCAP:
-            s = tanh(s) * cap_log2
-        if QPT > 1:
-            keep = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
-            s = tl.where(keep[:, None] != 0, s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, QPT > 1)
+    # Two copies so that warp_specialize is never passed when WS is off.
+    if WS:
+        for n in tl.range(0, n_full, warp_specialize=True):
+            m_i, l_i, acc = _full_step(q, K, V, k_base, v_base, z, kvh, tl.load(e_base + n),
+                                       offs_n, offs_d, skn, svn, S, row_blk, qk_scale, cap_log2,
+                                       m_i, l_i, acc, HEAD_D, BLOCK, QPT, SOFTCAP, TMA)
+    else:
+        for n in tl.range(0, n_full):
+            m_i, l_i, acc = _full_step(q, K, V, k_base, v_base, z, kvh, tl.load(e_base + n),
+                                       offs_n, offs_d, skn, svn, S, row_blk, qk_scale, cap_log2,
+                                       m_i, l_i, acc, HEAD_D, BLOCK, QPT, SOFTCAP, TMA)
 
     # Loop 2: the key blocks that meet the diagonal (and the partial last block); masked, last.
     for n in tl.range(n_full, count):
         e = tl.load(e_base + n)
-        cols = (e & ENTRY_BLOCK_MASK_TL) * BLOCK + offs_n
-        col_ok = cols < S
-        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :],
-                     other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        col0 = (e & ENTRY_BLOCK_MASK_TL) * BLOCK
+        cols = col0 + offs_n
+        kT, v = _load_kv(K, V, k_base, v_base, z, kvh, col0, offs_n, offs_d, skn, svn, S,
+                         HEAD_D, BLOCK, TMA, True)
         s = tl.dot(q, kT) * qk_scale
         if SOFTCAP:
             s = tanh(s) * cap_log2
-        keep = offs_m[:, None] >= cols[None, :]
+        keep = offs_m[:, None] >= cols[None, :]  # also drops the keys past S of valid rows
         if QPT > 1:
             bits = ((e >> ENTRY_SHIFT_TL) >> row_blk) & 1
             keep = keep & (bits[:, None] != 0)
@@ -146,14 +209,69 @@ def _block_sparse_fwd(
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows with nothing kept: acc is 0, the output 0
     out = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    if TMA:
+        # rows past S fall outside the descriptor's shape: the store clips them
+        O.store([z, h, t * BLOCK_M, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, HEAD_D))
+    else:
+        o_base = O + z.to(tl.int64) * soz + h.to(tl.int64) * soh
+        tl.store(o_base + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
     if STORE_LSE:
         # log2 of the row's softmax denominator in the scaled-score domain, what the backward
         # recomputes probabilities from: p = exp2(s * qk_scale - lse) (with the soft-cap:
         # exp2(tanh(s * qk_scale) * cap_log2 - lse)); +inf where nothing is kept.
         lse = tl.where(m_i == float("-inf"), float("inf"), m_i + tl.log2(l_i))
         tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
+
+
+TMA_MAX_ROWS = 256  # a TMA box holds at most 256 elements along each dimension
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Whether a CUDA device has the tensor memory accelerator (sm_90, Hopper, and later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_rule_broken(t: torch.Tensor) -> str | None:
+    """Which of TMA's rules the (B, H, S, d) tensor `t` breaks, in words, or None: a base address
+    16-byte aligned, every stride but the last a multiple of 16 bytes, the last stride 1."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return f"its base address is {t.data_ptr() % 16} bytes past a 16-byte boundary"
+    if t.stride(-1) != 1:
+        return f"its last stride is {t.stride(-1)}; TMA needs 1"
+    for dim in reversed(range(t.dim() - 1)):  # innermost first: the row stride is the usual one
+        stride = t.stride(dim)
+        if stride * size % 16:
+            return (f"its stride {dim} is {stride} elements = {stride * size} bytes; TMA needs "
+                    "a multiple of 16 bytes")
+    return None
+
+
+def _use_tma(tma: bool | None, block_m: int, named: dict) -> bool:
+    """Resolve the wrapper's `tma` for these (name -> tensor) operands and tile height."""
+    if tma is None:
+        q = named["q"]
+        if interpreting() or q.device.type != "cuda" or not _has_tma(q.device):
+            return False
+        return block_m <= TMA_MAX_ROWS and all(tma_rule_broken(t) is None
+                                               for t in named.values())
+    if not tma:
+        return False
+    if block_m > TMA_MAX_ROWS:
+        raise ValueError(f"tma=True needs tiles of at most {TMA_MAX_ROWS} rows; rows_per_tile x "
+                         f"block_size is {block_m}")
+    for name, t in named.items():
+        broken = tma_rule_broken(t)
+        if broken is not None:
+            raise ValueError(f"tma=True: {name} breaks TMA's rules: {broken}")
+    return True
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A (B, H, S, d) tensor as a TMA descriptor of (1, 1, rows, d) boxes."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
 def block_sparse_attention(
@@ -172,6 +290,8 @@ def block_sparse_attention(
     sync_free: bool = False,
     lse: torch.Tensor | None = None,
     softcap: float | None = None,
+    tma: bool | None = None,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -189,6 +309,11 @@ def block_sparse_attention(
         lse: optional (B, Hq, S) float32 buffer that receives each row's log2 sum-exp of the
             scaled scores (log2 domain, +inf for a row with nothing kept), for the backward.
         softcap: logit soft-cap c (scaled scores x -> c * tanh(x / c)), or None.
+        tma: load Q, K, V and store O through TMA tensor descriptors. None: on a CUDA device of
+            sm_90 or later when q, k, v, out all meet TMA's rules (`tma_rule_broken`) and the
+            tile has at most 256 rows, else the pointer path (always under the interpreter).
+            True forces it (ValueError naming the tensor and the rule if one breaks them).
+        warp_specialize: run the unmasked loop as `tl.range(..., warp_specialize=True)`.
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
@@ -229,8 +354,14 @@ def block_sparse_attention(
         launch["num_stages"] = num_stages
     qk_scale, cap_log2 = score_scales(d, scale, softcap)
     grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
+    use_tma = _use_tma(tma, qpt * block_size, {"q": q, "k": k, "v": v, "out": out})
+    if use_tma:
+        qd, kd, vd, od = (_descriptor(q, qpt * block_size), _descriptor(k, block_size),
+                          _descriptor(v, block_size), _descriptor(out, qpt * block_size))
+    else:
+        qd, kd, vd, od = q, k, v, out
     _block_sparse_fwd[grid](
-        q, k, v, out, out if lse is None else lse, index.counts, index.n_full, index.entries,
+        qd, kd, vd, od, out if lse is None else lse, index.counts, index.n_full, index.entries,
         qk_scale, cap_log2,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -238,6 +369,7 @@ def block_sparse_attention(
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
         HEAD_D=d, BLOCK=block_size, QPT=qpt, KV_MAJOR=bool(kv_major),
-        STORE_LSE=lse is not None, SOFTCAP=softcap is not None, **launch,
+        STORE_LSE=lse is not None, SOFTCAP=softcap is not None, TMA=use_tma,
+        WS=bool(warp_specialize), **launch,
     )
     return out
