@@ -7,10 +7,14 @@ sink + local-window pattern at each block sparsity. `sparsity` is the dropped sh
 blocks (the realized one is recorded). FLOPs: 4 * B * Hq * S^2 * d / 2 for causal dense, times the
 kept share for sparse providers.
 
+`--shape smollm2` runs SmolLM2's heads instead (Hq=9, Hkv=3, d=64; `--shape 8b smollm2` both).
+
 Usage (on the GPU machine, from the repo root):
     python bench/bench_attention.py --seq-lens 8192 32768 65536 --out bench/results
     python bench/bench_attention.py --tune --seq-lens 32768          # launch-config sweep
-Writes <out>/<gpu>-<date>.json (a list of records) and a markdown table beside it.
+    python bench/bench_attention.py --tune seer --shape 8b smollm2 --seq-lens 32768
+Writes <out>/<gpu>-<date>.json (a list of records) and a markdown table beside it (the tune:
+<gpu>-<date>-tune-<S>.json, see _attention_tune.py; a shape other than 8b adds -<shape>).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
@@ -36,8 +39,23 @@ from seerlib.kernels.block_index import build_block_index
 from seerlib.kernels.block_sparse_attention import block_sparse_attention
 from seerlib.kernels.pooled_attention import attention, pooled_attention
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results beside it
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _results and the rest beside it
+from _attention_peers import (  # noqa: E402 (bench_backward imports them from here too)
+    flex_setup,
+    random_mask,
+    realized_sparsity,
+    rel_err,
+    sdpa_fn,
+    sink_window_mask,
+)
+from _attention_tune import PEERS, tune  # noqa: E402
 from _results import device_name, read_records, write_json  # noqa: E402
+
+# Head layouts the sweep and the tune run at (--shape): Llama-3-8B's and SmolLM2-135M's.
+SHAPES = {
+    "8b": {"q_heads": 32, "kv_heads": 8, "head_dim": 128},
+    "smollm2": {"q_heads": 9, "kv_heads": 3, "head_dim": 64},
+}
 
 
 @dataclass(frozen=True)
@@ -63,112 +81,6 @@ def causal_flops(cfg: Config, S: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# masks
-
-
-def random_mask(B, H, nb, sparsity, device, seed=0):
-    """Keep the diagonal and each lower block with the probability that gives `sparsity`."""
-    causal = nb * (nb + 1) / 2
-    off = nb * (nb - 1) / 2
-    p = 1.0 if off == 0 else min(1.0, max(0.0, ((1 - sparsity) * causal - nb) / off))
-    g = torch.Generator(device=device).manual_seed(seed)
-    mask = torch.rand(B, H, nb, nb, device=device, generator=g) < p
-    mask &= torch.ones(nb, nb, dtype=torch.bool, device=device).tril_(-1)
-    mask |= torch.eye(nb, dtype=torch.bool, device=device)
-    return mask
-
-
-def sink_window_mask(B, H, nb, sparsity, device):
-    """Block 0 (sink) plus the w most recent blocks, w chosen so the kept share is near 1 - s."""
-    i = torch.arange(nb, dtype=torch.float64)
-    causal = nb * (nb + 1) / 2
-    best, best_err = nb, float("inf")
-    for w in range(1, nb + 1):
-        kept = torch.minimum(i + 1, torch.full_like(i, w) + (i - w + 1 > 0).double()).sum().item()
-        err = abs(kept / causal - (1 - sparsity))
-        if err < best_err:
-            best, best_err = w, err
-    qi = torch.arange(nb, device=device).view(nb, 1)
-    kj = torch.arange(nb, device=device).view(1, nb)
-    m = ((kj <= qi) & (kj > qi - best)) | ((kj == 0) & (qi >= 0))
-    return m.expand(B, H, nb, nb).contiguous()
-
-
-def realized_sparsity(mask):
-    nb = mask.shape[-1]
-    kept = (mask & torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril_()).sum().item()
-    return 1.0 - kept / (mask.shape[0] * mask.shape[1] * nb * (nb + 1) / 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# providers
-
-
-def flex_setup():
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    def make(mask, S, b):
-        nb = mask.shape[-1]
-        strict = mask & torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril_(-1)
-        full_counts, full_idx = ref.mask_to_index(strict)
-        diag = torch.diagonal(mask, dim1=-2, dim2=-1)  # (B, H, nb)
-        part_counts = diag.to(torch.int32)
-        part_idx = torch.zeros(*mask.shape, dtype=torch.int32, device=mask.device)
-        part_idx[..., 0] = torch.arange(nb, device=mask.device, dtype=torch.int32)
-        return BlockMask.from_kv_blocks(
-            part_counts,
-            part_idx,
-            full_counts,
-            full_idx.clamp_min(0).contiguous(),
-            BLOCK_SIZE=b,
-            mask_mod=causal,
-            seq_lengths=(S, S),
-        )
-
-    def run(q, k, v, block_mask, b, kernel_options="auto"):
-        # "auto": 64-row tiles on a 64-block mask (the forward's choice), else Flex's defaults
-        if kernel_options == "auto":
-            kernel_options = {"BLOCK_M": 64, "BLOCK_N": 64} if b == 64 else None
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=True,
-                        kernel_options=kernel_options)
-
-    return make, run
-
-
-def sdpa(q, k, v, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-    with sdpa_kernel(be):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-def sdpa_fn(q, k, v, backend):
-    """A callable for SDPA; falls back to repeated K/V (built outside the timing) if GQA fails."""
-    try:
-        sdpa(q, k, v, backend)
-        return lambda: sdpa(q, k, v, backend), "enable_gqa"
-    except RuntimeError:
-        g = q.shape[1] // k.shape[1]
-        kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-
-        def run():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-            with sdpa_kernel(be):
-                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
-
-        run()
-        return run, "repeated_kv"
-
-
-# ---------------------------------------------------------------------------------------------
 # measuring
 
 
@@ -181,11 +93,6 @@ def bench(fn, ms_hint=None):
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
     return ms, peak
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 class Recorder:
@@ -376,78 +283,6 @@ def run_seq(cfg: Config, S: int, rec: Recorder, flex):
                     )
             del mask
     torch.cuda.empty_cache()
-
-
-def tune(cfg: Config, S: int, out_path: str, kernels=("seer", "pooled")):
-    """Time launch variants of both kernels at one length; sparsity 0 and 0.9 random."""
-    B, Hq, Hkv, d, b = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.block_size
-    torch.manual_seed(0)
-    q = torch.randn(B, Hq, S, d, device="cuda", dtype=cfg.dtype)
-    k = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
-    v = torch.randn(B, Hkv, S, d, device="cuda", dtype=cfg.dtype)
-    nb = ref.num_blocks(S, b)
-    flops = causal_flops(cfg, S)
-    rows = []
-    for sp in (0.0, 0.9) if "seer" in kernels else ():
-        mask = random_mask(B, Hq, nb, sp, "cuda", seed=1)
-        kept = 1 - realized_sparsity(mask)
-        for qpt, warps, stages, kvm in (
-            (1, 4, 3, False),
-            (1, 4, 3, True),
-            (1, 4, 4, True),
-            (1, 8, 2, True),
-            (2, 8, 3, False),
-            (2, 8, 3, True),
-            (2, 8, 4, True),
-        ):
-            index = build_block_index(mask, B, Hq, S, b, rows_per_tile=qpt)
-            if True:
-                try:
-                    fn = lambda index=index, warps=warps, stages=stages, kvm=kvm: (  # noqa: E731
-                        block_sparse_attention(
-                            q, k, v, index, b, num_warps=warps, num_stages=stages, kv_major=kvm
-                        )
-                    )
-                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                except Exception as e:  # noqa: BLE001
-                    print(f"seer qpt={qpt} w={warps} s={stages} failed: {e}")
-                    continue
-                row = {
-                    "kernel": "seer",
-                    "sparsity": sp,
-                    "rows_per_tile": qpt,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "kv_major": kvm,
-                    "ms": ms,
-                    "tflops": flops * kept / ms / 1e9,
-                }
-                rows.append(row)
-                print(row, flush=True)
-    for qpt in (1, 2) if "pooled" in kernels else ():
-        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
-            try:
-                kw = {"rows_per_tile": qpt, "num_warps": warps, "num_stages": stages}
-                fn = lambda kw=kw: pooled_attention(q, k, v, b, **kw)  # noqa: E731
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                fn2 = lambda kw=kw: pooled_attention(q, k, v, None, **kw)  # noqa: E731
-                ms2 = do_bench(fn2, warmup=25, rep=100, return_mode="median")
-            except Exception as e:  # noqa: BLE001
-                print(f"pooled qpt={qpt} w={warps} s={stages} failed: {e}")
-                continue
-            row = {
-                "kernel": "pooled",
-                "rows_per_tile": qpt,
-                "num_warps": warps,
-                "num_stages": stages,
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "dense_ms": ms2,
-                "dense_tflops": flops / ms2 / 1e9,
-            }
-            rows.append(row)
-            print(row, flush=True)
-    write_json(out_path, {**cfg.meta, "seq_len": S, "rows": rows})
 
 
 def targets(records, seer0, S=32768):
@@ -648,7 +483,7 @@ def merge(paths, out_dir, tag=""):
     meta = {k: records[0][k] for k in ("gpu", "torch", "triton", "date")}
     cmds = sorted({r["command"] for r in records})
     meta["command"] = "`; `".join(cmds)
-    cfg = Config(meta=meta)
+    cfg = Config(meta=meta, **SHAPES[records[0].get("shape", "8b")])
     stem = os.path.join(out_dir, f"{meta['gpu']}-{meta['date']}{tag}")
     records.sort(
         key=lambda r: (
@@ -680,6 +515,11 @@ def main(argv=None):
         default=None,
         help="time launch variants of these kernels instead of the sweep",
     )
+    ap.add_argument("--shape", nargs="+", choices=tuple(SHAPES), default=["8b"],
+                    help="head layouts to run at, one after the other (sweep and tune); a "
+                    "shape other than 8b adds its name to the result file names")
+    ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
+                    help="with --tune: the peers to time beside the variants")
     ap.add_argument(
         "--shapes",
         action="store_true",
@@ -704,25 +544,34 @@ def main(argv=None):
         "command": "python bench/bench_attention.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    cfg = Config(
-        seq_lens=tuple(args.seq_lens),
-        sparsities=tuple(args.sparsities),
-        patterns=tuple(args.patterns),
-        providers=tuple(args.providers),
-        check=not args.no_check,
-        meta=meta,
-    )
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{gpu}-{date}{args.tag}")
+    sweep = args.tune is None and not args.shapes
+    flex = flex_setup() if sweep and "flex" in args.providers else None  # compiled once
+    for shape in args.shape:
+        cfg = Config(
+            **SHAPES[shape],
+            seq_lens=tuple(args.seq_lens),
+            sparsities=tuple(args.sparsities),
+            patterns=tuple(args.patterns),
+            providers=tuple(args.providers),
+            check=not args.no_check,
+            meta={**meta, "shape": shape},
+        )
+        name = "" if shape == "8b" else f"-{shape}"  # 8b: the names of the earlier runs
+        run_shape(cfg, args, os.path.join(args.out, f"{gpu}-{date}{name}{args.tag}"), flex)
+
+
+def run_shape(cfg: Config, args, stem: str, flex):
+    """One shape's --shapes, --tune or sweep, into files named from `stem`."""
     if args.shapes:
         for S in cfg.seq_lens:
             shapes(cfg, S, f"{stem}-shapes-{S}.json")
         return
     if args.tune is not None:
         for S in cfg.seq_lens:
-            tune(cfg, S, f"{stem}-tune-{S}.json", tuple(args.tune) or ("seer", "pooled"))
+            tune(cfg, S, f"{stem}-tune-{S}.json", tuple(args.tune) or ("seer", "pooled"),
+                 peers=tuple(args.peers))
         return
-    flex = flex_setup() if "flex" in cfg.providers else None
     rec = Recorder(cfg)
     try:
         for S in cfg.seq_lens:
@@ -732,7 +581,6 @@ def main(argv=None):
         write_json(stem + "-checks.json", rec.checks)
         write_table(cfg, rec.records, rec.checks, stem + ".md")
     print(open(stem + ".md").read())
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
 """bench/_results.py: the run's metadata, the result files written after every row, the merge of
 partial files, a row run into a record; and the committed result files still come out byte for
-byte from their records (markdown) and from their parts (merge), written under tmp_path only."""
+byte from their records (markdown) and from their parts (merge), written under tmp_path only;
+and bench_attention's tune (bench/_attention_tune.py): its variants, its summary, a tiny run on
+the CPU (the kernels under the Triton interpreter, a fake timer)."""
 
 import importlib
 import importlib.util
@@ -193,3 +195,54 @@ def test_attention_parts_merge_into_the_committed_files(tmp_path):
     for suffix in (".json", "-checks.json", ".md"):
         got = (tmp_path / f"{day.name}{suffix}").read_bytes()
         assert got == Path(f"{day}{suffix}").read_bytes(), suffix
+
+
+def test_attention_tune_variants_and_summary():
+    _script("bench_attention")
+    tune = sys.modules["_attention_tune"]
+    variants = tune.seer_variants()
+    assert len(variants) == 2 * 6 * 3 and len({tuple(v.values()) for v in variants}) == 36
+    assert all(v["tma"] for v in variants if v["warp_specialize"])
+    row = {"kernel": "seer", "variant": "sweep", "sparsity": 0.9, "rows_per_tile": 1,
+           "num_warps": 4, "num_stages": 3, "tma": False, "warp_specialize": False}
+    rows = [
+        {**row, "ms": 2.0, "tflops": 1.0, "rel_err": 1e-3},
+        {**row, "tma": True, "ms": 1.0, "tflops": 2.0, "rel_err": 1e-3},
+        {**row, "tma": True, "warp_specialize": True, "ms": 0.5, "tflops": 4.0, "rel_err": 0.9},
+        {**row, "num_stages": 4, "ms": None, "tflops": None, "error": "CompilationError: x"},
+        {**row, "variant": "default", "ms": 1.5, "tflops": 1.3, "rel_err": 0.0},
+        {"kernel": "flex", "sparsity": 0.9, "ms": 3.0, "tflops": 0.7, "rel_err": 1e-3},
+        {"kernel": "sdpa_cudnn", "sparsity": 0.0, "ms": None, "tflops": None, "error": "no"},
+    ]
+    lines = tune.summary(rows)
+    assert "| 0.9 | 1 | 4 | 3 | True | False | 1.000 | 2.0 | 1.0e-03 | 1.500 |" in lines
+    assert "seer variants: 5, failed 1, wrong output 1" in lines  # the 0.5 ms one is wrong
+    assert "| flex | 0.9 | 3.000 | 0.7 | 1.0e-03 | 3.00 | 3.00 |" in lines
+    assert any(line.startswith("| sdpa_cudnn | 0.0 | failed: no") for line in lines)
+
+
+def test_attention_tune_runs_on_a_cpu_and_records_a_failed_variant(tmp_path, monkeypatch):
+    bench = _script("bench_attention")
+    tune = sys.modules["_attention_tune"]
+    picked = [tune.seer_variants()[i] for i in (0, 1, 2)]  # pointer, TMA, TMA + warp spec.
+    monkeypatch.setattr(tune, "seer_variants", lambda: [*picked, {"rows_per_tile": 3}])
+    cfg = bench.Config(q_heads=4, kv_heads=2, head_dim=16, block_size=32, dtype=torch.float32,
+                       meta={"gpu": "cpu", "shape": "tiny"})
+    path = tmp_path / "tune.json"
+    with redirect_stdout(io.StringIO()):
+        tune.tune(cfg, 97, str(path), kernels=("seer",), peers=("sdpa_cudnn",), device="cpu",
+                  timer=lambda fn: 1.0)
+    doc = json.loads(path.read_text())
+    assert doc["seq_len"] == 97 and doc["shape"] == "tiny" and doc["q_heads"] == 4
+    seer = [r for r in doc["rows"] if r["kernel"] == "seer"]
+    assert len(seer) == 2 * 5 and {r["sparsity"] for r in seer} == {0.0, 0.9}
+    for r in seer:  # the earlier tune files' fields, and the new ones
+        assert {"rows_per_tile", "num_warps", "num_stages", "kv_major", "ms", "tflops", "tma",
+                "warp_specialize"} <= set(r)
+    ok = [r for r in seer if r["ms"] is not None]
+    assert len(ok) == 2 * 4 and all(r["rel_err"] < 1e-6 for r in ok)
+    failed = [r for r in seer if r["ms"] is None]
+    assert len(failed) == 2 and all("rows_per_tile must be 1, 2, 4 or 8" in r["error"]
+                                    for r in failed)
+    cudnn = [r for r in doc["rows"] if r["kernel"] == "sdpa_cudnn"]
+    assert len(cudnn) == 1 and cudnn[0]["ms"] is None and cudnn[0]["error"]
