@@ -106,8 +106,10 @@ def test_warp_specialize_gives_the_same_result():
     for tma in (False, True):
         plain = block_sparse_attention(q, k, v, mask, b, rows_per_tile=2, tma=tma)
         out = _poisoned(q.shape)
+        # on an H100, Triton 3.6's warp-specialization pass fails at 4 warps (bench/NOTES.md);
+        # 8 compile
         block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=2, tma=tma,
-                               warp_specialize=True)
+                               warp_specialize=True, num_warps=8)
         _assert_close(out, expected)
         _same_as_pointer_path(out, plain)
 

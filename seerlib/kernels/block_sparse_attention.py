@@ -36,8 +36,8 @@ Design (bench/NOTES.md has the measurements):
   meet the rules; measured in bench/NOTES.md.
 - Warp specialization (constexpr, `warp_specialize=`): loop 1 as
   `tl.range(..., warp_specialize=True)`, so the compiler splits producer warps (loads) from
-  consumer warps (matmuls, softmax) and overlaps them; off by default, for the tune to try;
-  measured in bench/NOTES.md.
+  consumer warps (matmuls, softmax) and overlaps them; off by default: with Triton 3.6 on an
+  H100 it fails to compile at 4 warps and gains nothing at 8 (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -269,6 +269,18 @@ def _use_tma(tma: bool | None, block_m: int, named: dict) -> bool:
     return True
 
 
+def sparse_launch(block_m: int, d: int, tma: bool) -> dict:
+    """num_warps / num_stages of the forward, from the tune at 32k on an H100 (2026-12-06,
+    bench/results/H100-80GB-HBM3-2026-12-06*-tune-32768.json; NOTES.md): 64-row tiles run best
+    at 4 warps, 2 stages on either path and head dim; 128-row tiles through TMA at 4 warps with
+    2 stages at d 128 and 4 at d 64; the pointer path's 128-row tiles keep 8 warps, 3 stages."""
+    if block_m < 128:
+        return {"num_warps": 4, "num_stages": 2}
+    if tma:
+        return {"num_warps": 4, "num_stages": 2 if d >= 128 else 4}
+    return default_launch(block_m, d)
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A (B, H, S, d) tensor as a TMA descriptor of (1, 1, rows, d) boxes."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
@@ -313,7 +325,9 @@ def block_sparse_attention(
             sm_90 or later when q, k, v, out all meet TMA's rules (`tma_rule_broken`) and the
             tile has at most 256 rows, else the pointer path (always under the interpreter).
             True forces it (ValueError naming the tensor and the rule if one breaks them).
-        warp_specialize: run the unmasked loop as `tl.range(..., warp_specialize=True)`.
+        warp_specialize: run the unmasked loop as `tl.range(..., warp_specialize=True)`; with
+            Triton 3.6 on an H100 this fails to compile at 4 warps and gains nothing at 8
+            (bench/NOTES.md), so it is off by default.
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
@@ -347,14 +361,14 @@ def block_sparse_attention(
             raise ValueError("lse must be contiguous")
     qpt = index.rows_per_tile
     n_tiles = index.counts.shape[-1]
-    launch = default_launch(qpt * block_size, d)
+    use_tma = _use_tma(tma, qpt * block_size, {"q": q, "k": k, "v": v, "out": out})
+    launch = sparse_launch(qpt * block_size, d, use_tma)
     if num_warps is not None:
         launch["num_warps"] = num_warps
     if num_stages is not None:
         launch["num_stages"] = num_stages
     qk_scale, cap_log2 = score_scales(d, scale, softcap)
     grid = (B * Hq * n_tiles,) if kv_major else (B * Hq, n_tiles)
-    use_tma = _use_tma(tma, qpt * block_size, {"q": q, "k": k, "v": v, "out": out})
     if use_tma:
         qd, kd, vd, od = (_descriptor(q, qpt * block_size), _descriptor(k, block_size),
                           _descriptor(v, block_size), _descriptor(out, qpt * block_size))
