@@ -14,13 +14,14 @@
 set -euo pipefail
 source "$(dirname "$0")/_h200_env.sh"
 export TORCHINDUCTOR_COMPILE_THREADS=1
-ROWS=(sdpa_flash sdpa_cudnn gate@0.1 graph:gate@0.1 graph+compile:gate@0.1 graph:gate@0.05
-      graph+compile:recommended@0.1 sink_window@0.1 ideal@0.1 step@0.1 pstep@0.1 pcstep@0.1)
+ROWS=(sdpa_flash sdpa_cudnn gate@0.1 graph:gate@0.1 graph+compile:gate@0.1
+      graph+compile:recommended@0.1 sink_window@0.1 ideal@0.1 pstep@0.1 pcstep@0.1)
 
 prefill() {  # TAG SHAPE LENGTHS...
   local tag=$1 shape=$2; shift 2
-  timeout 540 python3 bench/bench_prefill.py --shapes "$shape" --seq-lens "$@" \
-    --providers "${ROWS[@]}" ${PREFILL_ARGS:-} --budget-s 420 --out "$OUT" --tag "$tag" 2>&1 \
+  timeout "${PREFILL_TIMEOUT:-540}" python3 bench/bench_prefill.py --shapes "$shape" \
+    --seq-lens "$@" --providers "${ROWS[@]}" ${PREFILL_ARGS:-} --budget-s "${PREFILL_BUDGET:-420}" \
+    --out "$OUT" --tag "$tag" 2>&1 \
     | grep -v "it/s" | cut -c1-220 | tail -40 || true
 }
 
