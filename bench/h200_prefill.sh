@@ -16,6 +16,7 @@ source "$(dirname "$0")/_h200_env.sh"
 export TORCHINDUCTOR_COMPILE_THREADS=1
 ROWS=(sdpa_flash sdpa_cudnn gate@0.1 graph:gate@0.1 graph+compile:gate@0.1
       graph+compile:recommended@0.1 sink_window@0.1 ideal@0.1 pstep@0.1 pcstep@0.1)
+[ -n "${PREFILL_ROWS:-}" ] && read -ra ROWS <<< "$PREFILL_ROWS"  # fewer rows for a short call
 
 prefill() {  # TAG SHAPE LENGTHS...
   local tag=$1 shape=$2; shift 2
