@@ -31,7 +31,7 @@ for stage in "$@"; do
   case $stage in
     check)
       python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
-      timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_block_pool.py \
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_block_pool.py \
         tests/test_block_sparse_tma.py tests/test_graphs.py tests/test_kernels.py 2>&1 \
         | tail -15 | tee "$OUT/gpu-tests.txt" || true ;;
     tune)
