@@ -9,7 +9,8 @@
 #   smol    bench_prefill, SmolLM2's shape at 8k and 32k
 #   8b32    bench_prefill, Llama-3-8B's shape, 8 layers, 32k
 #   8b      bench_prefill, Llama-3-8B's shape, 4 layers, 8k and 128k
-# Usage on the device: bash bench/h200_prefill.sh STAGE [STAGE ...]   (results under $OUT)
+# Usage on the device: bash bench/h200_prefill.sh STAGE [STAGE ...]   (results under $OUT);
+# `check smol 8b32` in one call, `8b` (or `tune`) in another
 # Then here: python bench/bench_prefill.py --merge <the prefill JSONs> --out bench/results
 set -euo pipefail
 source "$(dirname "$0")/_h200_env.sh"
@@ -18,10 +19,10 @@ ROWS=(sdpa_flash sdpa_cudnn gate@0.1 graph:gate@0.1 graph+compile:gate@0.1
       graph+compile:recommended@0.1 sink_window@0.1 ideal@0.1 pstep@0.1 pcstep@0.1)
 [ -n "${PREFILL_ROWS:-}" ] && read -ra ROWS <<< "$PREFILL_ROWS"  # fewer rows for a short call
 
-prefill() {  # TAG SHAPE LENGTHS...
-  local tag=$1 shape=$2; shift 2
-  timeout "${PREFILL_TIMEOUT:-540}" python3 bench/bench_prefill.py --shapes "$shape" \
-    --seq-lens "$@" --providers "${ROWS[@]}" ${PREFILL_ARGS:-} --budget-s "${PREFILL_BUDGET:-420}" \
+prefill() {  # TAG SHAPE TIMEOUT BUDGET LENGTHS... (PREFILL_TIMEOUT / PREFILL_BUDGET override)
+  local tag=$1 shape=$2 limit=${PREFILL_TIMEOUT:-$3} budget=${PREFILL_BUDGET:-$4}; shift 4
+  timeout "$limit" python3 bench/bench_prefill.py --shapes "$shape" \
+    --seq-lens "$@" --providers "${ROWS[@]}" ${PREFILL_ARGS:-} --budget-s "$budget" \
     --out "$OUT" --tag "$tag" 2>&1 \
     | grep -v "it/s" | cut -c1-220 | tail -40 || true
 }
@@ -31,8 +32,9 @@ for stage in "$@"; do
   case $stage in
     check)
       python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
-      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_block_pool.py \
-        tests/test_block_sparse_tma.py tests/test_graphs.py tests/test_kernels.py 2>&1 \
+      # the new paths first: a cut at the time limit loses the older kernel tests, not these
+      timeout 150 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_graphs.py \
+        tests/test_block_pool.py tests/test_block_sparse_tma.py tests/test_kernels.py 2>&1 \
         | tail -15 | tee "$OUT/gpu-tests.txt" || true ;;
     tune)
       timeout ${TUNE_TIMEOUT:-540} python3 bench/bench_attention.py --tune seer --shape ${TUNE_SHAPES:-8b smollm2} \
@@ -42,9 +44,10 @@ for stage in "$@"; do
         timeout 270 python3 bench/bench_attention.py --shape $shape --seq-lens 32768 \
           --sparsities 0 0.9 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -25 || true
       done ;;
-    smol) prefill _smol smollm2 8192 32768 ;;
-    8b32) prefill _8b32 llama3-8b:8 32768 ;;
-    8b) prefill _8b llama3-8b:4 8192 131072 ;;
+    # default limits so that `check smol 8b32` fits one 10-minute call (about 9 min at most)
+    smol) prefill _smol smollm2 280 220 8192 32768 ;;
+    8b32) prefill _8b32 llama3-8b:8 150 90 32768 ;;
+    8b) prefill _8b llama3-8b:4 540 420 8192 131072 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
