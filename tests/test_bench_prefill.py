@@ -5,9 +5,16 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from seerlib import ops
+from seerlib.distill import tiny_config
+from seerlib.gate import GateSet
+from seerlib.methods import SparseConfig
+from seerlib.select import Selection
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_prefill.py"
 _spec = importlib.util.spec_from_file_location("bench_prefill", _PATH)
@@ -100,3 +107,30 @@ def test_part_timer_subtracts_nested_calls():
     outer()
     assert timer.calls == {"gate": 0, "selection": 0, "index": 3, "kernel": 1}
     assert timer.ms["kernel"] >= 0 and timer.ms["index"] > 0
+
+
+def test_pooled_step_row_on_the_kernels_with_its_graph_called(monkeypatch):
+    """The pstep row's glue (shapes, the kernel-alone timing, the graph-vs-eager check) on a CPU:
+    its CUDA graph replaced by a plain call, the kernels under the interpreter."""
+    class Called(bench.StepGraphs):
+        def replay(self, key, fn, statics):
+            return fn(*statics)
+
+    monkeypatch.setattr(bench, "StepGraphs", Called)
+    Hq, Hkv, S, d, b = 4, 2, 97, 16, 16  # tiny_config's heads and head dim
+    gates = GateSet.from_config(tiny_config(), block_size=b)
+    g = torch.Generator().manual_seed(0)
+    q, q_pre = (torch.randn(1, Hq, S, d, generator=g) for _ in range(2))
+    k, v, k_pre = (torch.randn(1, Hkv, S, d, generator=g) for _ in range(3))
+    scfg = SparseConfig("gate", Selection(density=0.4), block_size=b)
+    layer = bench.LayerInputs(q, k, v, b, scale=d ** -0.5, gate=gates[0], q_pre=q_pre, k_pre=k_pre)
+
+    def step():
+        mask = bench.layer_block_mask(scfg, layer)
+        return ops.block_sparse_attention(q, k, v, mask, b, scale=d ** -0.5, sync_free=True)
+
+    run = SimpleNamespace(device=torch.device("cpu"), gates=gates)
+    with ops.use_backend("triton"):
+        r = bench.pooled_step(run, "pstep", step, (q, k, v, q_pre, k_pre), scfg, 1, 0)
+    assert r["path"] == "graphed_gate_step" and r["ms"] > 0 and r["kernel_ms"] > 0
+    assert r["graph_vs_eager_max_abs_diff"] < 1e-5 and 0 < r["achieved_density"] <= 1

@@ -5,9 +5,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from seerlib.gate import GateSet
-from seerlib.integrate import sparsify
-from seerlib.methods import PRESETS, SparseConfig, parse_config
+from seerlib import ops, reference
+from seerlib.gate import AttnGate, GateSet
+from seerlib.graphs import StepGraphs
+from seerlib.integrate import graphed_gate_step, sparsify
+from seerlib.methods import PRESETS, LayerInputs, SparseConfig, layer_block_mask, parse_config
 from seerlib.select import Selection, topk_density
 
 B16 = 16  # small blocks, so a 192-token slice has 12 blocks per row
@@ -307,3 +309,35 @@ def test_transposed_out_is_only_made_for_the_kernel_path():
 
     q, k = torch.randn(1, 4, 33, 16), torch.randn(1, 2, 33, 16)
     assert _transposed_out(q, k, k) is None  # a CPU tensor: the reference path returns its own
+
+
+def test_graphed_gate_step_gives_the_gate_methods_mask_and_attention():
+    """`graphed_gate_step` with its graph replaced by a plain call (CUDA graphs need a GPU) and
+    the Triton kernels under the interpreter: the pooled statics, the mask, the kept count and
+    the (B, S, Hq, d) output are the eager gate method's."""
+    class Called(StepGraphs):
+        def replay(self, key, fn, statics):
+            return fn(*statics)
+
+    torch.manual_seed(0)
+    S, b, d = 97, 16, 16
+    gate = AttnGate(4, 2, d, block_size=b)
+    q, q_pre = torch.randn(1, 4, S, d), torch.randn(1, 4, S, d)
+    k, v, k_pre = (torch.randn(1, 2, S, d) for _ in range(3))
+    sel = Selection(density=0.4)
+    graphs = Called()
+    with ops.use_backend("triton"):
+        out, kept, mask = graphed_gate_step(graphs, 0, gate, sel, q, k, v, q_pre, k_pre, b,
+                                            scale=d ** -0.5, keep_mask=True)
+    want = layer_block_mask(SparseConfig("gate", sel, block_size=b),
+                            LayerInputs(q, k, v, b, gate=gate, q_pre=q_pre, k_pre=k_pre))
+    assert torch.equal(mask, want) and int(kept) == int(want.tril().sum())
+    assert out.shape == (1, S, 4, d) and out.is_contiguous()
+    expected = reference.block_sparse_attention(q, k, v, want, b, scale=d ** -0.5)
+    torch.testing.assert_close(out.transpose(1, 2), expected, atol=2e-5, rtol=2e-5)
+    qp, kp = gate.pool(q_pre, k_pre)  # the statics hold the pooled features
+    specs = [((1, 4, 7, qp.shape[-1]), torch.float32, q.device),
+             ((1, 2, 7, kp.shape[-1]), torch.float32, q.device)]
+    got_qp, got_kp = graphs.statics(specs)
+    torch.testing.assert_close(got_qp, qp, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_kp, kp, atol=1e-6, rtol=1e-6)
