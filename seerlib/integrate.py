@@ -47,6 +47,7 @@ from seerlib.methods import (
     compiled_layer_block_mask,
     gate_block_mask,
     layer_block_mask,
+    pooled_features,
     resolve_config,
 )
 from seerlib.reference import causal_block_count, num_blocks
@@ -332,8 +333,13 @@ def _transposed_out(query, key, value):
     layer's output needs no transposing copy; None off the kernel path (CPU, or autograd on)."""
     if not query.is_cuda or _wants_grad(query, key, value):
         return None
+    return _bshd_buffer(query).transpose(1, 2)
+
+
+def _bshd_buffer(query):
+    """A new (B, S, Hq, d) buffer (transformers' attention output) for query (B, Hq, S, d)."""
     B, Hq, S, d = query.shape
-    return torch.empty(B, S, Hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+    return torch.empty(B, S, Hq, d, dtype=query.dtype, device=query.device)
 
 
 def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, value, q_pre,
@@ -357,9 +363,7 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
     qp, kp = graphs.statics([
         ((B, Hq, nb, len(gate.q_pool) * d), torch.float32, dev),
         ((B, key.shape[1], nb, len(gate.k_pool) * d), torch.float32, dev)])
-    gate.check_pre(q_pre, k_pre)
-    ops.pool_blocks(q_pre, block_size, gate.q_pool, out=qp)
-    ops.pool_blocks(k_pre, block_size, gate.k_pool, out=kp)
+    pooled_features(gate, q_pre, k_pre, out=(qp, kp))
     build = compiled_gate_block_mask() if compiled else gate_block_mask
 
     def step(qp, kp):
@@ -369,7 +373,7 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
         return index, (mask if keep_mask else None), mask.tril().sum()
 
     index, mask, kept = graphs.replay((layer, "gate", S), step, [qp, kp])
-    out = torch.empty(B, S, Hq, d, dtype=query.dtype, device=dev)
+    out = _bshd_buffer(query)
     ops.block_sparse_attention(query, key, value, index, block_size, scale=scale,
                                softcap=softcap, out=out.transpose(1, 2))
     return out, kept, mask

@@ -51,6 +51,7 @@ __all__ = [
     "ground_truth",
     "layer_block_mask",
     "parse_config",
+    "pooled_features",
     "preset",
     "register_method",
     "resolve_config",
@@ -172,17 +173,26 @@ def dense(layer: LayerInputs, selection: Selection) -> torch.Tensor:
 def gate(layer: LayerInputs, selection: Selection) -> torch.Tensor:
     if layer.gate is None or layer.q_pre is None or layer.k_pre is None:
         raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
-    return gate_block_mask(layer.gate, *_pooled(layer.gate, layer.q_pre, layer.k_pre), selection)
+    return gate_block_mask(layer.gate, *pooled_features(layer.gate, layer.q_pre, layer.k_pre),
+                           selection)
 
 
-def _pooled(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor):
-    """The gate's pooled q_pre, k_pre: `ops.pool_blocks` (one pass each, the kernel on CUDA), or
-    inside torch.compile the gate's torch pooling, which inductor fuses itself."""
-    if torch.compiler.is_compiling():
+def pooled_features(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor, out=None):
+    """The gate's pooled q_pre, k_pre: `ops.pool_blocks` (one pass each, the kernel on CUDA), or,
+    inside torch.compile and with no `out`, the gate's torch pooling, which inductor fuses itself.
+
+    Args:
+        q_pre: (B, Hq, S, d); k_pre: (B, Hkv, S, d).
+        out: optional pair of buffers that receive them (a CUDA graph's static inputs).
+    Returns:
+        (B, Hq, nb, len(q_pool) * d), (B, Hkv, nb, len(k_pool) * d) float32: `out` when given.
+    """
+    if out is None and torch.compiler.is_compiling():
         return gate.pool(q_pre, k_pre)
     gate.check_pre(q_pre, k_pre)
-    return (ops.pool_blocks(q_pre, gate.block_size, gate.q_pool),
-            ops.pool_blocks(k_pre, gate.block_size, gate.k_pool))
+    q_out, k_out = (None, None) if out is None else out
+    return (ops.pool_blocks(q_pre, gate.block_size, gate.q_pool, out=q_out),
+            ops.pool_blocks(k_pre, gate.block_size, gate.k_pool, out=k_out))
 
 
 def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,
