@@ -504,9 +504,6 @@ def step_row(run: Run, provider: str) -> dict:
     gate and selection through torch.compile (`compiled_layer_block_mask`)."""
     if run.device.type != "cuda":
         raise Skip("the layer step is timed on CUDA (CUDA graphs)")
-    # lazy: triton (through the kernels) is imported on CUDA runs only
-    from seerlib.kernels.block_index import build_block_index
-
     _, _, arg = provider.partition("@")
     c, b, S, dev = run.model.config, run.cfg.block_size, run.ids.shape[1], run.device
     Hq, Hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -527,7 +524,7 @@ def step_row(run: Run, provider: str) -> dict:
 
     reps, warm = max(run.cfg.reps, 10), max(run.cfg.warmup, 3)
     if head in ("pstep", "pcstep"):
-        return pooled_step(run, head, step, (q, k, v, q_pre, k_pre), scfg, reps, warm)
+        return pooled_step(run, head, step, layer, scfg, reps, warm)
     eager = measure(step, dev, reps, warm)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -539,10 +536,7 @@ def step_row(run: Run, provider: str) -> dict:
     with torch.cuda.graph(graph):
         captured = step()
     replay = measure(graph.replay, dev, reps, warm)
-    mask = layer_block_mask(scfg, layer)
-    index = build_block_index(mask, 1, Hq, S, b, 1, sync_free=True)
-    kernel = measure(lambda: ops.block_sparse_attention(q, k, v, index, b, scale=d ** -0.5),
-                     dev, reps, warm)
+    mask, kernel = kernel_alone(layer, scfg, dev, reps, warm)
     graph.replay()
     diff = float((captured.float() - step().float()).abs().max())
     return {"ms": replay["ms"], "eager_ms": eager["ms"], "graph_ms": replay["ms"],
@@ -554,28 +548,34 @@ def step_row(run: Run, provider: str) -> dict:
             "peak_mem_gb": eager.get("peak_mem_gb")}
 
 
-def pooled_step(run: Run, head: str, step, tensors, scfg: SparseConfig, reps, warm) -> dict:
+def kernel_alone(layer: LayerInputs, scfg: SparseConfig, dev, reps, warm):
+    """(the layer's mask, the timing of the kernel alone on its index, built once beforehand)."""
+    from seerlib.kernels.block_index import build_block_index  # lazy: triton, CUDA runs only
+
+    B, Hq, S, _ = layer.q.shape
+    b = scfg.block_size
+    mask = layer_block_mask(scfg, layer)
+    index = build_block_index(mask, B, Hq, S, b, 1, sync_free=True)
+    kernel = measure(lambda: ops.block_sparse_attention(layer.q, layer.k, layer.v, index, b,
+                                                        scale=layer.scale), dev, reps, warm)
+    return mask, kernel
+
+
+def pooled_step(run: Run, head: str, step, layer: LayerInputs, scfg: SparseConfig, reps,
+                warm) -> dict:
     """The sparse path's own graphed gate step (`seerlib.integrate.graphed_gate_step`: pooling
     into the graph's statics, the graph of logits + selection + index replayed, the kernel on
     the layer's q, k, v); "pcstep": its selection compiled. Beside the kernel alone, on the same
     selection's index, and checked against the eager `step`."""
-    from seerlib.kernels.block_index import build_block_index  # lazy: triton, CUDA runs only
-
-    q, k, v, q_pre, k_pre = tensors
-    _, Hq, S, d = q.shape
-    b, dev, gate = scfg.block_size, run.device, run.gates[0]
-    graphs = StepGraphs()
+    graphs, dev = StepGraphs(), run.device
 
     def pstep():
-        return graphed_gate_step(graphs, 0, gate, scfg.selection, q, k, v, q_pre, k_pre, b,
-                                 scale=d ** -0.5, compiled=head == "pcstep")[0]
+        return graphed_gate_step(graphs, 0, layer.gate, scfg.selection, layer.q, layer.k,
+                                 layer.v, layer.q_pre, layer.k_pre, scfg.block_size,
+                                 scale=layer.scale, compiled=head == "pcstep")[0]
 
     timed = measure(pstep, dev, reps, warm)  # the first call captures (warm-up included)
-    layer = LayerInputs(q, k, v, b, scale=d ** -0.5, gate=gate, q_pre=q_pre, k_pre=k_pre)
-    mask = layer_block_mask(scfg, layer)
-    index = build_block_index(mask, 1, Hq, S, b, 1, sync_free=True)
-    kernel = measure(lambda: ops.block_sparse_attention(q, k, v, index, b, scale=d ** -0.5),
-                     dev, reps, warm)
+    mask, kernel = kernel_alone(layer, scfg, dev, reps, warm)
     diff = float((pstep().transpose(1, 2).float() - step().float()).abs().max())
     return {"ms": timed["ms"], "graph_ms": timed["ms"], "kernel_ms": kernel["ms"],
             "graph_overhead_share": (timed["ms"] - kernel["ms"]) / kernel["ms"],

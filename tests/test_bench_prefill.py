@@ -131,6 +131,6 @@ def test_pooled_step_row_on_the_kernels_with_its_graph_called(monkeypatch):
 
     run = SimpleNamespace(device=torch.device("cpu"), gates=gates)
     with ops.use_backend("triton"):
-        r = bench.pooled_step(run, "pstep", step, (q, k, v, q_pre, k_pre), scfg, 1, 0)
+        r = bench.pooled_step(run, "pstep", step, layer, scfg, 1, 0)
     assert r["path"] == "graphed_gate_step" and r["ms"] > 0 and r["kernel_ms"] > 0
     assert r["graph_vs_eager_max_abs_diff"] < 1e-5 and 0 < r["achieved_density"] <= 1
