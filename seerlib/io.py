@@ -8,7 +8,8 @@
   (tokens seen, steps, final loss, date, ...). `load_gates` refuses a file made for another model
   or block size with an error that names both sides, and a damaged file (checksum, dtype,
   non-finite weights, unreadable header) with an error that names the path.
-- `save_checkpoint` / `load_checkpoint`: gates + AdamW state + scheduler + loop state, to resume.
+- `save_checkpoint` / `load_checkpoint`: gates + AdamW state + scheduler + loop state, to resume
+  (its optimizer part, `optimizer_tensors` / `checked_optimizer_state`, also serves others).
 - `atomic_write(path)`: the one way seerlib writes a file: into a temporary file beside it, then
   `os.replace`, the temporary file removed on any failure (and, left by a killed process, on the
   next write of the same path).
@@ -41,11 +42,13 @@ __all__ = [
     "GateFileError",
     "atomic_write",
     "atomic_write_text",
+    "checked_optimizer_state",
     "config_hash",
     "file_sha256",
     "fresh_path",
     "load_checkpoint",
     "load_gates",
+    "optimizer_tensors",
     "read_metadata",
     "save_checkpoint",
     "save_gates",
@@ -313,8 +316,8 @@ def save_gates(gates: GateSet, path, dtype: torch.dtype | None = None,
     return meta
 
 
-def read_metadata(path) -> dict:
-    """The metadata dict of a gate file or checkpoint written by this module.
+def read_metadata(path, what: str = _GATE_FILE) -> dict:
+    """The metadata dict of a file seerlib wrote (`what`: the kind expected, for the errors).
 
     Raises:
         FileNotFoundError: no file at `path`.
@@ -323,27 +326,25 @@ def read_metadata(path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no gate file at {path}")
+        raise FileNotFoundError(f"no {'gate file' if what == _GATE_FILE else 'file'} at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("seerlib")
     except Exception as e:  # safetensors raises its own error types, or OSError
-        raise _open_error(path, e, _GATE_FILE) from e
+        raise _open_error(path, e, what) from e
     if raw is None:
-        raise GateFileError(f"{path} has no seerlib metadata; expected {_GATE_FILE}")
+        raise GateFileError(f"{path} has no seerlib metadata; expected {what}")
     try:
         meta = json.loads(raw)
     except ValueError as e:
-        raise GateFileError(
-            f"{path} has unreadable seerlib metadata ({e}); expected {_GATE_FILE}"
-        ) from e
+        raise GateFileError(f"{path} has unreadable seerlib metadata ({e}); expected {what}") from e
     if not isinstance(meta, dict):
         raise GateFileError(f"{path} has seerlib metadata of type {type(meta).__name__}; "
-                            f"expected a JSON object, as in {_GATE_FILE}")
+                            f"expected a JSON object, as in {what}")
     return meta
 
 
-def _read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
+def _read_tensors(path, prefix: str = "", what: str = _GATE_FILE) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {
@@ -352,7 +353,7 @@ def _read_tensors(path, prefix: str = "") -> dict[str, torch.Tensor]:
                 if k.startswith(prefix)  # noqa: SIM118
             }
     except Exception as e:
-        raise _open_error(path, e, _GATE_FILE) from e
+        raise _open_error(path, e, what) from e
 
 
 # the metadata fields a gate file of each phase must have ("phase" is absent from prefill files
@@ -480,6 +481,46 @@ def load_gates(
 _CHECKPOINT = "a training checkpoint written by seerlib.io.save_checkpoint"
 
 
+def optimizer_tensors(optimizer, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state for a safetensors file: ({prefix<param index>.<name>: CPU tensor},
+    JSON-able {"param_groups": hyper-parameters, "optim_scalars": non-tensor state})."""
+    opt, tensors, scalars = optimizer.state_dict(), {}, {}
+    for pid, st in opt["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{prefix}{pid}.{name}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = val
+    return tensors, {"param_groups": opt["param_groups"], "optim_scalars": scalars}
+
+
+def checked_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict, path,
+                            what: str, prefix: str = "optim.") -> dict:
+    """The state dict for `optimizer.load_state_dict` rebuilt from `optimizer_tensors`' output
+    (read back from `path`); changes nothing. Raises GateFileError, naming what differs, unless
+    the groups have `optimizer`'s sizes and each non-scalar state tensor its parameter's shape."""
+    groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})}
+              for g in meta["param_groups"]]  # JSON made the betas a list
+    have, want = ([len(g["params"]) for g in gs] for gs in (groups, optimizer.param_groups))
+    if have != want:
+        raise GateFileError(f"{path} holds optimizer state for parameter groups of {have} tensors; "
+                            f"the optimizer to resume has {want}; expected {what} of the same run")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict = {}
+    for key, val in ((k, v) for k, v in tensors.items() if k.startswith(prefix)):
+        pid, name = key[len(prefix) :].split(".", 1)
+        param = params[int(pid)] if pid.isdigit() and int(pid) < len(params) else None
+        if param is None or (val.dim() > 0 and val.shape != param.shape):
+            have = "no such parameter" if param is None else f"its parameter's is {param.shape}"
+            raise GateFileError(f"{path} holds optimizer state {key} of shape {val.shape}; {have};"
+                                f" expected {what} of the same run")
+        state.setdefault(int(pid), {})[name] = val
+    for key, val in meta["optim_scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    return {"state": state, "param_groups": groups}
+
+
 def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> None:
     """Everything needed to resume training, in one safetensors file, written atomically.
 
@@ -495,14 +536,8 @@ def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> 
     """
     path = Path(path)
     tensors = {f"gate.{k}": v.detach().contiguous().cpu() for k, v in gates.state_dict().items()}
-    opt = optimizer.state_dict()
-    opt_scalars = {}
-    for pid, st in opt["state"].items():
-        for name, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"optim.{pid}.{name}"] = val.detach().contiguous().cpu()
-            else:
-                opt_scalars[f"{pid}.{name}"] = val
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
     bad = _non_finite(tensors)
     if bad:
         raise ValueError(
@@ -514,8 +549,7 @@ def save_checkpoint(path, gates: GateSet, optimizer, scheduler, state: dict) -> 
         "gate_config": gates.gate_config(),
         "config_hash": config_hash(gates.config),
         "model_name": gates.model_name,
-        "param_groups": opt["param_groups"],
-        "optim_scalars": opt_scalars,
+        **opt_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "state": state,
         "sha256": tensor_digest(tensors),
@@ -531,7 +565,7 @@ def load_checkpoint(path, gates: GateSet, optimizer, scheduler) -> dict:
     The file is checked first (format, gates, checksum, finiteness); nothing is changed in place
     if it fails.
     """
-    meta = read_metadata(path)
+    meta = read_metadata(path, _CHECKPOINT)
     if meta.get("format") != FORMAT + "-checkpoint":
         raise GateFileError(
             f"{path} is not a seerlib training checkpoint (format {meta.get('format')!r}); "
@@ -549,27 +583,16 @@ def load_checkpoint(path, gates: GateSet, optimizer, scheduler) -> dict:
             f"{path} holds gates {meta['gate_config']} for config hash {meta['config_hash']}; "
             f"the gates to resume are {gates.gate_config()} for {config_hash(gates.config)}"
         )
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, what=_CHECKPOINT)
     _verify_tensors(path, meta, tensors, _CHECKPOINT)
+    optim_state = checked_optimizer_state(optimizer, tensors, meta, path, _CHECKPOINT)
     gate_state = {k[5:]: v for k, v in tensors.items() if k.startswith("gate.")}
     try:
         gates.load_state_dict(gate_state, strict=True)
     except RuntimeError as e:
         raise GateFileError(f"{path} holds gate tensors that do not fit ({e}); "
                             f"expected {_CHECKPOINT}") from e
-    st: dict = {}
-    for key, val in tensors.items():
-        if key.startswith("optim."):
-            pid, name = key[6:].split(".", 1)
-            st.setdefault(int(pid), {})[name] = val
-    for key, val in meta["optim_scalars"].items():
-        pid, name = key.split(".", 1)
-        st.setdefault(int(pid), {})[name] = val
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": st, "param_groups": groups})
+    optimizer.load_state_dict(optim_state)
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
     return meta["state"]

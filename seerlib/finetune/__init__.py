@@ -29,14 +29,23 @@ Outputs of the CLI (`python -m seerlib.finetune`): the gates (`seerlib.io.save_g
 hash of the extended model), the model's changed tensors as a diff against the base
 (`seerlib.finetune.diff`: base sha256, config hash, YaRN factor, steps; atomic), and a loss log
 (jsonl: LM loss, gate loss per layer and summed, achieved density, tokens/s, eval LM loss). An
-earlier run's files are never replaced. There is no `--resume`: a run is one call.
+earlier run's files are never replaced unless `--resume` continues that run.
 
-Modules: `train` (FinetuneConfig, FineTuner), `diff` (model diffs), `cli` (`main`).
+A run can span several calls: `--checkpoint-every N` writes `<out>.ckpt.safetensors`
+(`seerlib.finetune.checkpoint`: the trained tensors, the AdamW and LR-scheduler state, the step,
+the generator states, the loss log's length, the run's options) every N steps and at the end;
+`--resume` (with the same `--out` and options; `--steps` may grow) continues from it, bit for bit:
+the loss log is appended to (the lines of steps after the checkpoint, which run again, dropped)
+and the final gates and model diff are those of an uninterrupted run.
+
+Modules: `train` (FinetuneConfig, FineTuner), `diff` (model diffs), `checkpoint` (resumable
+runs), `cli` (`main`).
 """
 
+from seerlib.finetune.checkpoint import load_finetune_checkpoint, save_finetune_checkpoint
 from seerlib.finetune.cli import main
 from seerlib.finetune.diff import apply_model_diff, base_snapshot, changed_tensors, save_model_diff
 from seerlib.finetune.train import FinetuneConfig, FineTuner
 
 __all__ = ["FineTuner", "FinetuneConfig", "apply_model_diff", "base_snapshot", "changed_tensors",
-           "main", "save_model_diff"]
+           "load_finetune_checkpoint", "main", "save_finetune_checkpoint", "save_model_diff"]

@@ -22,6 +22,12 @@ from seerlib.distill.cli import (
     tiny_model,
 )
 from seerlib.distill.train import TINY_MODEL, DivergedError
+from seerlib.finetune.checkpoint import (
+    checkpoint_path,
+    load_finetune_checkpoint,
+    read_finetune_checkpoint,
+    save_finetune_checkpoint,
+)
 from seerlib.finetune.diff import apply_model_diff, base_snapshot, save_model_diff
 from seerlib.finetune.train import (
     ATTENTION_MODES,
@@ -31,16 +37,23 @@ from seerlib.finetune.train import (
     FineTuner,
 )
 from seerlib.gate import GateSet
-from seerlib.io import fresh_path, load_gates, save_gates
+from seerlib.io import file_sha256, fresh_path, load_gates, save_gates
 from seerlib.methods import resolve_config
 from seerlib.targets import TARGETS, default_target, model_fingerprint
 from seerlib.yarn import extend_context, load_extended, original_context
 
-__all__ = ["default_finetune_out", "main", "run_paths"]
+__all__ = ["default_finetune_out", "main", "run_options", "run_paths"]
 
 PROG = "seerlib.finetune"
 DEFAULT_SPARSE = "gate@0.5"  # the paper's long-context fine-tune ran at 50% density
 TEXTS = longtext.TEXTS
+# The options a resumed call must repeat (its checkpoint records them): what the run trains on,
+# how, and from what. --steps may grow (a finished run goes on; the cosine schedule then follows
+# the new length); --device, --save-dtype, --checkpoint-every and --quiet may change.
+FIXED_OPTIONS = ("model", "context", "seq_len", "text", "train_windows", "eval_windows",
+                 "eval_every", "batch_size", "lr", "gate_lr", "warmup", "clip", "train",
+                 "attention", "sparse", "gates", "model_diff", "block_size", "target",
+                 "precision", "gradient_checkpointing", "seed")
 
 
 def default_finetune_out() -> Path:
@@ -106,8 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None,
                    help="the trained gate file (default: a fresh data/gates/runs/finetune-<UTC "
-                   "time>.safetensors); the model diff <out>.model.safetensors and the loss log "
-                   "<out>.loss.jsonl sit beside it. An earlier run there is refused")
+                   "time>.safetensors); the model diff <out>.model.safetensors, the loss log "
+                   "<out>.loss.jsonl and the checkpoint <out>.ckpt.safetensors sit beside it. An "
+                   "earlier run there is refused unless --resume continues it")
+    p.add_argument("--checkpoint-every", type=int_at_least(0), default=0,
+                   help="write the checkpoint every this many steps and at the end (0: none); "
+                   "it holds the model's and gates' trained tensors and optimizer state, about 3x "
+                   "the trained weights' size")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run at --out from its checkpoint, with the same options "
+                   "(--steps may grow); the loss log is appended to")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "float32", "bfloat16"],
                    help="the gate file's dtype (the model diff keeps the trained dtype)")
     p.add_argument("--quiet", action="store_true")
@@ -139,6 +160,45 @@ def _check_args(parser, args) -> None:
         parser.error("--gates is unused: nothing reads or trains a gate in this run")
     if args.eval_every and not args.eval_windows:
         parser.error("--eval-every needs --eval-windows")
+
+
+def run_options(args) -> dict:
+    """{"--seq-len": 32768, ...}: the FIXED_OPTIONS as this call resolved them, and the sha256
+    of the --gates and --model-diff files (None when not given or missing)."""
+    opts = {"--" + name.replace("_", "-"): getattr(args, name) for name in FIXED_OPTIONS}
+    for flag, path in (("--gates", args.gates), ("--model-diff", args.model_diff)):
+        opts[f"{flag} sha256"] = file_sha256(path) if path and Path(path).is_file() else None
+    return opts
+
+
+def _resume_point(args, paths, ckpt: Path, options: dict) -> dict:
+    """The checkpoint's metadata, once it is found to continue this call's run (its options, a
+    --steps not below its step, a loss log at least as long as at its step); else SystemExit,
+    nothing changed."""
+    curve = paths[-1]
+    if not ckpt.exists():
+        there = [str(p) for p in paths if p.exists()]
+        why = (f"the run there ({', '.join(there)}) wrote none (it ran without --checkpoint-every "
+               "or stopped before its first checkpoint): remove its files to start over, or "
+               "choose another --out" if there else "start the run without --resume")
+        raise SystemExit(f"{PROG}: --resume found no checkpoint at {ckpt}; {why} (nothing was "
+                         "changed)")
+    try:
+        meta = read_finetune_checkpoint(ckpt, options)
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: --resume: {e} (nothing was changed)") from e
+    step, log_bytes = meta["state"]["step"], meta["state"]["log_bytes"]
+    if args.steps < step:
+        raise SystemExit(f"{PROG}: --steps {args.steps} is below step {step} of the checkpoint "
+                         f"{ckpt}; pass --steps {step} or more (nothing was changed)")
+    log = curve.read_bytes() if curve.exists() else b""
+    lines = log[:log_bytes].count(b"\n")
+    if len(log) < log_bytes or lines != step:
+        raise SystemExit(f"{PROG}: the loss log {curve} does not lead to the checkpoint's step "
+                         f"{step}: it holds {len(log)} bytes, {lines} lines in its first "
+                         f"{log_bytes}; expected {step} lines in {log_bytes} bytes, as at the "
+                         "checkpoint. Restore it (nothing was changed)")
+    return meta
 
 
 def _load(parser, args):
@@ -188,14 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    out, diff_path, curve = run_paths(args.out or default_finetune_out())
-    refuse_earlier_run(PROG, out, (out, diff_path, curve), resumable=False)
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out: the gate file of the run to continue")
+    paths = run_paths(args.out or default_finetune_out())
+    (out, diff_path, curve), ckpt = paths, checkpoint_path(paths[0])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(args.device).type == "cuda"
     args.target = args.target or default_target(args.device)
     args.precision = args.precision or ("amp" if cuda else "fp32")
     if args.train_windows is None and args.model == TINY_MODEL:
         args.train_windows = 4
+    options = run_options(args) if args.resume or args.checkpoint_every else None
+    if args.resume:
+        resumed = _resume_point(args, paths, ckpt, options)
+    else:
+        refuse_earlier_run(PROG, out, (*paths, ckpt), resumable=ckpt.exists())
+        resumed = None
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     model, tok, model_name = _load(parser, args)
@@ -222,19 +290,40 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{model_name}: context {model.config.max_position_embeddings}, {len(train)} train "
         f"windows of {args.seq_len}, train {args.train}, attention "
         f"{args.sparse if args.attention == 'sparse' else 'dense'}, base sha256 {base_sha[:16]}")
+    if resumed is not None:
+        try:
+            load_finetune_checkpoint(ckpt, tuner, options, base_sha256=base_sha)
+        except ValueError as e:
+            raise SystemExit(f"{PROG}: --resume: {e} (nothing was changed)") from e
+        if curve.exists():  # drop the lines of steps after the checkpoint: they run again
+            with curve.open("r+b") as f:
+                f.truncate(resumed["state"]["log_bytes"])
+        say(f"resumed from {ckpt} at step {tuner.step}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    saved_at = tuner.step if resumed is not None else None  # the step the checkpoint holds
+
+    def checkpoint():
+        save_finetune_checkpoint(ckpt, tuner, options, base_sha,
+                                 log_bytes=curve.stat().st_size if curve.exists() else 0)
+        return tuner.step
+
     t0 = time.time()
     try:
         for m in tuner.steps():
-            with curve.open("a") as f:  # a new file (refuse_earlier_run), appended to
+            with curve.open("a") as f:  # new (refuse_earlier_run) or resumed: appended to
                 f.write(json.dumps(m) + "\n")
             if m["step"] % 10 == 0 or m["step"] == cfg.steps or "eval_lm_loss" in m:
                 gl = "" if m["gate_loss"] is None else f" gate {m['gate_loss']:.4f}"
                 ev_txt = f" eval lm {m['eval_lm_loss']:.4f}" if "eval_lm_loss" in m else ""
                 say(f"step {m['step']:5d} lm {m['lm_loss']:.4f}{gl} density {m['density']:.3f} "
                     f"{m['tokens_per_s']:.0f} tok/s{ev_txt} ({time.time() - t0:.0f}s)")
+            if args.checkpoint_every and m["step"] % args.checkpoint_every == 0:
+                saved_at = checkpoint()
     except DivergedError as e:
-        raise SystemExit(f"{PROG}: {e}. Nothing was saved to {out} or {diff_path}.") from e
+        last = f"; the last checkpoint is {ckpt}" if ckpt.exists() else ""
+        raise SystemExit(f"{PROG}: {e}. Nothing was saved to {out} or {diff_path}{last}.") from e
+    if args.checkpoint_every and saved_at != tuner.step:
+        checkpoint()
     last = tuner.history[-1] if tuner.history else {}
     command = f"python -m seerlib.finetune {' '.join(argv if argv is not None else sys.argv[1:])}"
     facts = dict(steps=tuner.step, tokens_seen=tuner.tokens_seen, seq_len=args.seq_len,
