@@ -1,8 +1,8 @@
 """The one dispatch point for attention: Triton kernels on CUDA, the exact reference elsewhere.
 
 Everything else in seerlib calls these functions (attention, the block-sparse and pooled
-attention, the decode steps, the gate's block pooling and the kernel's block index) and never
-picks an implementation by hand.
+attention, the decode steps and their selection, the gate's block pooling and the kernel's block
+index) and never picks an implementation by hand.
 
 Backends:
     "auto" (default): the Triton kernels for CUDA tensors in bfloat16/float16 whose head dim and
@@ -38,6 +38,7 @@ __all__ = [
     "decode_attention",
     "decode_pooled_attention",
     "sparse_decode_attention",
+    "decode_select",
     "pool_blocks",
     "kernel_path",
     "block_index",
@@ -356,3 +357,61 @@ def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
     if _use_kernels(q, backend, inputs=(q, k, v)):
         return _kernels().decode_attention(q, k, v, kv_lens=kv_lens, scale=scale, softcap=softcap)
     return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale, softcap=softcap)
+
+
+# the forced-block rules the decode selection kernel applies itself (its SINK / LOCAL arguments);
+# a Selection with another rule takes the torch path
+_SELECT_KERNEL_FORCED = ("sink", "local")
+
+
+def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_blocks: int,
+                  block_size: int, max_blocks: int | None = None, *,
+                  backend: str | None = None):
+    """One decode step's selection as the sparse decode kernel's index:
+    `seerlib.decode.select.decode_index(select_decode(...), max_blocks)` for one query per row,
+    in one launch on the kernel path (`seerlib.kernels.decode_select`), else those two.
+
+    Args:
+        scores: (B, Hkv, 1, W) or (B, Hkv, W) block scores, W <= num_blocks (the blocks past W
+            are no candidates, e.g. the newest, partial block the K-compression cache lacks).
+        selection: a decode `Selection` (`seerlib.decode.select.check_decode_selection`).
+        position: (1,) integer tensor on the scores' device: the query's position t, the same
+            for every row; read on the device, so no host sync and one CUDA graph for every step.
+        num_blocks: nb, the key blocks of the KV cache; block_size: b.
+        max_blocks: K, the index width (`most_blocks(selection, b)`; default nb).
+    Returns:
+        (block_index (B, Hkv, K) int32, ascending then -1; block_count (B, Hkv) int32).
+    """
+    # Lazy: seerlib.decode imports seerlib.integrate, which imports this module.
+    from seerlib.decode.select import (
+        blocks_per_query,
+        check_decode_selection,
+        decode_index,
+        select_decode,
+    )
+
+    check_decode_selection(selection)
+    if scores.dim() == 3:
+        scores = scores[:, :, None]
+    if scores.dim() != 4 or scores.shape[2] != 1:
+        raise ValueError(f"scores must be (B, Hkv, 1, W) for one decode step; got "
+                         f"{tuple(scores.shape)}")
+    name = get_backend(backend)
+    kernel = name == "triton" or (name == "auto" and scores.is_cuda)
+    if kernel and selection.has_budget and all(
+            n in _SELECT_KERNEL_FORCED for n, _ in selection.forced):
+        from seerlib.kernels.decode_select import decode_select as kernel_select  # lazy: triton
+
+        forced = dict(selection.forced)
+        mode = ("tokens" if selection.tokens is not None else
+                "density" if selection.density is not None else "threshold")
+        return kernel_select(scores, position, num_blocks, block_size, mode=mode,
+                             budget_blocks=blocks_per_query(selection, block_size) or 0,
+                             density=selection.density or 0.0,
+                             threshold=selection.threshold or 0.0, sink=forced.get("sink", 0),
+                             local=forced.get("local", 0), max_blocks=max_blocks)
+    nb, W = int(num_blocks), scores.shape[-1]
+    if W < nb:  # the blocks past the scores: no candidates
+        scores = torch.nn.functional.pad(scores.float(), (0, nb - W), value=float("-inf"))
+    keep = select_decode(scores, selection, position, block_size)
+    return decode_index(keep, max_blocks)

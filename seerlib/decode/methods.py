@@ -40,8 +40,10 @@ __all__ = [
     "DecodeInputs",
     "DecodeMethod",
     "decode_scores",
+    "gate_step",
     "parse_decode_config",
     "register_decode_method",
+    "step_scores",
 ]
 
 
@@ -91,12 +93,16 @@ class DecodeMethod:
         scores: fn(inputs) -> (B, Hkv, Sq, nb) float block scores.
         sparse: False for "dense".
         needs_gate: reads the layer's DecodeGate (`decode_gates=`).
+        step: optional fn(inputs) -> (B, Hkv, 1, W) scores of one decode step, W <= nb, for
+            `ops.decode_select` (which masks what no query may read, so the step may skip the
+            masking and padding `scores` does); None: `scores` serves the step too.
     """
 
     name: str
     scores: Scorer
     sparse: bool = True
     needs_gate: bool = False
+    step: Scorer | None = None
 
     def check(self, selection: Selection) -> None:
         """Raise ValueError when `selection` has no meaning for this method at decode."""
@@ -114,7 +120,7 @@ DECODE_METHODS: dict[str, DecodeMethod] = {}
 
 def register_decode_method(name: str, **options) -> Callable[[Scorer], Scorer]:
     """Register `fn(inputs: DecodeInputs) -> (B, Hkv, Sq, nb)` scores as a decode method;
-    `options` are `DecodeMethod`'s fields (sparse, needs_gate)."""
+    `options` are `DecodeMethod`'s fields (sparse, needs_gate, step)."""
     if not name or any(c in name for c in "+@ "):
         raise ValueError(f"a method name has no '+', '@' or spaces; got {name!r}")
 
@@ -137,19 +143,32 @@ def dense(inputs: DecodeInputs) -> torch.Tensor:
     return torch.zeros(B, Hkv, inputs.q.shape[2], inputs.nb, device=inputs.q.device)
 
 
-@register_decode_method("gate", needs_gate=True)
-def gate(inputs: DecodeInputs) -> torch.Tensor:
+def _gate_inputs(inputs: DecodeInputs):
+    """(the gate, its queries (B, Hkv, Sq, d_gate), its keys (B, Hkv, n, d_gate))."""
     g = inputs.gate
     if g is None or inputs.q_pre is None or (inputs.k_pre is None and inputs.k_gate is None):
         raise ValueError("decode method 'gate' needs the layer's DecodeGate, its pre-RoPE queries "
                          "and the pre-RoPE keys or the K-compression cache")
-    with torch.no_grad():
-        qg = g.query(inputs.q_pre, inputs.positions)
-        kg = inputs.k_gate if inputs.k_gate is not None else g.keys(g.pool(inputs.k_pre))
-        nb = inputs.nb
-        if kg.shape[2] < nb:  # the cache holds full blocks only: pad to the blocks of the keys
-            kg = torch.nn.functional.pad(kg, (0, 0, 0, nb - kg.shape[2]))
-        return g.scores(qg, kg[:, :, :nb], inputs.positions)
+    kg = inputs.k_gate if inputs.k_gate is not None else g.keys(g.pool(inputs.k_pre))
+    return g, g.query(inputs.q_pre, inputs.positions), kg[:, :, :inputs.nb]
+
+
+@torch.no_grad()
+def gate_step(inputs: DecodeInputs) -> torch.Tensor:
+    """The gate's raw logits (B, Hkv, 1, n) over the n cached full blocks, one matmul: the own,
+    partial block has no key and `ops.decode_select` keeps it anyway."""
+    _, qg, kg = _gate_inputs(inputs)
+    return torch.matmul(qg, kg.transpose(-1, -2))
+
+
+@register_decode_method("gate", needs_gate=True, step=gate_step)
+@torch.no_grad()
+def gate(inputs: DecodeInputs) -> torch.Tensor:
+    g, qg, kg = _gate_inputs(inputs)
+    nb = inputs.nb
+    if kg.shape[2] < nb:  # the cache holds full blocks only: pad to the blocks of the keys
+        kg = torch.nn.functional.pad(kg, (0, 0, 0, nb - kg.shape[2]))
+    return g.scores(qg, kg, inputs.positions)
 
 
 def block_min_max(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +215,13 @@ def oracle(inputs: DecodeInputs) -> torch.Tensor:
 def decode_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:
     """The block scores (B, Hkv, Sq, nb) of a config's method on one layer."""
     return DECODE_METHODS[config.method].scores(inputs)
+
+
+def step_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:
+    """One decode step's block scores (B, Hkv, 1, W), W <= nb, for `ops.decode_select`: the
+    method's `step` scorer where it has one, else its `scores`."""
+    spec = DECODE_METHODS[config.method]
+    return (spec.step or spec.scores)(inputs)
 
 
 @dataclass(frozen=True)

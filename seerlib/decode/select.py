@@ -101,7 +101,9 @@ def select_decode(scores: torch.Tensor, selection: Selection, positions: torch.T
     if not selection.has_budget:
         return visible.expand(scores.shape).clone()
     forced = _forced(selection, own, nb)
-    s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~visible, float("-inf"))
+    # NaN and -inf: no candidate (nan_to_num would make -inf the lowest finite score)
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))
+    s = s.masked_fill(~visible, float("-inf"))
     if selection.threshold is not None:
         cand = s.masked_fill(forced, float("-inf"))
         p = torch.softmax(cand, dim=-1).nan_to_num(0.0)  # a row without candidates: none

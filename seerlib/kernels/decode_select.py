@@ -1,0 +1,178 @@
+"""One decode step's block selection and the sparse decode kernel's index, in one launch.
+
+What it computes: `seerlib.decode.select.decode_index(select_decode(scores, selection, position,
+b), K)` for a single query per row (one decode step, every row at the same position t): which key
+blocks each (batch, kv head) reads, as the sorted int32 list the sparse decode kernel takes.
+
+A query at t sees key blocks 0 .. c, c = t // b. Its own block c and the forced blocks (the sink
+rule: blocks 0 .. n-1; the local rule: the n blocks before c) are always read; the budget picks
+among the rest, the candidates (visible, not forced, with a finite score):
+- TOKENS: K_BUDGET blocks in all, the forced ones counted first (the token budget's tokens // b);
+- DENSITY: ceil(density · (c + 1)) blocks in all, at least one;
+- THRESHOLD: every candidate whose softmax over the candidates exceeds the threshold.
+Equal scores at the cut go to the lower block (torch.topk leaves the order of ties open).
+
+How: one program per (batch, kv head) holds the row's scores in registers (NB_P2 = the blocks
+rounded up to a power of two). The k-th best score is found by bisection over the scores'
+order-preserving int32 keys (32 counting passes over the row, no sort), and each kept block's slot
+in the index is the running count of kept blocks before it (`tl.cumsum`), so the list comes out
+ascending. No host sync: the position is read on the device, so one CUDA graph serves every step.
+Before, the step ran ~25 small launches: the (nb, nb) forced-block mask, topk, a scatter, a sort
+over every block and their masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+__all__ = ["decode_select", "MODES", "MAX_BLOCKS"]
+
+MODES = {"tokens": 0, "density": 1, "threshold": 2}
+MAX_BLOCKS = 16384  # the widest row held in one program's registers (1M tokens at b = 64)
+
+
+@triton.jit
+def _order_key(s):
+    """float32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _decode_select(
+    S, POS, DENS, IDX, CNT,
+    ssz, ssh, siz, sih,
+    HKV, W, NB, K_W, K_BUDGET, SINK, LOCAL,
+    threshold,
+    BLOCK: tl.constexpr,
+    MODE: tl.constexpr,
+    NB_P2: tl.constexpr,
+    K_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    z = pid // HKV
+    h = pid % HKV
+    j = tl.arange(0, NB_P2)
+    c = tl.load(POS).to(tl.int32) // BLOCK  # the query's own block
+    visible = (j <= c) & (j < NB)
+    forced = visible & ((j == c) | (j < SINK) | ((j >= c - LOCAL) & (j < c)))
+    s = tl.load(S + z.to(tl.int64) * ssz + h.to(tl.int64) * ssh + j, mask=visible & (j < W),
+                other=float("-inf")).to(tl.float32)
+    s = tl.where(s == s, s, float("-inf"))  # NaN: no candidate
+    cand = visible & (~forced) & (s > float("-inf"))
+
+    if MODE == 2:  # threshold: the candidates' softmax
+        m = tl.max(tl.where(cand, s, float("-inf")), 0)
+        e = tl.where(cand, tl.exp(s - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+        total = tl.sum(e, 0)
+        picked = cand & (e / tl.where(total > 0, total, 1.0) > threshold)
+    else:
+        if MODE == 0:
+            k = K_BUDGET
+        else:
+            # in float64, as select_decode rounds it (a float32 density would round 0.1 · 10 up)
+            k = tl.math.ceil(tl.load(DENS) * (c + 1).to(tl.float64) - 1e-9).to(tl.int32)
+            k = tl.maximum(k, 1)
+        n_forced = tl.sum(forced.to(tl.int32), 0)
+        want = tl.maximum(k - n_forced, 0)  # candidates to add to the forced blocks
+        key = _order_key(s)
+        # the largest t with at least `want` candidates keyed >= t (bisection in int64)
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            n = tl.sum((cand & (key.to(tl.int64) >= mid)).to(tl.int32), 0)
+            lo = tl.where(n >= want, mid, lo)
+            hi = tl.where(n >= want, hi, mid - 1)
+        above = cand & (key.to(tl.int64) > lo)
+        tied = cand & (key.to(tl.int64) == lo)
+        room = want - tl.sum(above.to(tl.int32), 0)
+        picked = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+        picked = picked & (want > 0)
+
+    kept = forced | picked
+    slot = tl.cumsum(kept.to(tl.int32), 0) - 1
+    idx_base = IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih
+    tl.store(idx_base + slot, j, mask=kept & (slot < K_W))
+    count = tl.minimum(tl.sum(kept.to(tl.int32), 0), K_W)
+    r = tl.arange(0, K_P2)
+    tl.store(idx_base + r, tl.full([K_P2], -1, tl.int32), mask=(r >= count) & (r < K_W))
+    tl.store(CNT + pid, count)
+
+
+def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
+                  block_size: int, *, mode: str, budget_blocks: int = 0, density: float = 0.0,
+                  threshold: float = 0.0, sink: int = 0, local: int = 0,
+                  max_blocks: int | None = None, out=None):
+    """The kept key blocks of one decode step, as the sparse decode kernel's index.
+
+    Args:
+        scores: (B, Hkv, W) or (B, Hkv, 1, W) float block scores, higher = read first, W <= nb
+            (blocks at or past W are no candidates; -inf / NaN neither); a contiguous last dim.
+        position: (1,) integer tensor on the scores' device, the query's position t (its keys
+            are 0 .. t); read on the device.
+        num_blocks: nb, the key blocks of the KV cache (t // b < nb).
+        block_size: b.
+        mode: "tokens" (budget_blocks in all, forced included), "density" or "threshold".
+        sink, local: the forced sink blocks and local blocks (0 = none); the own block always.
+        max_blocks: K, the index width (default nb); a row keeping more keeps its first K.
+        out: optional (index (B, Hkv, K) int32, count (B, Hkv) int32) buffers.
+    Returns:
+        (index (B, Hkv, K) int32: kept blocks ascending, then -1; count (B, Hkv) int32).
+    """
+    if scores.dim() == 4:
+        if scores.shape[2] != 1:
+            raise ValueError(f"scores must be (B, Hkv, 1, W) for one decode step; got "
+                             f"{tuple(scores.shape)}")
+        scores = scores[:, :, 0]
+    if scores.dim() != 3 or not scores.is_floating_point():
+        raise ValueError(f"scores must be (B, Hkv, W) float; got {tuple(scores.shape)} "
+                         f"{scores.dtype}")
+    B, Hkv, W = scores.shape
+    nb = int(num_blocks)
+    if not 1 <= nb <= MAX_BLOCKS or W > nb:
+        raise ValueError(f"num_blocks must be in 1 .. {MAX_BLOCKS} and at least the scores' "
+                         f"width {W}; got {nb}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
+    if (not isinstance(position, torch.Tensor) or position.shape != (1,)
+            or position.is_floating_point() or position.device != scores.device):
+        raise ValueError(f"position must be a (1,) integer tensor on {scores.device}; got "
+                         f"{position!r}")
+    want = "cpu" if interpreting() else "cuda"
+    if scores.device.type != want:
+        raise ValueError(f"the decode selection kernel runs on {want} tensors here "
+                         f"(TRITON_INTERPRET={int(interpreting())}); got {scores.device}")
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    K = nb if max_blocks is None else min(int(max_blocks), nb)
+    if K < 1:
+        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+    if out is None:
+        index = torch.empty(B, Hkv, K, dtype=torch.int32, device=scores.device)
+        count = torch.empty(B, Hkv, dtype=torch.int32, device=scores.device)
+    else:
+        index, count = out
+        if (tuple(index.shape) != (B, Hkv, K) or index.dtype != torch.int32
+                or tuple(count.shape) != (B, Hkv) or count.dtype != torch.int32
+                or not count.is_contiguous() or index.stride(-1) != 1):
+            raise ValueError(f"out must be int32 buffers (B, Hkv, K) = ({B}, {Hkv}, {K}) and "
+                             f"({B}, {Hkv}), contiguous")
+    # the density as a float64 device scalar (a fill, not a host copy: no sync)
+    dens = torch.full((1,), float(density), dtype=torch.float64, device=scores.device) \
+        if mode == "density" else position
+    nb_p2 = max(16, triton.next_power_of_2(nb))
+    launch = {} if interpreting() else {"num_warps": 4 if nb_p2 <= 2048 else 8}
+    _decode_select[(B * Hkv,)](
+        scores, position, dens, index, count,
+        scores.stride(0), scores.stride(1), index.stride(0), index.stride(1),
+        Hkv, W, nb, K, int(budget_blocks), int(sink), int(local),
+        float(threshold),
+        BLOCK=int(block_size), MODE=MODES[mode], NB_P2=nb_p2,
+        K_P2=max(16, triton.next_power_of_2(K)), **launch,
+    )
+    return index, count
