@@ -14,9 +14,11 @@ flushed; wall clock on a CPU):
   `seer_kernel` (`ops.sparse_decode_attention`, backend "triton") and `flex_sparse` (the same
   blocks as a BlockMask, built before timing);
 - `seer_step`: the whole sparse step as generation runs it: the untrained decode gate's scores
-  against a K-compression cache filled before timing (`decode_scores` of "gate@tok=N"),
-  `select_decode`, `decode_index`, the kernel; eager and captured in a CUDA graph, with the
-  kernel alone on the step's own index: gate share = (step - kernel) / step.
+  against a K-compression cache filled before timing (`step_scores` of "gate@tok=N"),
+  `ops.decode_select` (selection and index in one launch), the kernel; eager and captured in a
+  CUDA graph, with the kernel alone on the step's own index: gate share = (step - kernel) / step.
+  Beside it: the kernel alone in a graph, and the selection alone, fused and as the earlier
+  two-step torch path (`select_decode` + `decode_index`), with a check that both give one index.
 Each record: ms, µs, bytes moved (K/V of the blocks read, q, out, index), GB/s, its share of the
 device copy rate measured at the start of the run, speed-up vs the fastest SDPA row of the same
 (batch, KV length), and a check of row 0 against `seerlib.reference` (max abs diff).
@@ -52,7 +54,7 @@ import torch
 from seerlib import ops, reference
 from seerlib.decode import DecodeGateSet, decode_index, parse_decode_config, select_decode
 from seerlib.decode.kcache import KCompressionCache
-from seerlib.decode.methods import DecodeInputs, decode_scores
+from seerlib.decode.methods import DecodeInputs, decode_scores, step_scores
 from seerlib.decode.select import most_blocks
 from seerlib.reference import num_blocks
 
@@ -306,20 +308,37 @@ def _library_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
+def graph_ms(case: Case, fn):
+    """(median ms of fn replayed as a CUDA graph, its captured output); the GPU time alone, with no
+    launch cost on the host. Raises what capture raises."""
+    side = torch.cuda.Stream(case.device)
+    side.wait_stream(torch.cuda.current_stream(case.device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture asks
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(case.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    return case.time(graph.replay), captured
+
+
 def step_row(case: Case, s: float) -> dict:
-    """The sparse step: gate scores (K-compression cache) -> select_decode -> decode_index ->
-    kernel; eager, as a CUDA graph, and the kernel alone on the step's index."""
+    """The sparse step: gate scores (K-compression cache) -> `ops.decode_select` (selection and
+    index in one launch) -> kernel; eager, as a CUDA graph, and the kernel alone on the step's
+    index. Beside it, in the same process: the selection alone, fused and as the two-step torch
+    path (`select_decode` + `decode_index`) on the same scores, and the kernel alone in a graph."""
     kb = budget_blocks(s, case.S, case.b)
     dcfg = parse_decode_config(f"gate@tok={kb * case.b}", case.b)
     gate, k_gate = case.gate()
     q, k, v, b = case.q, case.k, case.v, case.b
     positions = torch.full((1,), case.S - 1, dtype=torch.long, device=case.device)
     inputs = DecodeInputs(q, k, positions, b, gate=gate, q_pre=q, k_gate=k_gate)
-    K = most_blocks(dcfg.selection, b)
+    K, nb = most_blocks(dcfg.selection, b), num_blocks(case.S, b)
 
     def index():
-        keep = select_decode(decode_scores(dcfg, inputs), dcfg.selection, positions, b)
-        return decode_index(keep, K)
+        return ops.decode_select(step_scores(dcfg, inputs), dcfg.selection, positions, nb, b, K)
 
     def step():
         idx, cnt = index()
@@ -328,13 +347,26 @@ def step_row(case: Case, s: float) -> dict:
     eager_out = step()
     eager = case.time(step)
     idx, cnt = index()
-    kernel = case.time(lambda: ops.sparse_decode_attention(q, k, v, idx, cnt, b,
-                                                           backend="triton"))
+    scores = step_scores(dcfg, inputs)
+
+    def kernel_fn():
+        return ops.sparse_decode_attention(q, k, v, idx, cnt, b, backend="triton")
+
+    def unfused():
+        keep = select_decode(decode_scores(dcfg, inputs), dcfg.selection, positions, b)
+        return decode_index(keep, K)
+
+    kernel = case.time(kernel_fn)
     ref = reference.sparse_decode_attention(*case.row0(), idx[:1], cnt[:1], b)
+    want_idx, want_cnt = unfused()
     out = {"eager_ms": eager, "kernel_ms": kernel, "config": dcfg.label, "gate": GATE_NOTE,
            "impl": seer_impl(case), "gate_share_eager": (eager - kernel) / eager,
            "step_kept_blocks": float(cnt.float().mean()),
            "k_gate_blocks": int(k_gate.shape[2]),
+           "select_fused_ms": case.time(lambda: ops.decode_select(
+               scores, dcfg.selection, positions, nb, b, K)),
+           "select_unfused_ms": case.time(unfused),
+           "index_equals_unfused": bool(torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt)),
            **case.traffic(kept_tokens(kb, case.S, b), meta=idx.numel() * 4 + cnt.numel() * 4,
                           extra=k_gate.numel() * k_gate.element_size()
                           + gate.q_proj.numel() * gate.q_proj.element_size()),
@@ -345,25 +377,19 @@ def step_row(case: Case, s: float) -> dict:
     if case.device.type != "cuda":
         return {**out, "ms": eager, "ms_from": "eager", "graph_error": "CUDA graphs: CUDA only"}
     try:
-        side = torch.cuda.Stream(case.device)
-        side.wait_stream(torch.cuda.current_stream(case.device))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture asks
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(case.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-        graph.replay()
+        g_ms, captured = graph_ms(case, step)
         diff = float((captured.float() - step().float()).abs().max())
-        g_ms = case.time(graph.replay)
+        out["kernel_graph_ms"] = graph_ms(case, kernel_fn)[0]
+        out["select_unfused_graph_ms"] = graph_ms(case, unfused)[0]
     except Exception as e:  # noqa: BLE001 - a capture failure is a result for the lead
         torch.cuda.synchronize(case.device)
         return {**out, "ms": eager, "ms_from": "eager",
                 "graph_error": f"{type(e).__name__}: {str(e).strip()[:600]}",
                 "graph_error_at": _library_frame(e)}
     return {**out, "ms": g_ms, "ms_from": "graph", "graph_ms": g_ms,
-            "gate_share_graph": (g_ms - kernel) / g_ms, "graph_vs_eager_max_abs_diff": diff}
+            "gate_share_graph": (g_ms - kernel) / g_ms,
+            "gate_share_graph_vs_kernel_graph": (g_ms - out["kernel_graph_ms"]) / g_ms,
+            "graph_vs_eager_max_abs_diff": diff}
 
 
 def step_plan(cfg: BenchConfig) -> list[tuple[str, float | None]]:

