@@ -62,6 +62,7 @@ def _decode_split(
     BLOCK_M: tl.constexpr,
     DIRECT: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    HAS_LENS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,7 +81,10 @@ def _decode_split(
     v_base = V + z.to(tl.int64) * svz + kvh.to(tl.int64) * svh
     idx_base = IDX + z.to(tl.int64) * siz + kvh.to(tl.int64) * sih
 
-    kv_len = tl.minimum(tl.maximum(tl.load(LENS + z), 0), S)
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(LENS + z), 0), S)
+    else:
+        kv_len = S
     count = tl.minimum(tl.maximum(tl.load(CNT + pid), 0), K_W)
     lo = split * PER_SPLIT
     hi = tl.minimum(lo + PER_SPLIT, count)
@@ -192,7 +196,7 @@ def _check_index(block_index, block_count, B, Hkv, device):
 
 def _lens(kv_lens, B, S, device):
     if kv_lens is None:
-        return torch.full((B,), S, dtype=torch.int32, device=device)
+        return None  # every row holds S keys: the kernel reads no lengths (one launch fewer)
     if not isinstance(kv_lens, torch.Tensor) or tuple(kv_lens.shape) != (B,):
         got = tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else kv_lens
         raise ValueError(f"kv_lens must be a (B,) = ({B},) integer tensor; got {got}")
@@ -241,7 +245,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
     qk_scale, cap_log2 = score_scales(d, scale, softcap)
     launch = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
     _decode_split[(B * Hkv, n_splits)](
-        q, k, v, block_index, count, lens, out, parts, lse,
+        q, k, v, block_index, count, count if lens is None else lens, out, parts, lse,
         qk_scale, cap_log2,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
@@ -250,7 +254,7 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
         out.stride(0), out.stride(1),
         Hkv, G, S, K_w, n_splits, P,
         HEAD_D=d, BLOCK=b, BLOCK_M=max(MIN_ROWS, triton.next_power_of_2(G)), DIRECT=direct,
-        SOFTCAP=softcap is not None, **launch,
+        SOFTCAP=softcap is not None, HAS_LENS=lens is not None, **launch,
     )
     if not direct:
         _decode_merge[(B * Hq,)](
