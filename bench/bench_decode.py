@@ -14,11 +14,12 @@ flushed; wall clock on a CPU):
   `seer_kernel` (`ops.sparse_decode_attention`, backend "triton") and `flex_sparse` (the same
   blocks as a BlockMask, built before timing);
 - `seer_step`: the whole sparse step as generation runs it: the untrained decode gate's scores
-  against a K-compression cache filled before timing (`step_scores` of "gate@tok=N"),
-  `ops.decode_select` (selection and index in one launch), the kernel; eager and captured in a
-  CUDA graph, with the kernel alone on the step's own index: gate share = (step - kernel) / step.
-  Beside it: the kernel alone in a graph, and the selection alone, fused and as the earlier
-  two-step torch path (`select_decode` + `decode_index`), with a check that both give one index.
+  against a K-compression cache filled before timing (`step_index` of "gate@tok=N": the gate's
+  query, logits, selection and index in one launch), the kernel; eager and captured in a CUDA
+  graph, with the kernel alone on the step's own index: gate share = (step - kernel) / step.
+  Beside it: the kernel alone and the index alone in a graph; the earlier torch path of the index
+  (`decode_scores`, `select_decode`, `decode_index`) eager and in a graph, and the selection
+  alone fused (`ops.decode_select`) on those scores; whether the fused and torch indexes agree.
 Each record: ms, µs, bytes moved (K/V of the blocks read, q, out, index), GB/s, its share of the
 device copy rate measured at the start of the run, speed-up vs the fastest SDPA row of the same
 (batch, KV length), and a check of row 0 against `seerlib.reference` (max abs diff).
@@ -54,7 +55,7 @@ import torch
 from seerlib import ops, reference
 from seerlib.decode import DecodeGateSet, decode_index, parse_decode_config, select_decode
 from seerlib.decode.kcache import KCompressionCache
-from seerlib.decode.methods import DecodeInputs, decode_scores, step_scores
+from seerlib.decode.methods import DecodeInputs, decode_scores, step_index
 from seerlib.decode.select import most_blocks
 from seerlib.reference import num_blocks
 
@@ -308,6 +309,15 @@ def _library_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
+def index_overlap(a: torch.Tensor, b: torch.Tensor, nb: int) -> float:
+    """Share of the blocks kept by index a (B, Hkv, K; -1 padding) that index b keeps too."""
+    def mask(i):
+        m = torch.zeros(*i.shape[:2], nb + 1, dtype=torch.bool, device=i.device)
+        return m.scatter_(-1, torch.where(i < 0, nb, i).long(), True)[..., :nb]
+    ma, mb = mask(a), mask(b)
+    return float((ma & mb).sum()) / max(1, int(ma.sum()))
+
+
 def graph_ms(case: Case, fn):
     """(median ms of fn replayed as a CUDA graph, its captured output); the GPU time alone, with no
     launch cost on the host. Raises what capture raises."""
@@ -325,10 +335,10 @@ def graph_ms(case: Case, fn):
 
 
 def step_row(case: Case, s: float) -> dict:
-    """The sparse step: gate scores (K-compression cache) -> `ops.decode_select` (selection and
-    index in one launch) -> kernel; eager, as a CUDA graph, and the kernel alone on the step's
-    index. Beside it, in the same process: the selection alone, fused and as the two-step torch
-    path (`select_decode` + `decode_index`) on the same scores, and the kernel alone in a graph."""
+    """The sparse step: `step_index` (the gate on the K-compression cache, the selection and the
+    index; one launch on CUDA) -> kernel; eager, as a CUDA graph, and the kernel alone on the
+    step's index. Beside it, in the same process: the index alone, the torch path to it, and the
+    fused selection alone on the torch path's scores (module docstring)."""
     kb = budget_blocks(s, case.S, case.b)
     dcfg = parse_decode_config(f"gate@tok={kb * case.b}", case.b)
     gate, k_gate = case.gate()
@@ -338,7 +348,7 @@ def step_row(case: Case, s: float) -> dict:
     K, nb = most_blocks(dcfg.selection, b), num_blocks(case.S, b)
 
     def index():
-        return ops.decode_select(step_scores(dcfg, inputs), dcfg.selection, positions, nb, b, K)
+        return step_index(dcfg, inputs, K)
 
     def step():
         idx, cnt = index()
@@ -347,7 +357,7 @@ def step_row(case: Case, s: float) -> dict:
     eager_out = step()
     eager = case.time(step)
     idx, cnt = index()
-    scores = step_scores(dcfg, inputs)
+    scores = decode_scores(dcfg, inputs)
 
     def kernel_fn():
         return ops.sparse_decode_attention(q, k, v, idx, cnt, b, backend="triton")
@@ -363,10 +373,13 @@ def step_row(case: Case, s: float) -> dict:
            "impl": seer_impl(case), "gate_share_eager": (eager - kernel) / eager,
            "step_kept_blocks": float(cnt.float().mean()),
            "k_gate_blocks": int(k_gate.shape[2]),
+           "index_ms": case.time(index),
            "select_fused_ms": case.time(lambda: ops.decode_select(
                scores, dcfg.selection, positions, nb, b, K)),
            "select_unfused_ms": case.time(unfused),
            "index_equals_unfused": bool(torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt)),
+           # the fused step is float32 inside, the torch path rounds the query to the gate's dtype
+           "index_overlap_unfused": index_overlap(idx, want_idx, nb),
            **case.traffic(kept_tokens(kb, case.S, b), meta=idx.numel() * 4 + cnt.numel() * 4,
                           extra=k_gate.numel() * k_gate.element_size()
                           + gate.q_proj.numel() * gate.q_proj.element_size()),
@@ -380,7 +393,8 @@ def step_row(case: Case, s: float) -> dict:
         g_ms, captured = graph_ms(case, step)
         diff = float((captured.float() - step().float()).abs().max())
         out["kernel_graph_ms"] = graph_ms(case, kernel_fn)[0]
-        out["select_unfused_graph_ms"] = graph_ms(case, unfused)[0]
+        out["index_graph_ms"] = graph_ms(case, index)[0]
+        out["unfused_index_graph_ms"] = graph_ms(case, unfused)[0]
     except Exception as e:  # noqa: BLE001 - a capture failure is a result for the lead
         torch.cuda.synchronize(case.device)
         return {**out, "ms": eager, "ms_from": "eager",

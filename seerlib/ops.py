@@ -39,6 +39,7 @@ __all__ = [
     "decode_pooled_attention",
     "sparse_decode_attention",
     "decode_select",
+    "decode_gate_select",
     "pool_blocks",
     "kernel_path",
     "block_index",
@@ -364,6 +365,24 @@ def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
 _SELECT_KERNEL_FORCED = ("sink", "local")
 
 
+def _select_kernel_args(selection, on_cuda: bool, block_size: int, backend) -> dict | None:
+    """The decode selection kernels' budget and forced-block arguments for `selection`, or None
+    when the torch path takes it (the backend, a CPU tensor, no budget or another forced rule)."""
+    from seerlib.decode.select import blocks_per_query  # lazy, as in decode_select
+
+    name = get_backend(backend)
+    if not (name == "triton" or (name == "auto" and on_cuda)) or not selection.has_budget:
+        return None
+    if any(n not in _SELECT_KERNEL_FORCED for n, _ in selection.forced):
+        return None
+    forced = dict(selection.forced)
+    mode = ("tokens" if selection.tokens is not None else
+            "density" if selection.density is not None else "threshold")
+    return dict(mode=mode, budget_blocks=blocks_per_query(selection, block_size) or 0,
+                density=selection.density or 0.0, threshold=selection.threshold or 0.0,
+                sink=forced.get("sink", 0), local=forced.get("local", 0))
+
+
 def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_blocks: int,
                   block_size: int, max_blocks: int | None = None, *,
                   backend: str | None = None):
@@ -383,12 +402,7 @@ def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_b
         (block_index (B, Hkv, K) int32, ascending then -1; block_count (B, Hkv) int32).
     """
     # Lazy: seerlib.decode imports seerlib.integrate, which imports this module.
-    from seerlib.decode.select import (
-        blocks_per_query,
-        check_decode_selection,
-        decode_index,
-        select_decode,
-    )
+    from seerlib.decode.select import check_decode_selection, decode_index, select_decode
 
     check_decode_selection(selection)
     if scores.dim() == 3:
@@ -396,22 +410,47 @@ def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_b
     if scores.dim() != 4 or scores.shape[2] != 1:
         raise ValueError(f"scores must be (B, Hkv, 1, W) for one decode step; got "
                          f"{tuple(scores.shape)}")
-    name = get_backend(backend)
-    kernel = name == "triton" or (name == "auto" and scores.is_cuda)
-    if kernel and selection.has_budget and all(
-            n in _SELECT_KERNEL_FORCED for n, _ in selection.forced):
+    kw = _select_kernel_args(selection, scores.is_cuda, block_size, backend)
+    if kw is not None:
         from seerlib.kernels.decode_select import decode_select as kernel_select  # lazy: triton
 
-        forced = dict(selection.forced)
-        mode = ("tokens" if selection.tokens is not None else
-                "density" if selection.density is not None else "threshold")
-        return kernel_select(scores, position, num_blocks, block_size, mode=mode,
-                             budget_blocks=blocks_per_query(selection, block_size) or 0,
-                             density=selection.density or 0.0,
-                             threshold=selection.threshold or 0.0, sink=forced.get("sink", 0),
-                             local=forced.get("local", 0), max_blocks=max_blocks)
+        return kernel_select(scores, position, num_blocks, block_size, max_blocks=max_blocks,
+                             **kw)
     nb, W = int(num_blocks), scores.shape[-1]
     if W < nb:  # the blocks past the scores: no candidates
         scores = torch.nn.functional.pad(scores.float(), (0, nb - W), value=float("-inf"))
     keep = select_decode(scores, selection, position, block_size)
     return decode_index(keep, max_blocks)
+
+
+def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, selection,
+                       position: torch.Tensor, num_blocks: int, max_blocks: int | None = None, *,
+                       backend: str | None = None):
+    """The decode gate's whole step for one query per row: its query, its logits over the
+    K-compression cache, the selection and the kernel's index; one launch on the kernel path
+    (`seerlib.kernels.decode_gate_select`, where `fusable(gate)`), else the gate's query and a
+    matmul, then `decode_select`.
+
+    Args:
+        gate: the layer's `DecodeGate`; q_pre: (B, Hq, 1, d) pre-RoPE queries;
+        k_gate: (B, Hkv, n, d_gate) the cache's gate keys of the n full blocks;
+        selection, position, num_blocks, max_blocks: as `decode_select`.
+    Returns:
+        (block_index (B, Hkv, K) int32, block_count (B, Hkv) int32).
+    """
+    # Lazy: seerlib.decode imports seerlib.integrate, which imports this module.
+    from seerlib.decode.select import check_decode_selection
+
+    check_decode_selection(selection)
+    b = gate.block_size
+    kw = _select_kernel_args(selection, q_pre.is_cuda, b, backend)
+    if kw is not None:
+        from seerlib.kernels import decode_gate_select as fused  # lazy: imports triton
+
+        if fused.fusable(gate) and gate.d_gate in KERNEL_HEAD_DIMS:
+            return fused.decode_gate_select(gate, q_pre, k_gate, position, num_blocks,
+                                            max_blocks=max_blocks, **kw)[:2]
+    with torch.no_grad():
+        logits = torch.matmul(gate.query(q_pre, position), k_gate.transpose(-1, -2))
+    return decode_select(logits, selection, position, num_blocks, b, max_blocks,
+                         backend=backend)

@@ -232,10 +232,10 @@ def test_gemma2_decode_carries_the_soft_cap(label, monkeypatch):
     cfg = parse_decode_config(label, B16)
     gates = DecodeGateSet(model.config, block_size=B16) if cfg.spec.needs_gate else None
     seen = []
-    for mod, name in ((generate, "step_scores"), (teacher, "decode_scores")):
+    for mod, name in ((generate, "step_index"), (teacher, "decode_scores")):
         real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda c, inputs, real=real:
-                            seen.append(inputs.softcap) or real(c, inputs))
+        monkeypatch.setattr(mod, name, lambda c, inputs, *a, real=real:
+                            seen.append(inputs.softcap) or real(c, inputs, *a))
     with torch.no_grad():
         dense = model.generate(ids, **kw)
         with sparse_generation(model, cfg, decode_gates=gates) as sg:

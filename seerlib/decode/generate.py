@@ -10,9 +10,10 @@ Every attention layer is routed through `seerlib.capture.attention_override`:
   "gate" it fills each layer's K-compression cache (`seerlib.decode.kcache`) with the prompt's
   full blocks, from the pre-RoPE keys taken by `seerlib.capture.pre_rope_hooks`;
 - a **decode step** (one query per sequence) appends the new key to the K-compression cache, scores
-  the key blocks (`seerlib.decode.methods.step_scores`), selects them (`ops.decode_select`, as
-  `select_decode` then `decode_index`: the newest block always, the forced ones, the budget's best;
-  one kernel launch on CUDA, no host sync) and attends over them with
+  the key blocks and selects them (`seerlib.decode.methods.step_index`: as `select_decode` then
+  `decode_index`, the newest block always, the forced ones, the budget's best; for the gate, its
+  query, logits, selection and index in one kernel launch on CUDA, no host sync) and attends over
+  them with
   `seerlib.ops.sparse_decode_attention` (the Triton split-KV kernel on CUDA, the reference on CPU),
   reading transformers' own KV cache in place; of the soft-capped logits on a model that caps
   them (Gemma2's `softcap`, passed by the model to its attention function), as its own attention.
@@ -40,7 +41,7 @@ from seerlib.integrate import _check_no_padding, sparsify
 from seerlib.reference import num_blocks
 
 from .kcache import KCompressionCache
-from .methods import DecodeConfig, DecodeInputs, parse_decode_config, step_scores
+from .methods import DecodeConfig, DecodeInputs, parse_decode_config, step_index
 from .select import most_blocks
 from .teacher import _check_decode_gates
 
@@ -145,9 +146,8 @@ class SparseGeneration(AttentionSwitch):
                               gate=self.gates[layer] if self.gates is not None else None,
                               q_pre=pre["q_pre"] if pre else None, k_gate=k_gate,
                               k_pre=None if k_gate is not None else (pre or {}).get("k_pre"))
-        # scores -> the kernel's index in one launch on CUDA (no nb x nb masks, no sort)
-        index, count = ops.decode_select(step_scores(cfg, inputs), cfg.selection, positions,
-                                         num_blocks(Sk, b), b, self._k)
+        # scores -> the kernel's index in one launch on CUDA (the gate's query included)
+        index, count = step_index(cfg, inputs, self._k)
         self.last_index[layer] = (index, count)
         self.stats.add(count, num_blocks(Sk, b))
         out = ops.sparse_decode_attention(query, key, value, index, count, b, scale=scale,

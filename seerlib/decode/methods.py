@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from seerlib import ops
 from seerlib.reference import check_block_size, decode_block_truth, default_scale, num_blocks
 from seerlib.select import Selection, parse_selection
 
@@ -43,7 +44,7 @@ __all__ = [
     "gate_step",
     "parse_decode_config",
     "register_decode_method",
-    "step_scores",
+    "step_index",
 ]
 
 
@@ -93,9 +94,9 @@ class DecodeMethod:
         scores: fn(inputs) -> (B, Hkv, Sq, nb) float block scores.
         sparse: False for "dense".
         needs_gate: reads the layer's DecodeGate (`decode_gates=`).
-        step: optional fn(inputs) -> (B, Hkv, 1, W) scores of one decode step, W <= nb, for
-            `ops.decode_select` (which masks what no query may read, so the step may skip the
-            masking and padding `scores` does); None: `scores` serves the step too.
+        step: optional fn(inputs, selection, max_blocks) -> (block_index, block_count) of
+            one decode step (`step_index`), a faster path to what `scores` then
+            `ops.decode_select` give; None: those two.
     """
 
     name: str
@@ -153,12 +154,15 @@ def _gate_inputs(inputs: DecodeInputs):
     return g, g.query(inputs.q_pre, inputs.positions), kg[:, :, :inputs.nb]
 
 
-@torch.no_grad()
-def gate_step(inputs: DecodeInputs) -> torch.Tensor:
-    """The gate's raw logits (B, Hkv, 1, n) over the n cached full blocks, one matmul: the own,
-    partial block has no key and `ops.decode_select` keeps it anyway."""
-    _, qg, kg = _gate_inputs(inputs)
-    return torch.matmul(qg, kg.transpose(-1, -2))
+def gate_step(inputs: DecodeInputs, selection: Selection, max_blocks: int | None):
+    """One decode step of the gate: `ops.decode_gate_select` on the K-compression cache (its
+    query, logits, selection and index in one launch on CUDA)."""
+    g = inputs.gate
+    if g is None or inputs.q_pre is None or inputs.k_gate is None:
+        raise ValueError("decode method 'gate' needs, at a decode step, the layer's DecodeGate, "
+                         "its pre-RoPE queries and the K-compression cache's gate keys")
+    return ops.decode_gate_select(g, inputs.q_pre, inputs.k_gate[:, :, :inputs.nb], selection,
+                                  inputs.positions, inputs.nb, max_blocks)
 
 
 @register_decode_method("gate", needs_gate=True, step=gate_step)
@@ -217,11 +221,15 @@ def decode_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:
     return DECODE_METHODS[config.method].scores(inputs)
 
 
-def step_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:
-    """One decode step's block scores (B, Hkv, 1, W), W <= nb, for `ops.decode_select`: the
-    method's `step` scorer where it has one, else its `scores`."""
+def step_index(config: DecodeConfig, inputs: DecodeInputs, max_blocks: int | None = None):
+    """One decode step's kept blocks as the sparse decode kernel's index (inputs of one query
+    per row): the method's `step` where it has one, else its scores through `ops.decode_select`.
+    Returns (block_index (B, Hkv, K) int32, block_count (B, Hkv) int32), K = max_blocks or nb."""
     spec = DECODE_METHODS[config.method]
-    return (spec.step or spec.scores)(inputs)
+    if spec.step is not None:
+        return spec.step(inputs, config.selection, max_blocks)
+    return ops.decode_select(spec.scores(inputs), config.selection, inputs.positions, inputs.nb,
+                             inputs.block_size, max_blocks)
 
 
 @dataclass(frozen=True)

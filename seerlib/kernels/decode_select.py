@@ -43,25 +43,14 @@ def _order_key(s):
 
 
 @triton.jit
-def _decode_select(
-    S, POS, DENS, IDX, CNT,
-    ssz, ssh, siz, sih,
-    HKV, W, NB, K_W, K_BUDGET, SINK, LOCAL,
-    threshold,
-    BLOCK: tl.constexpr,
-    MODE: tl.constexpr,
-    NB_P2: tl.constexpr,
-    K_P2: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    z = pid // HKV
-    h = pid % HKV
+def select_row(S_ROW, IDX_ROW, CNT_AT, c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold,
+               MODE: tl.constexpr, NB_P2: tl.constexpr, K_P2: tl.constexpr):
+    """One row: scores S_ROW[0 .. W) of a query in key block c -> its kept blocks at IDX_ROW
+    (ascending, then -1, K_W entries) and their count at CNT_AT."""
     j = tl.arange(0, NB_P2)
-    c = tl.load(POS).to(tl.int32) // BLOCK  # the query's own block
     visible = (j <= c) & (j < NB)
     forced = visible & ((j == c) | (j < SINK) | ((j >= c - LOCAL) & (j < c)))
-    s = tl.load(S + z.to(tl.int64) * ssz + h.to(tl.int64) * ssh + j, mask=visible & (j < W),
-                other=float("-inf")).to(tl.float32)
+    s = tl.load(S_ROW + j, mask=visible & (j < W), other=float("-inf")).to(tl.float32)
     s = tl.where(s == s, s, float("-inf"))  # NaN: no candidate
     cand = visible & (~forced) & (s > float("-inf"))
 
@@ -96,12 +85,31 @@ def _decode_select(
 
     kept = forced | picked
     slot = tl.cumsum(kept.to(tl.int32), 0) - 1
-    idx_base = IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih
-    tl.store(idx_base + slot, j, mask=kept & (slot < K_W))
+    tl.store(IDX_ROW + slot, j, mask=kept & (slot < K_W))
     count = tl.minimum(tl.sum(kept.to(tl.int32), 0), K_W)
     r = tl.arange(0, K_P2)
-    tl.store(idx_base + r, tl.full([K_P2], -1, tl.int32), mask=(r >= count) & (r < K_W))
-    tl.store(CNT + pid, count)
+    tl.store(IDX_ROW + r, tl.full([K_P2], -1, tl.int32), mask=(r >= count) & (r < K_W))
+    tl.store(CNT_AT, count)
+
+
+@triton.jit
+def _decode_select(
+    S, POS, DENS, IDX, CNT,
+    ssz, ssh, siz, sih,
+    HKV, W, NB, K_W, K_BUDGET, SINK, LOCAL,
+    threshold,
+    BLOCK: tl.constexpr,
+    MODE: tl.constexpr,
+    NB_P2: tl.constexpr,
+    K_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    z = pid // HKV
+    h = pid % HKV
+    c = tl.load(POS).to(tl.int32) // BLOCK  # the query's own block
+    select_row(S + z.to(tl.int64) * ssz + h.to(tl.int64) * ssh,
+               IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
+               c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2, K_P2)
 
 
 def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
