@@ -68,13 +68,24 @@ def test_matches_torch_path(Hq, Hkv, d, b, rope, sel):
         kg = cache.keys if cache.keys is not None else torch.zeros(B, Hkv, 0, d)
         logits, (want_i, want_c) = _torch_path(gate, q_pre, kg, sel, t, nb, K)
         kw = ops._select_kernel_args(sel, False, b, "triton")
-        idx, cnt, got_logits = kern.decode_gate_select(gate, q_pre, kg, torch.tensor([t]), nb,
-                                                       max_blocks=K, **kw)
-        torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=1e-4)
-        assert torch.equal(idx, want_i) and torch.equal(cnt, want_c), S
+        for per in (None, 32, 64):  # one launch; the logits split over programs, then selected
+            idx, cnt, got_logits = kern.decode_gate_select(
+                gate, q_pre, kg, torch.tensor([t]), nb, max_blocks=K, blocks_per_program=per,
+                **kw)
+            torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(idx, want_i) and torch.equal(cnt, want_c), (S, per)
         via_ops = ops.decode_gate_select(gate, q_pre, kg, sel, torch.tensor([t]), nb, K,
                                          backend="triton")
         assert torch.equal(via_ops[0], want_i) and torch.equal(via_ops[1], want_c)
+
+
+def test_logit_splits():
+    """Whole rows when the rows fill the GPU or are short; else about two programs per
+    multiprocessor, whole 32-block chunks of at least 64 blocks."""
+    assert kern.logit_splits(128, 512, 132) == 512
+    assert kern.logit_splits(8, 100, 132) == 100
+    per = kern.logit_splits(8, 2048, 132)
+    assert per % 32 == 0 and per >= 64 and -(-2048 // per) * 8 >= 132
 
 
 def test_rotary_in_kernel_is_the_models():

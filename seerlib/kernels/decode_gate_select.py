@@ -14,8 +14,10 @@ bf16 gates the logits differ from it by bf16 rounding).
 How: one program per (batch, kv head). The projection runs over the G·d inputs in chunks, each
 half of the rotary dims on its own so the rotation needs no shuffle; the logits go over the cached
 blocks in chunks to the (B, Hkv, n) output, and after a barrier the program reads its row back
-into registers for the selection. The position is read on the device: no host sync, one CUDA
-graph for every step. This replaces ~18 small launches of the gate's query and logits (reshape,
+into registers for the selection. When B·Hkv programs would leave most of the GPU idle (batch 1:
+8 programs, each reading 512 KB of gate keys at 128k), each row's logits are split over several
+programs (each recomputing the small query) and `decode_select` selects them in a second launch.
+The position is read on the device: no host sync, one CUDA graph for every step. This replaces ~18 small launches of the gate's query and logits (reshape,
 einsum, the rotary's cos / sin, rotate-half, scale, matmul) and the selection's ~25.
 
 Applies where the gate's rotary is the plain rotate-half one with a fixed inv_freq over all of
@@ -32,9 +34,9 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from .decode_select import MAX_BLOCKS, MODES, select_row
+from .decode_select import MAX_BLOCKS, MODES, decode_select, select_row
 
-__all__ = ["decode_gate_select", "fusable"]
+__all__ = ["decode_gate_select", "fusable", "logit_splits"]
 
 PLAIN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
 
@@ -45,9 +47,11 @@ def _decode_gate_select(
     sqz, sqh, swh, swc, skz, skh, skn, slz, slh, siz, sih,
     HKV, GROUP, W, NB, K_W, K_BUDGET, SINK, LOCAL,
     threshold, rope_scale, qk_scale,
+    PER_PROGRAM,
     HEAD_D: tl.constexpr,
     HALF: tl.constexpr,
     ROPE: tl.constexpr,
+    SELECT: tl.constexpr,
     CHUNK_C: tl.constexpr,
     CHUNK_N: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -86,10 +90,11 @@ def _decode_gate_select(
         r1 = q1 * qk_scale
         r2 = q2 * qk_scale
 
-    # 2. logits over the cached blocks, to the (B, Hkv, W) output
+    # 2. logits over the cached blocks (this program's PER_PROGRAM of them), to (B, Hkv, W)
     k_base = KG + z.to(tl.int64) * skz + h.to(tl.int64) * skh
     l_row = LOGITS + z.to(tl.int64) * slz + h.to(tl.int64) * slh
-    for n0 in range(0, W, CHUNK_N):
+    lo = tl.program_id(1) * PER_PROGRAM
+    for n0 in range(lo, tl.minimum(lo + PER_PROGRAM, W), CHUNK_N):
         n = n0 + tl.arange(0, CHUNK_N)
         ok = n < W
         k_rows = k_base + n[:, None].to(tl.int64) * skn
@@ -97,11 +102,12 @@ def _decode_gate_select(
         k2 = tl.load(k_rows + HALF + g[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         s = tl.sum(k1 * r1[None, :], 1) + tl.sum(k2 * r2[None, :], 1)
         tl.store(l_row + n, s, mask=ok)
-    tl.debug_barrier()  # the row's logits, written by every thread, are read back below
-
-    # 3. selection and index
-    select_row(l_row, IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
-               t // BLOCK, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2, K_P2)
+    if SELECT:  # one program holds the whole row: select it here
+        tl.debug_barrier()  # the row's logits, written by every thread, are read back below
+        # 3. selection and index
+        select_row(l_row, IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
+                   t // BLOCK, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2,
+                   K_P2)
 
 
 def fusable(gate) -> bool:
@@ -117,10 +123,21 @@ def fusable(gate) -> bool:
             in PLAIN_ROPE_TYPES and rot.inv_freq.numel() * 2 == gate.d_gate)
 
 
+def logit_splits(rows: int, width: int, sms: int) -> int:
+    """Cached blocks per program: all of a row (one launch) when the rows fill half the GPU, else
+    the row's logits split over programs (at least 64 blocks each), selected by a second launch."""
+    if 2 * rows >= sms or width <= 128:
+        return max(width, 1)
+    parts = min(-(-2 * sms // rows), -(-width // 64))
+    per = -(-width // parts)
+    return -(-per // 32) * 32  # whole CHUNK_N chunks
+
+
 def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position: torch.Tensor,
                        num_blocks: int, *, mode: str, budget_blocks: int = 0,
                        density: float = 0.0, threshold: float = 0.0, sink: int = 0,
-                       local: int = 0, max_blocks: int | None = None):
+                       local: int = 0, max_blocks: int | None = None,
+                       blocks_per_program: int | None = None):
     """The decode gate's step for one query per row, in one launch.
 
     Args:
@@ -130,6 +147,9 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         position: (1,) integer tensor, the query's position t; num_blocks: nb (t // b < nb).
         mode, budget_blocks, density, threshold, sink, local, max_blocks: as
             `seerlib.kernels.decode_select.decode_select`.
+        blocks_per_program: cached blocks whose logits one program computes (default
+            `logit_splits`: the whole row, in one launch, when B·Hkv fills the GPU; else the
+            logits of a row spread over programs, then `decode_select` on them).
     Returns:
         (index (B, Hkv, K) int32, count (B, Hkv) int32, logits (B, Hkv, n) float32).
     """
@@ -177,14 +197,24 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         if mode == "density" else position  # unread outside density mode
     nb_p2 = max(16, triton.next_power_of_2(nb))
     launch = {} if interpreting() else {"num_warps": 4 if nb_p2 <= 2048 else 8}
-    _decode_gate_select[(B * Hkv,)](
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    per = int(blocks_per_program or logit_splits(B * Hkv, W, sms))
+    if per < 1:
+        raise ValueError(f"blocks_per_program must be >= 1; got {blocks_per_program}")
+    splits = max(1, -(-W // per))
+    _decode_gate_select[(B * Hkv, splits)](
         q_pre, wq, invf, k_gate, position, dens, logits, index, count,
         q_pre.stride(0), q_pre.stride(1), wq.stride(0), wq.stride(1),
         k_gate.stride(0), k_gate.stride(1), k_gate.stride(2),
         logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
         Hkv, gate.group, W, nb, K, int(budget_blocks), int(sink), int(local),
-        float(threshold), scaling, 1.0 / math.sqrt(dg),
-        HEAD_D=d, HALF=dg // 2, ROPE=rope, CHUNK_C=32, CHUNK_N=32, BLOCK=gate.block_size,
-        MODE=MODES[mode], NB_P2=nb_p2, K_P2=max(16, triton.next_power_of_2(K)), **launch,
+        float(threshold), scaling, 1.0 / math.sqrt(dg), per,
+        HEAD_D=d, HALF=dg // 2, ROPE=rope, SELECT=splits == 1, CHUNK_C=32, CHUNK_N=32,
+        BLOCK=gate.block_size, MODE=MODES[mode], NB_P2=nb_p2,
+        K_P2=max(16, triton.next_power_of_2(K)), **launch,
     )
+    if splits > 1:  # the row's logits came from several programs: select them in a second launch
+        decode_select(logits, position, nb, gate.block_size, mode=mode,
+                      budget_blocks=budget_blocks, density=density, threshold=threshold,
+                      sink=sink, local=local, max_blocks=K, out=(index, count))
     return index, count, logits
