@@ -17,8 +17,9 @@ blocks in chunks to the (B, Hkv, n) output, and after a barrier the program read
 into registers for the selection. When B·Hkv programs would leave most of the GPU idle (batch 1:
 8 programs, each reading 512 KB of gate keys at 128k), each row's logits are split over several
 programs (each recomputing the small query) and `decode_select` selects them in a second launch.
-The position is read on the device: no host sync, one CUDA graph for every step. This replaces ~18 small launches of the gate's query and logits (reshape,
-einsum, the rotary's cos / sin, rotate-half, scale, matmul) and the selection's ~25.
+The position is read on the device: no host sync, one CUDA graph for every step. This
+replaces ~18 small launches of the gate's query and logits (reshape, einsum, the rotary's cos /
+sin, rotate-half, scale, matmul) and the selection's ~25.
 
 Applies where the gate's rotary is the plain rotate-half one with a fixed inv_freq over all of
 d_gate (`fusable`: Llama's rotary class with rope types default, linear, llama3, yarn, or no rope);
