@@ -30,9 +30,9 @@ for stage in "$@"; do
       timeout 400 python3 bench/bench_decode.py --part step --out "$OUT" --tag _step \
         2>&1 | tail -60 ;;
     fstep)
-      timeout 200 python3 bench/bench_decode.py --part step --kv-lens 32768 131072 --batches 1 16 \
+      timeout ${FSTEP_TIMEOUT:-200} python3 bench/bench_decode.py --part step --kv-lens 32768 131072 --batches 1 16 \
         --sparsities 0.9 0.95 --providers sdpa_cudnn sdpa_flash seer_kernel seer_step \
-        --budget-s 180 --out "$OUT" --tag _fstep 2>&1 | tail -40 ;;
+        --budget-s $(( ${FSTEP_TIMEOUT:-200} - 20 )) --out "$OUT" --tag _fstep 2>&1 | tail -40 ;;
     model)
       build_model_cache
       sha256sum /root/cache/smollm2-135m-instruct/model.safetensors | tee "$OUT/model.sha256" ;;

@@ -35,7 +35,8 @@ for stage in "$@"; do
       python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
       # the new paths first: a cut at the time limit loses the older kernel tests, not these
       timeout ${CHECK_TIMEOUT:-150} python3 -m pytest -q -rfE -p no:cacheprovider tests/test_graphs.py \
-        tests/test_block_pool.py tests/test_decode_select.py tests/test_block_sparse_tma.py \
+        tests/test_block_pool.py tests/test_decode_select.py tests/test_decode_gate_select.py \
+        tests/test_block_sparse_tma.py \
         tests/test_kernels.py 2>&1 \
         | tail -15 | tee "$OUT/gpu-tests.txt" || true ;;
     tune)

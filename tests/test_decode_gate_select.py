@@ -4,6 +4,9 @@
 64/128, rope types default / linear / llama3 / YaRN and no rope, positions before the first full
 block and at block edges, every budget mode, generation through it."""
 
+import copy
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -15,6 +18,16 @@ from seerlib.decode.select import decode_index, most_blocks, select_decode
 from seerlib.select import Selection
 
 kern = pytest.importorskip("seerlib.kernels.decode_gate_select")
+ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"  # the kernel's inputs; the torch path runs on the CPU
+
+
+def _dev(*ts):
+    return [t.to(DEVICE) for t in ts]
+
+
+def _on_device(gate):
+    return copy.deepcopy(gate).to(DEVICE)
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -68,15 +81,14 @@ def test_matches_torch_path(Hq, Hkv, d, b, rope, sel):
         kg = cache.keys if cache.keys is not None else torch.zeros(B, Hkv, 0, d)
         logits, (want_i, want_c) = _torch_path(gate, q_pre, kg, sel, t, nb, K)
         kw = ops._select_kernel_args(sel, False, b, "triton")
+        dgate, args = _on_device(gate), _dev(q_pre, kg, torch.tensor([t]))
         for per in (None, 32, 64):  # one launch; the logits split over programs, then selected
             idx, cnt, got_logits = kern.decode_gate_select(
-                gate, q_pre, kg, torch.tensor([t]), nb, max_blocks=K, blocks_per_program=per,
-                **kw)
-            torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=1e-4)
-            assert torch.equal(idx, want_i) and torch.equal(cnt, want_c), (S, per)
-        via_ops = ops.decode_gate_select(gate, q_pre, kg, sel, torch.tensor([t]), nb, K,
-                                         backend="triton")
-        assert torch.equal(via_ops[0], want_i) and torch.equal(via_ops[1], want_c)
+                dgate, *args, nb, max_blocks=K, blocks_per_program=per, **kw)
+            torch.testing.assert_close(got_logits.cpu(), logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(idx.cpu(), want_i) and torch.equal(cnt.cpu(), want_c), (S, per)
+        via_ops = ops.decode_gate_select(dgate, *args[:2], sel, args[2], nb, K, backend="triton")
+        assert torch.equal(via_ops[0].cpu(), want_i) and torch.equal(via_ops[1].cpu(), want_c)
 
 
 def test_logit_splits():
@@ -98,9 +110,9 @@ def test_rotary_in_kernel_is_the_models():
         kg = torch.randn(1, 2, 300, 64)
         for t in (2800, 3000, 4095):
             want = torch.matmul(gate.query(q_pre, torch.tensor([t])), kg.transpose(-1, -2))
-            got = kern.decode_gate_select(gate, q_pre, kg, torch.tensor([t]), 512,
-                                          mode="tokens", budget_blocks=4)[2]
-            torch.testing.assert_close(got, want[:, :, 0], atol=1e-4, rtol=1e-4)
+            got = kern.decode_gate_select(_on_device(gate), *_dev(q_pre, kg, torch.tensor([t])),
+                                          512, mode="tokens", budget_blocks=4)[2]
+            torch.testing.assert_close(got.cpu(), want[:, :, 0], atol=1e-4, rtol=1e-4)
 
 
 def test_no_rope_and_the_fallback():
@@ -112,15 +124,18 @@ def test_no_rope_and_the_fallback():
     sel = Selection(tokens=64)
     t, nb = 16 * 10 + 3, 11
     _, want = _torch_path(gate, q_pre, kg, sel, t, nb, 4)
-    got = ops.decode_gate_select(gate, q_pre, kg, sel, torch.tensor([t]), nb, 4, backend="triton")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    args = _dev(q_pre, kg)
+    got = ops.decode_gate_select(_on_device(gate), *args, sel, *_dev(torch.tensor([t])), nb, 4,
+                                 backend="triton")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
     gate = _gate(4, 2, 64, 16)
     gate.rope.rotary.rope_type = "dynamic"  # inv_freq would change with the length
     assert not kern.fusable(gate)
     _, want = _torch_path(gate, q_pre, kg, sel, t, nb, 4)
-    got = ops.decode_gate_select(gate, q_pre, kg, sel, torch.tensor([t]), nb, 4, backend="triton")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = ops.decode_gate_select(_on_device(gate), *args, sel, *_dev(torch.tensor([t])), nb, 4,
+                                 backend="triton")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
     with pytest.raises(ValueError, match="plain rotate-half"):
         kern.decode_gate_select(gate, q_pre, kg, torch.tensor([t]), nb, mode="tokens")
 

@@ -4,6 +4,8 @@ token budgets, densities and thresholds, sink and local blocks, scores narrower 
 (the K-compression cache's full blocks), NaN and -inf scores, positions at every block edge,
 budgets past the context, poisoned buffers, bad input."""
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ from seerlib.decode.select import decode_index, most_blocks, select_decode
 from seerlib.select import Selection
 
 kern = pytest.importorskip("seerlib.kernels.decode_select")
+ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"  # the kernel's inputs; the torch path runs on the CPU
+
+
+def _dev(*ts):
+    return [t.to(DEVICE) for t in ts]
 
 SELECTIONS = [
     Selection(tokens=320),
@@ -45,17 +53,19 @@ def test_matches_select_decode(B, Hkv, nb, b, sel):
             scores[0, 0, : W // 3] = float("nan")  # no candidates
             scores[-1, -1, W // 2:: 3] = float("-inf")
             want = _want(scores, sel, t, nb, b, K)
-            got = ops.decode_select(scores[:, :, None], sel, torch.tensor([t]), nb, b, K,
-                                    backend="triton")
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (t, W)
+            got = ops.decode_select(*_dev(scores[:, :, None]), sel, *_dev(torch.tensor([t])), nb,
+                                    b, K, backend="triton")
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), \
+                (t, W)
 
 
 def test_ties_go_to_the_lower_block_and_the_budget_is_exact():
     """All-equal scores: a budget of k keeps the own block and the k - 1 lowest blocks."""
     nb, b, t = 20, 16, 16 * 19 + 2
     sel = Selection(tokens=5 * b)
-    idx, cnt = ops.decode_select(torch.zeros(2, 3, 1, nb), sel, torch.tensor([t]), nb, b,
-                                 most_blocks(sel, b), backend="triton")
+    idx, cnt = ops.decode_select(*_dev(torch.zeros(2, 3, 1, nb)), sel,
+                                 *_dev(torch.tensor([t])), nb, b, most_blocks(sel, b),
+                                 backend="triton")
     assert cnt.eq(5).all()
     assert idx[0, 0].tolist() == [0, 1, 2, 3, 19]
 
@@ -67,12 +77,13 @@ def test_writes_into_poisoned_buffers_and_a_narrow_index():
     sel = Selection(threshold=1e-9)  # nearly every block
     scores = torch.randn(2, 2, 1, nb, generator=torch.Generator().manual_seed(1))
     want_i, want_c = decode_index(select_decode(scores, sel, torch.tensor([t]), b), 6)
-    idx = torch.full((2, 2, 6), 12345, dtype=torch.int32)
-    cnt = torch.full((2, 2), -7, dtype=torch.int32)
-    got = kern.decode_select(scores, torch.tensor([t]), nb, b, mode="threshold",
+    idx, cnt = _dev(torch.full((2, 2, 6), 12345, dtype=torch.int32),
+                    torch.full((2, 2), -7, dtype=torch.int32))
+    got = kern.decode_select(*_dev(scores, torch.tensor([t])), nb, b, mode="threshold",
                              threshold=1e-9, max_blocks=6, out=(idx, cnt))
     assert got[0] is idx and got[1] is cnt
-    assert torch.equal(idx, want_i) and torch.equal(cnt, want_c) and cnt.eq(6).all()
+    assert torch.equal(idx.cpu(), want_i) and torch.equal(cnt.cpu(), want_c)
+    assert cnt.eq(6).all()
 
 
 def test_torch_path_and_other_rules():
