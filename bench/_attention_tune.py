@@ -34,9 +34,16 @@ OK_ERR = 2e-2  # a variant further than this from the pointer path's output is b
 ERROR_CHARS = 4000  # exception text kept per failed row (Triton's can run to pages)
 
 
-def seer_variants() -> list[dict]:
-    """The block-sparse kernel's tune variants, as keyword arguments of `block_sparse_attention`
-    (36: rows_per_tile x LAUNCHES x (tma, warp_specialize) in (F, F), (T, F), (T, T))."""
+def seer_variants(which: str = "sweep") -> list[dict]:
+    """The block-sparse kernel's tune variants, as keyword arguments of `block_sparse_attention`.
+    "sweep" (36): rows_per_tile x LAUNCHES x (tma, warp_specialize) in (F, F), (T, F), (T, T).
+    "pair" (8): rows_per_tile x tma x pair_blocks at the library's launch (`sparse_launch`), the
+    paired loop beside the unpaired one in a short call."""
+    if which == "pair":
+        return [{"rows_per_tile": qpt, "kv_major": True, "tma": tma, "pair_blocks": pair}
+                for qpt in (1, 2) for tma in (False, True) for pair in (False, True)]
+    if which != "sweep":
+        raise ValueError(f"variants must be 'sweep' or 'pair'; got {which!r}")
     return [
         {"rows_per_tile": qpt, "num_warps": w, "num_stages": s, "kv_major": True, "tma": tma,
          "warp_specialize": ws}
@@ -59,7 +66,7 @@ def _median_ms(fn) -> float:
 
 
 def tune(cfg, S: int, out_path: str, kernels=("seer", "pooled"), peers=PEERS, device="cuda",
-         timer=_median_ms):
+         timer=_median_ms, variants: str = "sweep"):
     """Time the variants at cfg's shape (B, Hq, Hkv, d, block) and length S; see the module.
 
     Args:
@@ -67,6 +74,7 @@ def tune(cfg, S: int, out_path: str, kernels=("seer", "pooled"), peers=PEERS, de
             meta); S: sequence length; out_path: the JSON file, rewritten after every row.
         kernels: which of "seer", "pooled" to tune; peers: which of PEERS to time (besides
             "seer"); device, timer: where to run and how to time a callable (ms), for tests.
+        variants: the seer variant set, "sweep" or "pair" (`seer_variants`).
     Returns:
         rows: the list written under "rows".
     """
@@ -93,16 +101,17 @@ def tune(cfg, S: int, out_path: str, kernels=("seer", "pooled"), peers=PEERS, de
         base_out[sp] = block_sparse_attention(q, k, v, mask, b, tma=False)
         if "seer" not in kernels:
             continue
-        variants = [{"variant": "default"}] + seer_variants()  # default: tma=None, the library's
+        seer_vars = [{"variant": "default"}] + seer_variants(variants)  # default: the library's
         indexes = {}
-        for var in variants:
+        for var in seer_vars:
             kw = {key: val for key, val in var.items() if key != "variant"}
             qpt = kw.get("rows_per_tile")
             row = {"kernel": "seer", "variant": var.get("variant", "sweep"), "sparsity": sp,
                    "realized_sparsity": 1 - kept, "rows_per_tile": qpt,
                    "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages"),
                    "kv_major": kw.get("kv_major", True), "tma": kw.get("tma"),
-                   "warp_specialize": kw.get("warp_specialize", False)}
+                   "warp_specialize": kw.get("warp_specialize", False),
+                   "pair_blocks": kw.get("pair_blocks", False)}
             try:
                 if qpt not in indexes:
                     indexes[qpt] = build_block_index(mask, B, Hq, S, b, rows_per_tile=qpt)
@@ -182,18 +191,19 @@ def summary(rows) -> list[str]:
             and math.isfinite(r["rel_err"]) and r["rel_err"] <= OK_ERR]
     default = {r["sparsity"]: r for r in good if r.get("variant") == "default"}
     best_at = {}  # sparsity -> the fastest correct sweep variant
-    lines = ["| sparsity | rows/tile | warps | stages | tma | ws | ms | TFLOP/s | rel err "
-             "| default ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted({(r["sparsity"], r["rows_per_tile"]) for r in good
-                       if r.get("variant") != "default"}):
+    lines = ["| sparsity | rows/tile | pair | warps | stages | tma | ws | ms | TFLOP/s | rel err "
+             "| default ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({(r["sparsity"], r["rows_per_tile"], r.get("pair_blocks", False))
+                       for r in good if r.get("variant") != "default"}):
         cands = [r for r in good if r.get("variant") != "default"
-                 and (r["sparsity"], r["rows_per_tile"]) == key]
+                 and (r["sparsity"], r["rows_per_tile"], r.get("pair_blocks", False)) == key]
         r = min(cands, key=lambda r: r["ms"])
         if key[0] not in best_at or r["ms"] < best_at[key[0]]["ms"]:
             best_at[key[0]] = r
         dflt = default.get(key[0])
         lines.append(
-            f"| {r['sparsity']} | {r['rows_per_tile']} | {r['num_warps']} | {r['num_stages']} "
+            f"| {r['sparsity']} | {r['rows_per_tile']} | {key[2]} | {r['num_warps']} "
+            f"| {r['num_stages']} "
             f"| {r['tma']} | {r['warp_specialize']} | {r['ms']:.3f} | {r['tflops']:.1f} "
             f"| {r['rel_err']:.1e} | {_fmt(dflt and dflt['ms'], '.3f')} |"
         )

@@ -13,6 +13,7 @@ Usage (on the GPU machine, from the repo root):
     python bench/bench_attention.py --seq-lens 8192 32768 65536 --out bench/results
     python bench/bench_attention.py --tune --seq-lens 32768          # launch-config sweep
     python bench/bench_attention.py --tune seer --shape 8b smollm2 --seq-lens 32768
+    python bench/bench_attention.py --tune seer --tune-variants pair --shape smollm2 8b
 Writes <out>/<gpu>-<date>.json (a list of records) and a markdown table beside it (the tune:
 <gpu>-<date>-tune-<S>.json, see _attention_tune.py; a shape other than 8b adds -<shape>).
 """
@@ -520,6 +521,9 @@ def main(argv=None):
                     "shape other than 8b adds its name to the result file names")
     ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
                     help="with --tune: the peers to time beside the variants")
+    ap.add_argument("--tune-variants", choices=("sweep", "pair"), default="sweep",
+                    help="with --tune: the launch sweep (36 variants) or the paired loop beside "
+                    "the unpaired one at the library's launch (8)")
     ap.add_argument(
         "--shapes",
         action="store_true",
@@ -569,8 +573,9 @@ def run_shape(cfg: Config, args, stem: str, flex):
         return
     if args.tune is not None:
         for S in cfg.seq_lens:
-            tune(cfg, S, f"{stem}-tune-{S}.json", tuple(args.tune) or ("seer", "pooled"),
-                 peers=tuple(args.peers))
+            suffix = "" if args.tune_variants == "sweep" else f"-{args.tune_variants}"
+            tune(cfg, S, f"{stem}-tune{suffix}-{S}.json", tuple(args.tune) or ("seer", "pooled"),
+                 peers=tuple(args.peers), variants=args.tune_variants)
         return
     rec = Recorder(cfg)
     try:

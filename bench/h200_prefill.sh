@@ -5,6 +5,7 @@
 #           selection and the kernels (CHECK_TIMEOUT, default 150 s)
 #   tune    the block-sparse forward's launch / TMA / warp-specialization variants at 32k
 #           (bench_attention.py --tune seer; TUNE_SHAPES, default "8b smollm2")
+#   pair    the paired key-block loop (pair_blocks) beside the unpaired one, both shapes, 32k
 #   attn    the kernel sweep at both head layouts at 32k (bench_attention.py), the README's
 #           kernel figures of the same session
 #   smol    bench_prefill, SmolLM2's shape at 8k and 32k
@@ -42,6 +43,10 @@ for stage in "$@"; do
     tune)
       timeout ${TUNE_TIMEOUT:-540} python3 bench/bench_attention.py --tune seer --shape ${TUNE_SHAPES:-8b smollm2} \
         --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -60 || true ;;
+    pair)  # the paired loop beside the unpaired one, 8 variants per shape (about 2-3 min)
+      timeout ${TUNE_TIMEOUT:-200} python3 bench/bench_attention.py --tune seer --tune-variants pair \
+        --shape smollm2 8b --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 \
+        | tail -40 || true ;;
     attn)
       for shape in 8b smollm2; do
         timeout 270 python3 bench/bench_attention.py --shape $shape --seq-lens 32768 \

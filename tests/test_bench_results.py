@@ -215,17 +215,25 @@ def test_attention_tune_variants_and_summary():
         {"kernel": "sdpa_cudnn", "sparsity": 0.0, "ms": None, "tflops": None, "error": "no"},
     ]
     lines = tune.summary(rows)
-    assert "| 0.9 | 1 | 4 | 3 | True | False | 1.000 | 2.0 | 1.0e-03 | 1.500 |" in lines
+    assert "| 0.9 | 1 | False | 4 | 3 | True | False | 1.000 | 2.0 | 1.0e-03 | 1.500 |" in lines
     assert "seer variants: 5, failed 1, wrong output 1" in lines  # the 0.5 ms one is wrong
     assert "| flex | 0.9 | 3.000 | 0.7 | 1.0e-03 | 3.00 | 3.00 |" in lines
     assert any(line.startswith("| sdpa_cudnn | 0.0 | failed: no") for line in lines)
+    pair = tune.seer_variants("pair")  # the paired loop beside the unpaired one, 8 variants
+    assert len(pair) == 8 and sum(v["pair_blocks"] for v in pair) == 4
+    assert all("num_warps" not in v for v in pair)  # the library's launch
+    paired = {**row, "pair_blocks": True, "ms": 0.8, "tflops": 2.5, "rel_err": 1e-3}
+    assert any(line.startswith("| 0.9 | 1 | True | 4 | 3 | False | False | 0.800 |")
+               for line in tune.summary([*rows, paired]))
+    with pytest.raises(ValueError, match="'sweep' or 'pair'"):
+        tune.seer_variants("all")
 
 
 def test_attention_tune_runs_on_a_cpu_and_records_a_failed_variant(tmp_path, monkeypatch):
     bench = _script("bench_attention")
     tune = sys.modules["_attention_tune"]
     picked = [tune.seer_variants()[i] for i in (0, 1, 2)]  # pointer, TMA, TMA + warp spec.
-    monkeypatch.setattr(tune, "seer_variants", lambda: [*picked, {"rows_per_tile": 3}])
+    monkeypatch.setattr(tune, "seer_variants", lambda which: [*picked, {"rows_per_tile": 3}])
     cfg = bench.Config(q_heads=4, kv_heads=2, head_dim=16, block_size=32, dtype=torch.float32,
                        meta={"gpu": "cpu", "shape": "tiny"})
     path = tmp_path / "tune.json"

@@ -1,4 +1,4 @@
-"""The block-sparse forward's TMA path (tensor descriptors) and warp-specialized loop.
+"""The block-sparse forward's TMA path (tensor descriptors), warp-specialized and paired loops.
 
 Under TRITON_INTERPRET=1 (no GPU) `tma=True` runs the descriptor code on the CPU interpreter in
 float32: it must match the exact reference (tolerances of tests/test_kernels.py) and the pointer
@@ -112,6 +112,44 @@ def test_warp_specialize_gives_the_same_result():
                                warp_specialize=True, num_warps=8)
         _assert_close(out, expected)
         _same_as_pointer_path(out, plain)
+
+
+@pytest.mark.parametrize("S,b,d,group,rows_per_tile", CASES)
+def test_paired_blocks_give_the_same_result(S, b, d, group, rows_per_tile):
+    """pair_blocks (two key blocks per step of the unmasked loop, one softmax update) matches
+    the reference and the unpaired loop, its LSE too, on both paths; rows that keep an odd and an
+    even number of blocks, and an empty row."""
+    B, Hkv = (2 if S < 1000 else 1), 2
+    Hq, nb = Hkv * group, num_blocks(S, b)
+    q, k, v = _model_layout(B, Hq, Hkv, S, d, seed=S + d + group + 1, q_too=group == 3)
+    mask = _random_mask(B, Hq, nb, 0.3 if S > 1000 else 0.6, seed=S + b + rows_per_tile + 1)
+    mask[:, 0, nb // 2] = False
+    expected = ref.block_sparse_attention(q, k, v, mask, b)
+    for tma in (False, True):
+        plain, plain_lse = _poisoned((B, Hq, S, d)), _poisoned((B, Hq, S), torch.float32)
+        block_sparse_attention(q, k, v, mask, b, out=plain, lse=plain_lse,
+                               rows_per_tile=rows_per_tile, tma=tma)
+        out, lse = _poisoned((B, Hq, S, d)), _poisoned((B, Hq, S), torch.float32)
+        block_sparse_attention(q, k, v, mask, b, out=out, lse=lse, rows_per_tile=rows_per_tile,
+                               tma=tma, pair_blocks=True)
+        _assert_close(out, expected)
+        _same_as_pointer_path(out, plain)
+        torch.testing.assert_close(lse, plain_lse, atol=1e-5 if not ON_GPU else 1e-2, rtol=0)
+    with pytest.raises(ValueError, match="choose one"):
+        block_sparse_attention(q, k, v, mask, b, pair_blocks=True, warp_specialize=True)
+
+
+def test_paired_blocks_soft_cap():
+    S, b, d, cap = 200, 32, 64, 50.0
+    q, k, v = _model_layout(1, 6, 2, S, d, seed=21)
+    q, k = q * cap ** 0.5, k * cap ** 0.5
+    mask = _random_mask(1, 6, num_blocks(S, b), 0.7, seed=22)
+    expected = ref.block_sparse_attention(q, k, v, mask, b, softcap=cap)
+    for rows_per_tile in (1, 2):
+        out = _poisoned(q.shape)
+        block_sparse_attention(q, k, v, mask, b, out=out, rows_per_tile=rows_per_tile,
+                               softcap=cap, pair_blocks=True)
+        _assert_close(out, expected)
 
 
 def test_tensors_breaking_tma_rules_are_refused_and_the_default_falls_back():

@@ -34,6 +34,9 @@ Design (bench/NOTES.md has the measurements):
   address arithmetic and masks; rows past S are zero-filled on load and clipped on store). K is
   read as a (b, d) tile and transposed in the dot. The default on sm_90+ whenever the tensors
   meet the rules; measured in bench/NOTES.md.
+- Paired blocks (constexpr, `pair_blocks=`): loop 1 two key blocks per step, two score tiles and
+  one softmax update, so the accumulator is rescaled once per two blocks (the d 64 shape, where
+  the rescale weighs most against the small dots); a tune option until measured.
 - Warp specialization (constexpr, `warp_specialize=`): loop 1 as
   `tl.range(..., warp_specialize=True)`, so the compiler splits producer warps (loads) from
   consumer warps (matmuls, softmax) and overlaps them; off by default: with Triton 3.6 on an
@@ -112,6 +115,41 @@ def _full_step(q, K, V, k_base, v_base, z, kvh, e, offs_n, offs_d, skn, svn, S, 
 
 
 @triton.jit
+def _pair_step(q, K, V, k_base, v_base, z, kvh, e1, e2, offs_n, offs_d, skn, svn, S, row_blk,
+               qk_scale, cap_log2, m_i, l_i, acc,
+               HEAD_D: tl.constexpr, BLOCK: tl.constexpr, QPT: tl.constexpr,
+               SOFTCAP: tl.constexpr, TMA: tl.constexpr):
+    """Loop 1's step over two complete key blocks (entries e1, e2) with one online-softmax update:
+    one rescale of acc and one max / sum bookkeeping per two blocks instead of per block. The
+    same math as two `_full_step`s. Returns the updated (m_i, l_i, acc)."""
+    kT1, v1 = _load_kv(K, V, k_base, v_base, z, kvh, (e1 & ENTRY_BLOCK_MASK_TL) * BLOCK, offs_n,
+                       offs_d, skn, svn, S, HEAD_D, BLOCK, TMA, False)
+    kT2, v2 = _load_kv(K, V, k_base, v_base, z, kvh, (e2 & ENTRY_BLOCK_MASK_TL) * BLOCK, offs_n,
+                       offs_d, skn, svn, S, HEAD_D, BLOCK, TMA, False)
+    s1 = tl.dot(q, kT1) * qk_scale
+    s2 = tl.dot(q, kT2) * qk_scale
+    if SOFTCAP:
+        s1 = tanh(s1) * cap_log2
+        s2 = tanh(s2) * cap_log2
+    if QPT > 1:
+        s1 = tl.where((((e1 >> ENTRY_SHIFT_TL) >> row_blk) & 1)[:, None] != 0, s1, float("-inf"))
+        s2 = tl.where((((e2 >> ENTRY_SHIFT_TL) >> row_blk) & 1)[:, None] != 0, s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
+    if QPT > 1:  # rows that kept neither block so far: m stays -inf, l and acc 0
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p1 = tl.exp2(s1 - m_use[:, None])
+    p2 = tl.exp2(s2 - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p1.to(v1.dtype), v1, acc)
+    acc = tl.dot(p2.to(v2.dtype), v2, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, COUNTS, NFULL, ENTRIES,
     qk_scale, cap_log2,
@@ -128,6 +166,7 @@ def _block_sparse_fwd(
     SOFTCAP: tl.constexpr,
     TMA: tl.constexpr,
     WS: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     # With TMA, Q, K, V, O are (B, H, S, HEAD_D) tensor descriptors (the strides unused);
     # without, plain pointers.
@@ -178,8 +217,20 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
 
     # Loop 1: key blocks strictly before this tile's first query block; complete, no causal mask.
-    # Two copies so that warp_specialize is never passed when WS is off.
-    if WS:
+    # Two copies so that warp_specialize is never passed when WS is off; PAIR takes two blocks
+    # per step (then the odd one out).
+    if PAIR:
+        for n in tl.range(0, n_full // 2):
+            m_i, l_i, acc = _pair_step(q, K, V, k_base, v_base, z, kvh, tl.load(e_base + 2 * n),
+                                       tl.load(e_base + 2 * n + 1), offs_n, offs_d, skn, svn, S,
+                                       row_blk, qk_scale, cap_log2, m_i, l_i, acc, HEAD_D, BLOCK,
+                                       QPT, SOFTCAP, TMA)
+        if n_full % 2 == 1:
+            m_i, l_i, acc = _full_step(q, K, V, k_base, v_base, z, kvh,
+                                       tl.load(e_base + n_full - 1), offs_n, offs_d, skn, svn, S,
+                                       row_blk, qk_scale, cap_log2, m_i, l_i, acc, HEAD_D, BLOCK,
+                                       QPT, SOFTCAP, TMA)
+    elif WS:
         for n in tl.range(0, n_full, warp_specialize=True):
             m_i, l_i, acc = _full_step(q, K, V, k_base, v_base, z, kvh, tl.load(e_base + n),
                                        offs_n, offs_d, skn, svn, S, row_blk, qk_scale, cap_log2,
@@ -304,6 +355,7 @@ def block_sparse_attention(
     softcap: float | None = None,
     tma: bool | None = None,
     warp_specialize: bool = False,
+    pair_blocks: bool = False,
 ) -> torch.Tensor:
     """Causal attention over the kept (query block, key block) tiles; the reference's contract.
 
@@ -328,11 +380,16 @@ def block_sparse_attention(
         warp_specialize: run the unmasked loop as `tl.range(..., warp_specialize=True)`; with
             Triton 3.6 on an H100 this fails to compile at 4 warps and gains nothing at 8
             (bench/NOTES.md), so it is off by default.
+        pair_blocks: the unmasked loop takes two key blocks per step with one softmax update
+            (one rescale of the accumulator per two blocks); a tune option, off by default until
+            measured (bench/NOTES.md); not with warp_specialize.
     Returns:
         out: (B, Hq, S, d) in q's dtype; rows with nothing kept are zeros.
     """
     B, Hq, Hkv, S, d = check_inputs(q, k, v, block_size)
     softcap = check_softcap(softcap)
+    if pair_blocks and warp_specialize:
+        raise ValueError("pair_blocks and warp_specialize are two forms of loop 1; choose one")
     if isinstance(block_mask_or_index, BlockIndex):
         index = block_mask_or_index
         if (index.shape != (B, Hq) or index.block_size != block_size or index.seq_len != S
@@ -384,6 +441,6 @@ def block_sparse_attention(
         Hq, Hq // Hkv, S, n_tiles, index.entries.shape[-1],
         HEAD_D=d, BLOCK=block_size, QPT=qpt, KV_MAJOR=bool(kv_major),
         STORE_LSE=lse is not None, SOFTCAP=softcap is not None, TMA=use_tma,
-        WS=bool(warp_specialize), **launch,
+        WS=bool(warp_specialize), PAIR=bool(pair_blocks), **launch,
     )
     return out
