@@ -45,7 +45,7 @@ for stage in "$@"; do
         --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -60 || true ;;
     pair)  # the paired loop beside the unpaired one, 8 variants per shape (about 2-3 min)
       timeout ${TUNE_TIMEOUT:-200} python3 bench/bench_attention.py --tune seer --tune-variants pair \
-        --shape smollm2 8b --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 \
+        --shape ${TUNE_SHAPES:-smollm2 8b} --seq-lens 32768 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 \
         | tail -40 || true ;;
     attn)
       for shape in 8b smollm2; do
