@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from . import gate, reference
+from .select import DECODE_KERNEL_FORCED
 
 __all__ = [
     "attention",
@@ -360,27 +361,22 @@ def decode_attention(q, k, v, *, kv_lens=None, scale: float | None = None,
     return reference.decode_attention(q, k, v, kv_lens=kv_lens, scale=scale, softcap=softcap)
 
 
-# the forced-block rules the decode selection kernel applies itself (its SINK / LOCAL arguments);
-# a Selection with another rule takes the torch path
-_SELECT_KERNEL_FORCED = ("sink", "local")
-
-
 def _select_kernel_args(selection, on_cuda: bool, block_size: int, backend) -> dict | None:
     """The decode selection kernels' budget and forced-block arguments for `selection`, or None
-    when the torch path takes it (the backend, a CPU tensor, no budget or another forced rule)."""
+    when the torch path takes it (the backend, a CPU tensor, no budget, or a forced rule without
+    a kernel form: `seerlib.select.DECODE_KERNEL_FORCED`)."""
     from seerlib.decode.select import blocks_per_query  # lazy, as in decode_select
 
     name = get_backend(backend)
     if not (name == "triton" or (name == "auto" and on_cuda)) or not selection.has_budget:
         return None
-    if any(n not in _SELECT_KERNEL_FORCED for n, _ in selection.forced):
-        return None
-    forced = dict(selection.forced)
+    if any(n not in DECODE_KERNEL_FORCED for n, _ in selection.forced):
+        return None  # a rule the kernels do not compute: the torch path
     mode = ("tokens" if selection.tokens is not None else
             "density" if selection.density is not None else "threshold")
     return dict(mode=mode, budget_blocks=blocks_per_query(selection, block_size) or 0,
                 density=selection.density or 0.0, threshold=selection.threshold or 0.0,
-                sink=forced.get("sink", 0), local=forced.get("local", 0))
+                **{DECODE_KERNEL_FORCED[n]: k for n, k in selection.forced})
 
 
 def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_blocks: int,

@@ -44,6 +44,7 @@ from seerlib.reference import causal_block_count, causal_block_mask
 __all__ = [
     "BUDGET_RULES",
     "DECODE_FORCED",
+    "DECODE_KERNEL_FORCED",
     "FORCED_BLOCKS",
     "Selection",
     "achieved_density",
@@ -89,13 +90,18 @@ FORCED_BLOCKS: dict[str, ForcedRule] = {}
 FORCED_WORDS: dict[str, str] = {}  # name -> what a reader calls it ("sink block")
 # the rules that mean something at decode: there a query in block c reads row c of the rule's mask
 DECODE_FORCED: list[str] = []
+# name -> the keyword of the decode selection kernels that applies the rule itself
+# (`seerlib.kernels.decode_select`: sink = blocks 0 .. n-1, local = the n blocks before the own)
+DECODE_KERNEL_FORCED: dict[str, str] = {}
 
 
-def forced_rule(name: str, words: str | None = None, decode: bool = False):
+def forced_rule(name: str, words: str | None = None, decode: bool = False,
+                kernel: str | None = None):
     """Register a forced-block rule `fn(nb, n, device) -> (nb, nb) bool` under `name`; a Selection
     then takes `forced={name: n}`, its label reads "+name" (n = 1) or "+nameN", and tables call
     it `words` (default: the name). `decode=True`: the rule also holds at decode, where a query
-    of key block c is forced to read row c of the mask (`seerlib.decode.select`)."""
+    of key block c is forced to read row c of the mask (`seerlib.decode.select`); `kernel`: the
+    decode selection kernels' keyword that computes that row itself (else the torch path runs)."""
     if not re.fullmatch(r"[a-z_]+", name) or name in ("floor", "nodiag"):
         raise ValueError(f"a forced-block rule needs a lower-case name other than floor/nodiag; "
                          f"got {name!r}")
@@ -105,12 +111,14 @@ def forced_rule(name: str, words: str | None = None, decode: bool = False):
         FORCED_WORDS[name] = words or name.replace("_", " ")
         if decode:
             DECODE_FORCED.append(name)
+        if kernel is not None:
+            DECODE_KERNEL_FORCED[name] = kernel
         return fn
 
     return register
 
 
-@forced_rule("sink", "sink block", decode=True)
+@forced_rule("sink", "sink block", decode=True, kernel="sink")
 def sink_blocks(nb: int, n: int, device=None) -> torch.Tensor:
     """The first n key blocks of every row: (nb, nb) bool."""
     out = torch.zeros(nb, nb, dtype=torch.bool, device=device)
@@ -118,7 +126,7 @@ def sink_blocks(nb: int, n: int, device=None) -> torch.Tensor:
     return out
 
 
-@forced_rule("local", "local block", decode=True)
+@forced_rule("local", "local block", decode=True, kernel="local")
 def local_band(nb: int, n: int, device=None) -> torch.Tensor:
     """Blocks (i, i - 1) ... (i, i - n), the band left of the diagonal: (nb, nb) bool."""
     causal = causal_block_mask(nb, device)
