@@ -41,7 +41,7 @@ def _want(scores, selection, t, nb, b, K):
 
 
 @pytest.mark.parametrize("B,Hkv,nb,b", [(2, 3, 17, 16), (1, 4, 40, 64), (3, 1, 129, 32),
-                                        (1, 2, 513, 64)])
+                                        (1, 2, 513, 64), (1, 1, 1500, 16)])  # radix 8 past 1024
 @pytest.mark.parametrize("sel", SELECTIONS, ids=lambda s: s.label())
 def test_matches_select_decode(B, Hkv, nb, b, sel):
     g = torch.Generator().manual_seed(nb)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from .decode_select import MAX_BLOCKS, MODES, decode_select, select_row
+from .decode_select import MAX_BLOCKS, MODES, decode_select, search_passes, select_row
 
 __all__ = ["decode_gate_select", "fusable", "logit_splits"]
 
@@ -59,6 +59,8 @@ def _decode_gate_select(
     MODE: tl.constexpr,
     NB_P2: tl.constexpr,
     K_P2: tl.constexpr,
+    RADIX: tl.constexpr,
+    PASSES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     z = pid // HKV
@@ -108,7 +110,7 @@ def _decode_gate_select(
         # 3. selection and index
         select_row(l_row, IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
                    t // BLOCK, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2,
-                   K_P2)
+                   K_P2, RADIX, PASSES)
 
 
 def fusable(gate) -> bool:
@@ -177,6 +179,9 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
     if (not isinstance(position, torch.Tensor) or position.shape != (1,)
             or position.is_floating_point() or position.device != dev):
         raise ValueError(f"position must be a (1,) integer tensor on {dev}; got {position!r}")
+    K = nb if max_blocks is None else min(int(max_blocks), nb)
+    if K < 1:
+        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
     want = "cpu" if interpreting() else "cuda"
     if dev.type != want or k_gate.device != dev or gate.q_proj.device != dev:
         raise ValueError(f"the fused gate step runs on {want} tensors here (TRITON_INTERPRET="
@@ -185,9 +190,6 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
     k_gate = k_gate if k_gate.stride(-1) == 1 else k_gate.contiguous()
     wq = gate.q_proj.detach()
     wq = wq if wq.stride(-1) == 1 else wq.contiguous()
-    K = nb if max_blocks is None else min(int(max_blocks), nb)
-    if K < 1:
-        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
     index = torch.empty(B, Hkv, K, dtype=torch.int32, device=dev)
     count = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
     logits = torch.empty(B, Hkv, max(W, 1), dtype=torch.float32, device=dev)[:, :, :W]
@@ -212,7 +214,8 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         float(threshold), scaling, 1.0 / math.sqrt(dg), per,
         HEAD_D=d, HALF=dg // 2, ROPE=rope, SELECT=splits == 1, CHUNK_C=32, CHUNK_N=32,
         BLOCK=gate.block_size, MODE=MODES[mode], NB_P2=nb_p2,
-        K_P2=max(16, triton.next_power_of_2(K)), **launch,
+        K_P2=max(16, triton.next_power_of_2(K)), **search_passes(nb_p2),
+        **launch,
     )
     if splits > 1:  # the row's logits came from several programs: select them in a second launch
         decode_select(logits, position, nb, gate.block_size, mode=mode,

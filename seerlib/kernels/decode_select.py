@@ -13,8 +13,10 @@ among the rest, the candidates (visible, not forced, with a finite score):
 Equal scores at the cut go to the lower block (torch.topk leaves the order of ties open).
 
 How: one program per (batch, kv head) holds the row's scores in registers (NB_P2 = the blocks
-rounded up to a power of two). The k-th best score is found by bisection over the scores'
-order-preserving int32 keys (32 counting passes over the row, no sort), and each kept block's slot
+rounded up to a power of two). The k-th best score is found by a radix search over the scores'
+order-preserving int32 keys (each pass counts the row at 16 or 8 thresholds in one reduction:
+8 or 11 passes, no sort; a plain bisection's 32 passes cost 37 us at batch 1 / 32k on an H100,
+block-wide reductions being latency-bound), and each kept block's slot
 in the index is the running count of kept blocks before it (`tl.cumsum`), so the list comes out
 ascending. No host sync: the position is read on the device, so one CUDA graph serves every step.
 Before, the step ran ~25 small launches: the (nb, nb) forced-block mask, topk, a scatter, a sort
@@ -44,7 +46,8 @@ def _order_key(s):
 
 @triton.jit
 def select_row(S_ROW, IDX_ROW, CNT_AT, c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold,
-               MODE: tl.constexpr, NB_P2: tl.constexpr, K_P2: tl.constexpr):
+               MODE: tl.constexpr, NB_P2: tl.constexpr, K_P2: tl.constexpr,
+               RADIX: tl.constexpr, PASSES: tl.constexpr):
     """One row: scores S_ROW[0 .. W) of a query in key block c -> its kept blocks at IDX_ROW
     (ascending, then -1, K_W entries) and their count at CNT_AT."""
     j = tl.arange(0, NB_P2)
@@ -68,17 +71,22 @@ def select_row(S_ROW, IDX_ROW, CNT_AT, c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DEN
             k = tl.maximum(k, 1)
         n_forced = tl.sum(forced.to(tl.int32), 0)
         want = tl.maximum(k - n_forced, 0)  # candidates to add to the forced blocks
-        key = _order_key(s)
-        # the largest t with at least `want` candidates keyed >= t (bisection in int64)
+        key = _order_key(s).to(tl.int64)
+        # the largest t with at least `want` candidates keyed >= t: each pass counts the
+        # candidates at RADIX thresholds across [lo, hi] at once (one block-wide reduction) and
+        # keeps the sub-range holding t, so PASSES = ceil(32 / log2(RADIX)) passes find it
         lo = tl.full([], -2147483648, tl.int64)
         hi = tl.full([], 2147483647, tl.int64)
-        for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            n = tl.sum((cand & (key.to(tl.int64) >= mid)).to(tl.int32), 0)
-            lo = tl.where(n >= want, mid, lo)
-            hi = tl.where(n >= want, hi, mid - 1)
-        above = cand & (key.to(tl.int64) > lo)
-        tied = cand & (key.to(tl.int64) == lo)
+        steps = tl.arange(0, RADIX).to(tl.int64)
+        for _ in range(PASSES):
+            width = (hi - lo + RADIX) // RADIX  # ceil((hi - lo + 1) / RADIX)
+            at = lo + steps * width  # (RADIX,) thresholds
+            n = tl.sum((cand[:, None] & (key[:, None] >= at[None, :])).to(tl.int32), 0)
+            i = tl.max(tl.where(n >= want, steps, 0), 0)  # counts fall with the threshold
+            lo = lo + i * width
+            hi = tl.minimum(hi, lo + width - 1)
+        above = cand & (key > lo)
+        tied = cand & (key == lo)
         room = want - tl.sum(above.to(tl.int32), 0)
         picked = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
         picked = picked & (want > 0)
@@ -102,6 +110,8 @@ def _decode_select(
     MODE: tl.constexpr,
     NB_P2: tl.constexpr,
     K_P2: tl.constexpr,
+    RADIX: tl.constexpr,
+    PASSES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     z = pid // HKV
@@ -109,7 +119,16 @@ def _decode_select(
     c = tl.load(POS).to(tl.int32) // BLOCK  # the query's own block
     select_row(S + z.to(tl.int64) * ssz + h.to(tl.int64) * ssh,
                IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
-               c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2, K_P2)
+               c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2, K_P2, RADIX,
+               PASSES)
+
+
+def search_passes(nb_p2: int) -> dict:
+    """RADIX and PASSES (kernel keywords) of the k-th-score search for rows of nb_p2 blocks: 16
+    thresholds per pass (8 passes) up to 1024 blocks, 8 (11 passes) above, where a 16-wide count
+    would hold 16 values per block in registers."""
+    radix = 16 if nb_p2 <= 1024 else 8
+    return {"RADIX": radix, "PASSES": -(-32 // (radix.bit_length() - 1))}
 
 
 def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
@@ -151,15 +170,15 @@ def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
             or position.is_floating_point() or position.device != scores.device):
         raise ValueError(f"position must be a (1,) integer tensor on {scores.device}; got "
                          f"{position!r}")
+    K = nb if max_blocks is None else min(int(max_blocks), nb)
+    if K < 1:
+        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
     want = "cpu" if interpreting() else "cuda"
     if scores.device.type != want:
         raise ValueError(f"the decode selection kernel runs on {want} tensors here "
                          f"(TRITON_INTERPRET={int(interpreting())}); got {scores.device}")
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
-    K = nb if max_blocks is None else min(int(max_blocks), nb)
-    if K < 1:
-        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
     if out is None:
         index = torch.empty(B, Hkv, K, dtype=torch.int32, device=scores.device)
         count = torch.empty(B, Hkv, dtype=torch.int32, device=scores.device)
@@ -181,6 +200,7 @@ def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
         Hkv, W, nb, K, int(budget_blocks), int(sink), int(local),
         float(threshold),
         BLOCK=int(block_size), MODE=MODES[mode], NB_P2=nb_p2,
-        K_P2=max(16, triton.next_power_of_2(K)), **launch,
+        K_P2=max(16, triton.next_power_of_2(K)), **search_passes(nb_p2),
+        **launch,
     )
     return index, count
