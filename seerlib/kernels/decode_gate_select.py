@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from .decode_select import MAX_BLOCKS, MODES, decode_select, search_passes, select_row
+from .decode_select import MODES, decode_select, row_launch, select_row
 
 __all__ = ["decode_gate_select", "fusable", "logit_splits"]
 
@@ -169,19 +169,9 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
                          f"{tuple(k_gate.shape)}")
     if dg % 2 or dg & (dg - 1) or dg < 16:
         raise ValueError(f"the fused step takes a power-of-two d_gate >= 16; got {dg}")
-    W, nb = k_gate.shape[2], int(num_blocks)
-    if not 1 <= nb <= MAX_BLOCKS or W > nb:
-        raise ValueError(f"num_blocks must be in 1 .. {MAX_BLOCKS} and at least the cached "
-                         f"blocks {W}; got {nb}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
-    dev = q_pre.device
-    if (not isinstance(position, torch.Tensor) or position.shape != (1,)
-            or position.is_floating_point() or position.device != dev):
-        raise ValueError(f"position must be a (1,) integer tensor on {dev}; got {position!r}")
-    K = nb if max_blocks is None else min(int(max_blocks), nb)
-    if K < 1:
-        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+    W, dev = k_gate.shape[2], q_pre.device
+    nb, K, dens, meta, launch = row_launch(num_blocks, W, "the cached blocks", mode, position,
+                                           dev, max_blocks, density)
     want = "cpu" if interpreting() else "cuda"
     if dev.type != want or k_gate.device != dev or gate.q_proj.device != dev:
         raise ValueError(f"the fused gate step runs on {want} tensors here (TRITON_INTERPRET="
@@ -196,10 +186,6 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
     rope = gate.rope is not None
     invf = gate.rope.rotary.inv_freq.float() if rope else logits  # unread without ROPE
     scaling = float(gate.rope.rotary.attention_scaling) if rope else 1.0
-    dens = torch.full((1,), float(density), dtype=torch.float64, device=dev) \
-        if mode == "density" else position  # unread outside density mode
-    nb_p2 = max(16, triton.next_power_of_2(nb))
-    launch = {} if interpreting() else {"num_warps": 4 if nb_p2 <= 2048 else 8}
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     per = int(blocks_per_program or logit_splits(B * Hkv, W, sms))
     if per < 1:
@@ -213,9 +199,7 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         Hkv, gate.group, W, nb, K, int(budget_blocks), int(sink), int(local),
         float(threshold), scaling, 1.0 / math.sqrt(dg), per,
         HEAD_D=d, HALF=dg // 2, ROPE=rope, SELECT=splits == 1, CHUNK_C=32, CHUNK_N=32,
-        BLOCK=gate.block_size, MODE=MODES[mode], NB_P2=nb_p2,
-        K_P2=max(16, triton.next_power_of_2(K)), **search_passes(nb_p2),
-        **launch,
+        BLOCK=gate.block_size, MODE=MODES[mode], **meta, **launch,
     )
     if splits > 1:  # the row's logits came from several programs: select them in a second launch
         decode_select(logits, position, nb, gate.block_size, mode=mode,

@@ -123,6 +123,34 @@ def _decode_select(
                PASSES)
 
 
+def row_launch(num_blocks: int, width: int, width_is: str, mode: str, position, device,
+               max_blocks: int | None, density: float):
+    """What both selection kernels' wrappers check and derive for rows of num_blocks blocks of
+    which `width` are scored (`width_is` names them in the error): (nb, K, the density as a
+    float64 device scalar or a stand-in, the row's constexprs, the launch options)."""
+    nb = int(num_blocks)
+    if not 1 <= nb <= MAX_BLOCKS or width > nb:
+        raise ValueError(f"num_blocks must be in 1 .. {MAX_BLOCKS} and at least {width_is} "
+                         f"{width}; got {nb}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
+    if (not isinstance(position, torch.Tensor) or position.shape != (1,)
+            or position.is_floating_point() or position.device != device):
+        raise ValueError(f"position must be a (1,) integer tensor on {device}; got "
+                         f"{position!r}")
+    K = nb if max_blocks is None else min(int(max_blocks), nb)
+    if K < 1:
+        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+    # the density as a float64 device scalar (a fill, not a host copy: no sync); unread outside
+    # density mode, where the position stands in for it
+    dens = torch.full((1,), float(density), dtype=torch.float64, device=device) \
+        if mode == "density" else position
+    nb_p2 = max(16, triton.next_power_of_2(nb))
+    meta = {"NB_P2": nb_p2, "K_P2": max(16, triton.next_power_of_2(K)), **search_passes(nb_p2)}
+    launch = {} if interpreting() else {"num_warps": 4 if nb_p2 <= 2048 else 8}
+    return nb, K, dens, meta, launch
+
+
 def search_passes(nb_p2: int) -> dict:
     """RADIX and PASSES (kernel keywords) of the k-th-score search for rows of nb_p2 blocks: 16
     thresholds per pass (8 passes) up to 1024 blocks, 8 (11 passes) above, where a 16-wide count
@@ -160,19 +188,8 @@ def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
         raise ValueError(f"scores must be (B, Hkv, W) float; got {tuple(scores.shape)} "
                          f"{scores.dtype}")
     B, Hkv, W = scores.shape
-    nb = int(num_blocks)
-    if not 1 <= nb <= MAX_BLOCKS or W > nb:
-        raise ValueError(f"num_blocks must be in 1 .. {MAX_BLOCKS} and at least the scores' "
-                         f"width {W}; got {nb}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
-    if (not isinstance(position, torch.Tensor) or position.shape != (1,)
-            or position.is_floating_point() or position.device != scores.device):
-        raise ValueError(f"position must be a (1,) integer tensor on {scores.device}; got "
-                         f"{position!r}")
-    K = nb if max_blocks is None else min(int(max_blocks), nb)
-    if K < 1:
-        raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")
+    nb, K, dens, meta, launch = row_launch(num_blocks, W, "the scores' width", mode, position,
+                                           scores.device, max_blocks, density)
     want = "cpu" if interpreting() else "cuda"
     if scores.device.type != want:
         raise ValueError(f"the decode selection kernel runs on {want} tensors here "
@@ -189,18 +206,11 @@ def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
                 or not count.is_contiguous() or index.stride(-1) != 1):
             raise ValueError(f"out must be int32 buffers (B, Hkv, K) = ({B}, {Hkv}, {K}) and "
                              f"({B}, {Hkv}), contiguous")
-    # the density as a float64 device scalar (a fill, not a host copy: no sync)
-    dens = torch.full((1,), float(density), dtype=torch.float64, device=scores.device) \
-        if mode == "density" else position
-    nb_p2 = max(16, triton.next_power_of_2(nb))
-    launch = {} if interpreting() else {"num_warps": 4 if nb_p2 <= 2048 else 8}
     _decode_select[(B * Hkv,)](
         scores, position, dens, index, count,
         scores.stride(0), scores.stride(1), index.stride(0), index.stride(1),
         Hkv, W, nb, K, int(budget_blocks), int(sink), int(local),
         float(threshold),
-        BLOCK=int(block_size), MODE=MODES[mode], NB_P2=nb_p2,
-        K_P2=max(16, triton.next_power_of_2(K)), **search_passes(nb_p2),
-        **launch,
+        BLOCK=int(block_size), MODE=MODES[mode], **meta, **launch,
     )
     return index, count
