@@ -83,6 +83,8 @@ class DecodeInputs:
 
 
 Scorer = Callable[[DecodeInputs], torch.Tensor]
+# fn(inputs, selection, max_blocks) -> (block_index, block_count): a method's own decode step
+StepIndex = Callable[[DecodeInputs, Selection, "int | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class DecodeMethod:
     scores: Scorer
     sparse: bool = True
     needs_gate: bool = False
-    step: Scorer | None = None
+    step: StepIndex | None = None
 
     def check(self, selection: Selection) -> None:
         """Raise ValueError when `selection` has no meaning for this method at decode."""
