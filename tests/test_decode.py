@@ -339,3 +339,13 @@ def test_decode_quality_rows(model, gates):
     assert by["oracle@tok=4096"]["ppl"] == pytest.approx(by["dense"]["ppl"], rel=1e-4)
     assert by["oracle@tok=32"]["recall"] < 1.0
     assert "| gate |" in markdown({"quality": rows})
+
+
+def test_quality_table_keeps_forced_block_variants_apart():
+    """gate and gate+sink@tok=N are two rows of the table, not one row keyed by the method."""
+    rows = [dict(label="dense", method="dense", tokens=None, length=64, ppl=2.0, ppl_late=2.0,
+                 recall=1.0)]
+    rows += [dict(label=f"gate{f}@tok=32", method="gate", tokens=32, length=64, ppl=p,
+                  ppl_late=p, recall=0.5) for f, p in (("", 3.25), ("+sink", 2.75))]
+    md = markdown({"quality": rows})
+    assert "| gate | 3.250 / 0.500 |" in md and "| gate+sink | 2.750 / 0.500 |" in md

@@ -146,6 +146,15 @@ def test_quality_figure_from_decode_quality(model, gates):
     assert fig.layout.xaxis.title.text.startswith("token budget")
 
 
+def test_quality_figure_draws_forced_block_variants_apart():
+    """gate and gate+sink are two lines, not one line keyed by the method."""
+    rows = [dict(label=f"gate{f}@tok={t}", method="gate", tokens=t, length=64, ppl=3.0,
+                 ppl_late=3.0 - len(f), recall=0.5) for f in ("", "+sink") for t in (16, 32)]
+    fig = viz.decode_quality_figure(rows)
+    lines = {t.name: list(t.y) for t in fig.data if t.showlegend is not False}
+    assert lines == {"gate (learned decode gate)": [3.0, 3.0], "gate+sink": [-2.0, -2.0]}
+
+
 def test_committed_quality_results_are_read(tmp_path):
     row = dict(label="gate@tok=512", method="gate", tokens=512, length=4096, windows=8, ppl=9.0,
                ppl_late=8.5, recall=0.9, kept_tokens=500.0, context_tokens=3000.0)

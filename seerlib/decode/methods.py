@@ -42,6 +42,7 @@ __all__ = [
     "DecodeMethod",
     "decode_scores",
     "gate_step",
+    "config_series",
     "parse_decode_config",
     "register_decode_method",
     "step_index",
@@ -271,3 +272,9 @@ def parse_decode_config(label: str, block_size: int = 64) -> DecodeConfig:
         raise ValueError(f"a decode config label is a string like 'gate@tok=1024'; got {label!r}")
     cut = min((i for i in (label.find("+"), label.find("@")) if i >= 0), default=len(label))
     return DecodeConfig(label[:cut], parse_selection(label[cut:]), block_size)
+
+
+def config_series(label: str) -> str:
+    """A config label without its budget, the series a budget sweep draws: "gate+sink@tok=1024"
+    -> "gate+sink", "dense" -> "dense"."""
+    return label.partition("@")[0]

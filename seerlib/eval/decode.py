@@ -31,6 +31,7 @@ import torch
 
 from seerlib.decode import DecodeConfig, decode_teacher_forced, parse_decode_config
 from seerlib.decode.generate import sparse_generation
+from seerlib.decode.methods import config_series
 from seerlib.eval.passkeys import passkey, passkey_accuracy, passkey_prompt
 from seerlib.eval.ppl import _nll
 
@@ -164,10 +165,11 @@ def markdown(results: dict) -> str:
         if dense:
             lines.append(f"| dense | {dense['ppl_late']:.3f} (all tokens {dense['ppl']:.3f}) |"
                          + " |" * (len(budgets) - 1))
-        for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        for m in dict.fromkeys(config_series(r["label"]) for r in rows if r["method"] != "dense"):
             cells = []
             for t in budgets:
-                r = next((r for r in rows if r["method"] == m and r["tokens"] == t), None)
+                r = next((r for r in rows if config_series(r["label"]) == m
+                          and r["tokens"] == t), None)
                 cells.append(f"{r['ppl_late']:.3f} / {r['recall']:.3f}" if r else "")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -26,7 +26,7 @@ from plotly.subplots import make_subplots
 from seerlib import reference
 from seerlib.capture import attention_override
 from seerlib.decode.generate import sparse_generation
-from seerlib.decode.methods import DecodeConfig, parse_decode_config
+from seerlib.decode.methods import DecodeConfig, config_series, parse_decode_config
 from seerlib.decode.select import select_decode
 from seerlib.names import METHOD_STYLE
 from seerlib.viz.common import (
@@ -365,8 +365,8 @@ def decode_quality_figure(rows: Sequence[Mapping], length: int | None = None,
         "perplexity, second half of each window (lower is better)",
         "recall of the attention mass (second half)"])
     budgets = sorted({r["tokens"] for r in rows if r.get("tokens")})
-    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted((r for r in rows if r["method"] == m and r.get("tokens")),
+    for m in dict.fromkeys(config_series(r["label"]) for r in rows if r["method"] != "dense"):
+        pts = sorted((r for r in rows if config_series(r["label"]) == m and r.get("tokens")),
                      key=lambda r: r["tokens"])
         common = dict(mode="lines+markers", legendgroup=m, line=dict(color=_color(m)),
                       x=[r["tokens"] for r in pts],
