@@ -567,18 +567,28 @@ def pooled_step(run: Run, head: str, step, layer: LayerInputs, scfg: SparseConfi
     into the graph's statics, the graph of logits + selection + index replayed, the kernel on
     the layer's q, k, v); "pcstep": its selection compiled. Beside the kernel alone, on the same
     selection's index, and checked against the eager `step`."""
-    graphs, dev = StepGraphs(), run.device
+    dev = run.device
 
-    def pstep():
-        return graphed_gate_step(graphs, 0, layer.gate, scfg.selection, layer.q, layer.k,
-                                 layer.v, layer.q_pre, layer.k_pre, scfg.block_size,
-                                 scale=layer.scale, compiled=head == "pcstep")[0]
+    def graphed(keep_mask: bool):
+        graphs = StepGraphs()
+        return lambda: graphed_gate_step(graphs, 0, layer.gate, scfg.selection, layer.q,
+                                         layer.k, layer.v, layer.q_pre, layer.k_pre,
+                                         scfg.block_size, scale=layer.scale,
+                                         compiled=head == "pcstep", keep_mask=keep_mask)[0]
 
+    pstep = graphed(False)  # top-k per row: the selection and index in one launch
     timed = measure(pstep, dev, reps, warm)  # the first call captures (warm-up included)
+    # keep_mask: the (nb, nb) mask path (select_blocks, then the index builder), as before
+    # ops.select_index, timed in the same run
+    masked = graphed(True)
+    unfused = measure(masked, dev, reps, warm)
     mask, kernel = kernel_alone(layer, scfg, dev, reps, warm)
     diff = float((pstep().transpose(1, 2).float() - step().float()).abs().max())
+    diff_masked = float((masked().float() - pstep().float()).abs().max())
     return {"ms": timed["ms"], "graph_ms": timed["ms"], "kernel_ms": kernel["ms"],
             "graph_overhead_share": (timed["ms"] - kernel["ms"]) / kernel["ms"],
+            "select_index_fused": ops.select_index_fused(scfg.selection),
+            "mask_path_graph_ms": unfused["ms"], "mask_path_vs_fused_max_abs_diff": diff_masked,
             "graph_vs_eager_max_abs_diff": diff, "path": "graphed_gate_step",
             "achieved_density": achieved_density(mask), "peak_mem_gb": timed.get("peak_mem_gb")}
 
@@ -737,6 +747,8 @@ def markdown(records: list[dict]) -> str:
     steps = [(key, r) for key, r in sorted(rows.items(), key=lambda kv: kv[0][:3])
              if row_kind(key[3]) == "step" and r["status"] == "ok"]
     if steps:
+        # the mask path's column only where a record has it (runs since 12-07's select_index)
+        masked = any("mask_path_graph_ms" in r for _, r in steps)
         lines += [
             "",
             "## One layer's sparse step (gate, selection, index, kernel; random inputs)",
@@ -744,16 +756,25 @@ def markdown(records: list[dict]) -> str:
             "Eager and captured in a CUDA graph (replayed); the kernel alone on the same "
             "selection's index, built once. Overhead = (step - kernel) / kernel.",
             "",
-            "| shape | S | provider | density | eager ms | graph ms | kernel ms | overhead eager "
-            "| overhead graph | graph = eager (max abs diff) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        if masked:
+            lines += ["Mask path: the pooled step (pstep) through the (nb, nb) mask and the "
+                      "index builder, as before `ops.select_index` took top-k in one launch, "
+                      "in the same run.", ""]
+        lines += [
+            "| shape | S | provider | density | eager ms | graph ms | "
+            + ("graph ms, mask path | " if masked else "")
+            + "kernel ms | overhead eager | overhead graph | graph = eager (max abs diff) |",
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if masked else ""),
         ]
         for (shape, _layers, S, p), r in steps:
             eager = r.get("overhead_share")  # pstep rows have no eager timing
+            mask_col = f"{fmt_ms(r.get('mask_path_graph_ms'))} | " if masked else ""
             lines.append(
                 f"| {shape} | {S} | {p} | {r['achieved_density']:.3f} | "
-                f"{fmt_ms(r.get('eager_ms'))} | {fmt_ms(r['graph_ms'])} | "
-                f"{fmt_ms(r['kernel_ms'])} | {'-' if eager is None else f'{eager:.0%}'} | "
+                f"{fmt_ms(r.get('eager_ms'))} | {fmt_ms(r['graph_ms'])} | {mask_col}"
+                f"{fmt_ms(r['kernel_ms'])} | "
+                f"{'-' if eager is None else f'{eager:.0%}'} | "
                 f"{r['graph_overhead_share']:.0%} | {r['graph_vs_eager_max_abs_diff']:.1e} |")
     checks = _latest(records, "check")
     if checks:

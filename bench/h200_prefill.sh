@@ -1,8 +1,8 @@
 #!/bin/bash
 # Issue 13's GPU runs (prefill that pays), as run on this workplace's H200; random weights, no
 # model carried. Stages, each well inside one 10-minute device call:
-#   check   versions (device.txt), then the CUDA tests of the graphs, the pooling, the decode
-#           selection and the kernels (CHECK_TIMEOUT, default 150 s)
+#   check   versions (device.txt), then the CUDA tests of the graphs, the pooling, the prefill
+#           and decode selections and the kernels (CHECK_TIMEOUT, default 150 s)
 #   tune    the block-sparse forward's launch / TMA / warp-specialization variants at 32k
 #           (bench_attention.py --tune seer; TUNE_SHAPES, default "8b smollm2")
 #   pair    the paired key-block loop (pair_blocks) beside the unpaired one, both shapes, 32k
@@ -36,7 +36,8 @@ for stage in "$@"; do
       python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
       # the new paths first: a cut at the time limit loses the older kernel tests, not these
       timeout ${CHECK_TIMEOUT:-150} python3 -m pytest -q -rfE -p no:cacheprovider tests/test_graphs.py \
-        tests/test_block_pool.py tests/test_decode_select.py tests/test_decode_gate_select.py \
+        tests/test_block_pool.py tests/test_prefill_select.py tests/test_decode_select.py \
+        tests/test_decode_gate_select.py \
         tests/test_block_sparse_tma.py \
         tests/test_kernels.py 2>&1 \
         | tail -15 | tee "$OUT/gpu-tests.txt" || true ;;

@@ -347,9 +347,10 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
                       compiled: bool = False, keep_mask: bool = False):
     """One layer's "gate" step on CUDA with no copy of the layer's tensors: `ops.pool_blocks`
     writes the pooled q_pre / k_pre straight into `graphs`' static inputs, the CUDA graph of
-    (layer, "gate", S) replays the gate's logits, the selection (`compiled`: through
-    torch.compile) and the sync-free block index, and the kernel then runs outside the graph on
-    the layer's own q, k, v, writing a (B, S, Hq, d) buffer directly.
+    (layer, "gate", S) replays the gate's logits, the selection and the sync-free block index
+    (top-k per row: one launch, `ops.select_index`; else `select_blocks`, through torch.compile
+    when `compiled`, and `ops.block_index`), and the kernel then runs outside the graph on the
+    layer's own q, k, v, writing a (B, S, Hq, d) buffer directly.
 
     Args:
         query: (B, Hq, S, d); key, value: (B, Hkv, S, d); q_pre, k_pre: their pre-RoPE forms;
@@ -365,8 +366,14 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
         ((B, key.shape[1], nb, len(gate.k_pool) * d), torch.float32, dev)])
     pooled_features(gate, q_pre, k_pre, out=(qp, kp))
     build = compiled_gate_block_mask() if compiled else gate_block_mask
+    fused = not keep_mask and ops.select_index_fused(selection)
 
     def step(qp, kp):
+        if fused:  # the logits, then the selection and index in one launch
+            with torch.no_grad():
+                logits = gate.forward_pooled(qp, kp)
+            index = ops.select_index(logits, selection, S, block_size)
+            return index, None, index.counts.sum()
         mask = build(gate, qp, kp, selection)
         index = ops.block_index(mask, S, block_size)
         # the mask stays in the graph's memory only when it is kept

@@ -30,7 +30,13 @@ import warnings
 import torch
 
 from . import gate, reference
-from .select import DECODE_KERNEL_FORCED
+from .select import (
+    DECODE_KERNEL_FORCED,
+    Selection,
+    density_to_k,
+    row_topk_kernel_args,
+    select_blocks,
+)
 
 __all__ = [
     "attention",
@@ -44,6 +50,8 @@ __all__ = [
     "pool_blocks",
     "kernel_path",
     "block_index",
+    "select_index",
+    "select_index_fused",
     "use_backend",
     "get_backend",
     "BACKENDS",
@@ -284,6 +292,34 @@ def block_index(mask: torch.Tensor, seq_len: int, block_size: int):
 
     B, Hq = mask.shape[:2]
     return build_block_index(mask, B, Hq, seq_len, block_size, rows_per_tile=1, sync_free=True)
+
+
+def select_index_fused(selection: Selection) -> bool:
+    """Whether `select_index` takes `selection` in one kernel launch (on the kernel path)."""
+    return row_topk_kernel_args(selection) is not None
+
+
+def select_index(logits: torch.Tensor, selection: Selection, seq_len: int, block_size: int, *,
+                 backend: str | None = None):
+    """The kernel's block index of `select_blocks(logits, selection)`, as `block_index` builds
+    it (one query block per tile, sync-free): in one launch on the kernel path for top-k per row
+    (`seerlib.kernels.prefill_select`), else those two.
+
+    Args:
+        logits: (B, H, nb, nb) float block scores (gate logits; -inf above the diagonal).
+        selection: a prefill Selection; seq_len: S; block_size: b.
+    Returns:
+        a `seerlib.kernels.BlockIndex` for `block_sparse_attention` on the kernel path.
+    """
+    name = get_backend(backend)
+    kw = row_topk_kernel_args(selection)
+    if kw is not None and (name == "triton" or (name == "auto" and logits.is_cuda)):
+        from seerlib.kernels.prefill_select import prefill_select  # lazy: imports triton
+
+        nb = logits.shape[-1]
+        return prefill_select(logits, seq_len, block_size, density_to_k(selection.density, nb),
+                              **kw)
+    return block_index(select_blocks(logits, selection), seq_len, block_size)
 
 
 def pool_blocks(x, block_size: int, pool_ops, *, out: torch.Tensor | None = None,

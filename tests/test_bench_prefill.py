@@ -134,3 +134,6 @@ def test_pooled_step_row_on_the_kernels_with_its_graph_called(monkeypatch):
         r = bench.pooled_step(run, "pstep", step, layer, scfg, 1, 0)
     assert r["path"] == "graphed_gate_step" and r["ms"] > 0 and r["kernel_ms"] > 0
     assert r["graph_vs_eager_max_abs_diff"] < 1e-5 and 0 < r["achieved_density"] <= 1
+    # the one-launch selection beside the mask path, the same attention
+    assert r["select_index_fused"] and r["mask_path_graph_ms"] > 0
+    assert r["mask_path_vs_fused_max_abs_diff"] < 1e-5

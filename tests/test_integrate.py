@@ -311,10 +311,13 @@ def test_transposed_out_is_only_made_for_the_kernel_path():
     assert _transposed_out(q, k, k) is None  # a CPU tensor: the reference path returns its own
 
 
-def test_graphed_gate_step_gives_the_gate_methods_mask_and_attention():
+@pytest.mark.parametrize("keep_mask,forced", [(True, {}), (False, {}), (False, {"sink": 1,
+                                                                               "local": 2})])
+def test_graphed_gate_step_gives_the_gate_methods_mask_and_attention(keep_mask, forced):
     """`graphed_gate_step` with its graph replaced by a plain call (CUDA graphs need a GPU) and
     the Triton kernels under the interpreter: the pooled statics, the mask, the kept count and
-    the (B, S, Hq, d) output are the eager gate method's."""
+    the (B, S, Hq, d) output are the eager gate method's; without keep_mask the selection and
+    index are the one-launch kernel's (`ops.select_index`)."""
     class Called(StepGraphs):
         def replay(self, key, fn, statics):
             return fn(*statics)
@@ -324,14 +327,16 @@ def test_graphed_gate_step_gives_the_gate_methods_mask_and_attention():
     gate = AttnGate(4, 2, d, block_size=b)
     q, q_pre = torch.randn(1, 4, S, d), torch.randn(1, 4, S, d)
     k, v, k_pre = (torch.randn(1, 2, S, d) for _ in range(3))
-    sel = Selection(density=0.4)
+    sel = Selection(density=0.4, forced=forced)
+    assert ops.select_index_fused(sel)
     graphs = Called()
     with ops.use_backend("triton"):
         out, kept, mask = graphed_gate_step(graphs, 0, gate, sel, q, k, v, q_pre, k_pre, b,
-                                            scale=d ** -0.5, keep_mask=True)
+                                            scale=d ** -0.5, keep_mask=keep_mask)
     want = layer_block_mask(SparseConfig("gate", sel, block_size=b),
                             LayerInputs(q, k, v, b, gate=gate, q_pre=q_pre, k_pre=k_pre))
-    assert torch.equal(mask, want) and int(kept) == int(want.tril().sum())
+    assert (mask is None) != keep_mask and (mask is None or torch.equal(mask, want))
+    assert int(kept) == int(want.tril().sum())
     assert out.shape == (1, S, 4, d) and out.is_contiguous()
     expected = reference.block_sparse_attention(q, k, v, want, b, scale=d ** -0.5)
     torch.testing.assert_close(out.transpose(1, 2), expected, atol=2e-5, rtol=2e-5)

@@ -110,7 +110,7 @@ def _decode_gate_select(
         # 3. selection and index
         select_row(l_row, IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
                    t // BLOCK, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2,
-                   K_P2, RADIX, PASSES)
+                   K_P2, RADIX, PASSES, 0)
 
 
 def fusable(gate) -> bool:

@@ -47,9 +47,10 @@ def _order_key(s):
 @triton.jit
 def select_row(S_ROW, IDX_ROW, CNT_AT, c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold,
                MODE: tl.constexpr, NB_P2: tl.constexpr, K_P2: tl.constexpr,
-               RADIX: tl.constexpr, PASSES: tl.constexpr):
+               RADIX: tl.constexpr, PASSES: tl.constexpr, TAG: tl.constexpr):
     """One row: scores S_ROW[0 .. W) of a query in key block c -> its kept blocks at IDX_ROW
-    (ascending, then -1, K_W entries) and their count at CNT_AT."""
+    (ascending, each OR'd with TAG, then -1, K_W entries) and their count at CNT_AT; returns the
+    count."""
     j = tl.arange(0, NB_P2)
     visible = (j <= c) & (j < NB)
     forced = visible & ((j == c) | (j < SINK) | ((j >= c - LOCAL) & (j < c)))
@@ -93,11 +94,12 @@ def select_row(S_ROW, IDX_ROW, CNT_AT, c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DEN
 
     kept = forced | picked
     slot = tl.cumsum(kept.to(tl.int32), 0) - 1
-    tl.store(IDX_ROW + slot, j, mask=kept & (slot < K_W))
+    tl.store(IDX_ROW + slot, j | TAG, mask=kept & (slot < K_W))
     count = tl.minimum(tl.sum(kept.to(tl.int32), 0), K_W)
     r = tl.arange(0, K_P2)
     tl.store(IDX_ROW + r, tl.full([K_P2], -1, tl.int32), mask=(r >= count) & (r < K_W))
     tl.store(CNT_AT, count)
+    return count
 
 
 @triton.jit
@@ -120,7 +122,7 @@ def _decode_select(
     select_row(S + z.to(tl.int64) * ssz + h.to(tl.int64) * ssh,
                IDX + z.to(tl.int64) * siz + h.to(tl.int64) * sih, CNT + pid,
                c, W, NB, K_W, K_BUDGET, SINK, LOCAL, DENS, threshold, MODE, NB_P2, K_P2, RADIX,
-               PASSES)
+               PASSES, 0)
 
 
 def row_launch(num_blocks: int, width: int, width_is: str, mode: str, position, device,
