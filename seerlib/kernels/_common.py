@@ -28,6 +28,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_kernel_device(what: str, **tensors: torch.Tensor) -> None:
+    """Refuse tensors that are not all on one device of the type the kernels run on here: CUDA,
+    or the CPU under TRITON_INTERPRET=1. `what` names the kernel, the keywords the tensors."""
+    want = "cpu" if interpreting() else "cuda"
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if first.type != want or any(d != first for d in devices.values()):
+        got = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"the {what} runs on {want} tensors here (TRITON_INTERPRET="
+                         f"{int(interpreting())}); got {got}")
+
+
 def check_inputs(q, k, v, block_size=None):
     """Validate q (B, Hq, S, d), k, v (B, Hkv, S, d) for the kernels; return (B, Hq, Hkv, S, d)."""
     B, Hq, Hkv, S, d = check_qkv(q, k, v)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import check_kernel_device
 from .decode_select import MODES, decode_select, row_launch, select_row
 
 __all__ = ["decode_gate_select", "fusable", "logit_splits"]
@@ -172,10 +172,7 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
     W, dev = k_gate.shape[2], q_pre.device
     nb, K, dens, meta, launch = row_launch(num_blocks, W, "the cached blocks", mode, position,
                                            dev, max_blocks, density)
-    want = "cpu" if interpreting() else "cuda"
-    if dev.type != want or k_gate.device != dev or gate.q_proj.device != dev:
-        raise ValueError(f"the fused gate step runs on {want} tensors here (TRITON_INTERPRET="
-                         f"{int(interpreting())}); got q_pre on {dev}, k_gate on {k_gate.device}")
+    check_kernel_device("fused gate step", q_pre=q_pre, k_gate=k_gate, q_proj=gate.q_proj)
     q_pre = q_pre if q_pre.stride(-1) == 1 else q_pre.contiguous()
     k_gate = k_gate if k_gate.stride(-1) == 1 else k_gate.contiguous()
     wq = gate.q_proj.detach()

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import check_kernel_device, interpreting
 
 __all__ = ["decode_select", "MODES", "MAX_BLOCKS"]
 
@@ -192,10 +192,7 @@ def decode_select(scores: torch.Tensor, position: torch.Tensor, num_blocks: int,
     B, Hkv, W = scores.shape
     nb, K, dens, meta, launch = row_launch(num_blocks, W, "the scores' width", mode, position,
                                            scores.device, max_blocks, density)
-    want = "cpu" if interpreting() else "cuda"
-    if scores.device.type != want:
-        raise ValueError(f"the decode selection kernel runs on {want} tensors here "
-                         f"(TRITON_INTERPRET={int(interpreting())}); got {scores.device}")
+    check_kernel_device("decode selection kernel", scores=scores)
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     if out is None:

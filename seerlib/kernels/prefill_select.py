@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ENTRY_BITS_SHIFT, interpreting
+from ._common import ENTRY_BITS_SHIFT, check_kernel_device, interpreting
 from .block_index import BlockIndex
 from .decode_select import MAX_BLOCKS, search_passes, select_row
 
@@ -87,10 +87,7 @@ def prefill_select(logits: torch.Tensor, seq_len: int, block_size: int, k: int, 
         raise ValueError(f"k (blocks per row) must be a whole number >= 1; got {k!r}")
     if min(sink, local) < 0:
         raise ValueError(f"sink and local must be >= 0; got {sink}, {local}")
-    want = "cpu" if interpreting() else "cuda"
-    if logits.device.type != want:
-        raise ValueError(f"the prefill selection kernel runs on {want} tensors here "
-                         f"(TRITON_INTERPRET={int(interpreting())}); got {logits.device}")
+    check_kernel_device("prefill selection kernel", logits=logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     dev = logits.device

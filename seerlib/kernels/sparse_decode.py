@@ -37,7 +37,7 @@ import triton.language as tl
 
 from seerlib.reference import check_block_size, check_decode_shapes, check_softcap, num_blocks
 
-from ._common import check_out, interpreting, score_scales, softmax_step, tanh
+from ._common import check_kernel_device, check_out, interpreting, score_scales, softmax_step, tanh
 
 __all__ = ["sparse_decode_attention", "decode_attention", "choose_splits"]
 
@@ -168,10 +168,7 @@ def _check(q, k, v, block_size):
         raise ValueError(f"head dim must be one of 16, 32, 64, 128 for the kernel; got {d}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    want = "cpu" if interpreting() else "cuda"
-    if q.device.type != want or k.device != q.device or v.device != q.device:
-        raise ValueError(f"the decode kernel runs on {want} tensors here (TRITON_INTERPRET="
-                         f"{int(interpreting())}); got q on {q.device}, k on {k.device}")
+    check_kernel_device("decode kernel", q=q, k=k, v=v)
     for name, t in (("k", k), ("v", v), ("q", q)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim")
