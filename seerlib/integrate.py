@@ -46,6 +46,7 @@ from seerlib.methods import (
     compiled_gate_block_mask,
     compiled_layer_block_mask,
     gate_block_mask,
+    gate_logits,
     layer_block_mask,
     pooled_features,
     resolve_config,
@@ -370,9 +371,7 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
 
     def step(qp, kp):
         if fused:  # the logits, then the selection and index in one launch
-            with torch.no_grad():
-                logits = gate.forward_pooled(qp, kp)
-            index = ops.select_index(logits, selection, S, block_size)
+            index = ops.select_index(gate_logits(gate, qp, kp), selection, S, block_size)
             return index, None, index.counts.sum()
         mask = build(gate, qp, kp, selection)
         index = ops.block_index(mask, S, block_size)

@@ -48,6 +48,7 @@ __all__ = [
     "Method",
     "SparseConfig",
     "gate_block_mask",
+    "gate_logits",
     "ground_truth",
     "layer_block_mask",
     "parse_config",
@@ -195,19 +196,23 @@ def pooled_features(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor, o
             ops.pool_blocks(k_pre, gate.block_size, gate.k_pool, out=k_out))
 
 
-def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,
-                    selection: Selection) -> torch.Tensor:
-    """The "gate" method's mask from the gate's pooled features (`AttnGate.pool`'s output, or
-    `ops.pool_blocks`'): the logits (`AttnGate.forward_pooled`) through `select_blocks`.
+def gate_logits(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor) -> torch.Tensor:
+    """The gate's block logits for selection (no autograd) from its pooled features
+    (`AttnGate.pool`'s output, or `ops.pool_blocks`').
 
     Args:
         q_pooled: (B, Hq, nb, len(q_pool) * d); k_pooled: (B, Hkv, nb, len(k_pool) * d).
     Returns:
-        (B, Hq, nb, nb) bool.
+        (B, Hq, nb, nb) float logits (`AttnGate.forward_pooled`).
     """
     with torch.no_grad():
-        logits = gate.forward_pooled(q_pooled, k_pooled)
-    return select_blocks(logits, selection)
+        return gate.forward_pooled(q_pooled, k_pooled)
+
+
+def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,
+                    selection: Selection) -> torch.Tensor:
+    """The "gate" method's (B, Hq, nb, nb) bool mask: `gate_logits` through `select_blocks`."""
+    return select_blocks(gate_logits(gate, q_pooled, k_pooled), selection)
 
 
 def ground_truth(q, k, v, block_size: int, pooling: str, scale: float | None = None,

@@ -31,9 +31,9 @@ import torch
 
 from . import gate, reference
 from .select import (
-    DECODE_KERNEL_FORCED,
     Selection,
     density_to_k,
+    kernel_forced_args,
     row_topk_kernel_args,
     select_blocks,
 )
@@ -406,13 +406,14 @@ def _select_kernel_args(selection, on_cuda: bool, block_size: int, backend) -> d
     name = get_backend(backend)
     if not (name == "triton" or (name == "auto" and on_cuda)) or not selection.has_budget:
         return None
-    if any(n not in DECODE_KERNEL_FORCED for n, _ in selection.forced):
+    forced = kernel_forced_args(selection)
+    if forced is None:
         return None  # a rule the kernels do not compute: the torch path
     mode = ("tokens" if selection.tokens is not None else
             "density" if selection.density is not None else "threshold")
     return dict(mode=mode, budget_blocks=blocks_per_query(selection, block_size) or 0,
                 density=selection.density or 0.0, threshold=selection.threshold or 0.0,
-                **{DECODE_KERNEL_FORCED[n]: k for n, k in selection.forced})
+                **forced)
 
 
 def decode_select(scores: torch.Tensor, selection, position: torch.Tensor, num_blocks: int,

@@ -45,14 +45,15 @@ __all__ = [
     "BUDGET_RULES",
     "DECODE_FORCED",
     "DECODE_KERNEL_FORCED",
-    "row_topk_kernel_args",
     "FORCED_BLOCKS",
     "Selection",
     "achieved_density",
     "causal_block_mask",
     "density_to_k",
     "forced_rule",
+    "kernel_forced_args",
     "parse_selection",
+    "row_topk_kernel_args",
     "select_blocks",
     "topk_density",
 ]
@@ -398,16 +399,23 @@ def threshold_rule(scores, forced, causal, selection: Selection) -> torch.Tensor
 BUDGET_RULES = {"row": topk_per_row, "layer": layer_budget, "relative": layer_budget}
 
 
+def kernel_forced_args(selection: Selection) -> dict | None:
+    """The selection kernels' forced-block keywords for `selection` ({"sink": n, "local": m}),
+    or None when one of its forced rules has no kernel form (`DECODE_KERNEL_FORCED`)."""
+    if any(n not in DECODE_KERNEL_FORCED for n, _ in selection.forced):
+        return None
+    return {DECODE_KERNEL_FORCED[n]: k for n, k in selection.forced}
+
+
 def row_topk_kernel_args(selection: Selection) -> dict | None:
     """The prefill selection kernel's forced-block keywords for `selection` ({"sink": n, ...}),
     or None when it is not plain top-k per row that the kernel computes: a density under the
     "row" rule, no row floor, the diagonal kept, and only forced rules with a kernel form
-    (`DECODE_KERNEL_FORCED`; their rows are the same at prefill)."""
+    (`kernel_forced_args`; their rows are the same at prefill)."""
     if (selection.density is None or selection.budget != "row" or selection.row_floor
-            or not selection.diagonal
-            or any(n not in DECODE_KERNEL_FORCED for n, _ in selection.forced)):
+            or not selection.diagonal):
         return None
-    return {DECODE_KERNEL_FORCED[n]: k for n, k in selection.forced}
+    return kernel_forced_args(selection)
 
 
 def select_blocks(logits: torch.Tensor, selection: Selection) -> torch.Tensor:
