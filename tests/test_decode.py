@@ -19,6 +19,7 @@ from seerlib.distill.cli import tiny_model
 from seerlib.distill.decode import DecodeDistiller
 from seerlib.distill.train import DistillConfig
 from seerlib.eval.decode import decode_configs, decode_quality, markdown
+from seerlib.eval.decode import main as decode_eval_main
 from seerlib.io import load_gates, save_gates
 from seerlib.select import Selection, parse_selection, select_blocks
 from seerlib.tiny import tiny_family
@@ -349,3 +350,17 @@ def test_quality_table_keeps_forced_block_variants_apart():
                   ppl_late=p, recall=0.5) for f, p in (("", 3.25), ("+sink", 2.75))]
     md = markdown({"quality": rows})
     assert "| gate | 3.250 / 0.500 |" in md and "| gate+sink | 2.750 / 0.500 |" in md
+
+
+@pytest.mark.parametrize("methods, expected", [
+    ("quest,gate+sink+local8", "'gate+sink+local8@tok=1024' needs --gates"),
+    ("bogus", "bogus"),
+])
+def test_decode_eval_cli_refuses_before_loading_the_model(methods, expected, tmp_path, capsys):
+    """A gate variant without --gates, or an unknown method, stops before the model loads."""
+    with pytest.raises(SystemExit) as e:
+        decode_eval_main(["--methods", methods, "--budgets", "1024", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+

@@ -229,8 +229,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results stem (writes .json and .md); default a "
                    "fresh bench/results/runs/decode-quality-<time>")
     args = p.parse_args(argv)
-    if "gate" in args.methods and not args.gates:
-        p.error("method 'gate' needs --gates (a decode gate file)")
+    try:  # every label checked before the model loads; a gate variant needs the gate file too
+        needs_gates = [c.label for c in decode_configs(args.methods, args.budgets[:1] or [1024])
+                       if c.method == "gate"]
+    except ValueError as e:
+        p.error(str(e))
+    if needs_gates and not args.gates:
+        p.error(f"method {needs_gates[0]!r} needs --gates (a decode gate file)")
     out = Path(args.out) if args.out else fresh_path("bench/results/runs", "decode-quality")
     for suffix in (".json", ".md"):
         if out.with_suffix(suffix).exists():
