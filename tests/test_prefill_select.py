@@ -5,8 +5,10 @@ poisoned logits above the diagonal, -inf below it, the attention it feeds, the f
 input."""
 
 import os
+import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
