@@ -22,6 +22,10 @@ Rows (`--providers`), all at the same shape and length in one process:
   the kernel alone on the same index: the gate + selection + index share of the kernel's time.
 - `graph:<label>` (CUDA only): the same sparse row with `sparsify(..., cuda_graphs=True)`: each
   layer's selection and sparse attention replayed as a CUDA graph (`seerlib.graphs`).
+- `whole:<label>`, `whole:sdpa_cudnn` (CUDA only): the whole forward captured once as one CUDA
+  graph (`seerlib.prefill_graph.PrefillGraph`) and replayed, sparse through `sparsify` or dense
+  under that SDPA backend; the capture is untimed, the replay's logits are checked against an
+  eager call (`graph_vs_eager_max_abs_diff`). No breakdown (a replay runs no Python).
 - `compile:<label>`, `graph+compile:<label>`: with `compile_selection=True` (the gate and the
   selection through torch.compile, compiled in the warm-up); `cstep@0.1`: the layer step so.
 - `pstep@0.1`, `pcstep@0.1` (CUDA only): the layer step as `graph:gate` runs it
@@ -72,6 +76,7 @@ from seerlib.methods import (
     parse_config,
     preset,
 )
+from seerlib.prefill_graph import PrefillGraph
 from seerlib.reference import num_blocks
 from seerlib.select import Selection, achieved_density, density_to_k
 
@@ -389,8 +394,14 @@ def _repeated_kv_sdpa(module, query, key, value, attention_mask, *, default, **k
 
 
 def dense_row(run: Run, provider: str) -> dict:
+    modes, provider = split_modes(provider)
     if provider in CUDA_ONLY and run.device.type != "cuda":
         raise Skip(CUDA_ONLY[provider])
+    if "whole" in modes:
+        if run.device.type != "cuda" or provider == "flex":
+            raise Skip("one graph of the whole forward: SDPA rows on CUDA only")
+        with _backend(provider):
+            return {**whole_graph(run), "path": "PrefillGraph"}
     if provider == "flex":
         model = run.model
         previous = model.config._attn_implementation
@@ -412,7 +423,9 @@ def dense_row(run: Run, provider: str) -> dict:
             return {**run.measure(), "gqa": f"repeated_kv (enable_gqa failed: {why})"}
 
 
-MODES = ("graph", "compile")  # "graph+compile:gate@0.1": cuda_graphs and compile_selection
+# "graph+compile:gate@0.1": cuda_graphs and compile_selection; "whole:gate@0.1" or
+# "whole:sdpa_cudnn": the whole forward captured as one CUDA graph (PrefillGraph) and replayed
+MODES = ("graph", "compile", "whole")
 
 
 def split_modes(provider: str) -> tuple[set[str], str]:
@@ -423,17 +436,41 @@ def split_modes(provider: str) -> tuple[set[str], str]:
     modes = set(head.split("+"))
     if not modes <= set(MODES):
         raise ValueError(f"unknown mode in {provider!r}; modes: {MODES}")
+    if "whole" in modes and len(modes) > 1:
+        raise ValueError(f"{provider!r}: 'whole' (one graph of the forward) takes no other mode")
     return modes, label
+
+
+def whole_graph(run: Run) -> dict:
+    """The forward captured once as one CUDA graph (`seerlib.prefill_graph.PrefillGraph`, its
+    warm-up and capture untimed) and timed as replays; its logits checked against an eager call."""
+    t0 = time.perf_counter()
+    graph = PrefillGraph(run.model, run.ids, warmup=max(run.cfg.warmup, 2), logits_to_keep=1)
+    capture_s = time.perf_counter() - t0
+    eager = run.forward().logits.float()
+    out = measure(lambda: graph(run.ids), run.device, run.cfg.reps, 1)
+    out["graph_vs_eager_max_abs_diff"] = float((graph(run.ids).float() - eager).abs().max())
+    out["capture_s"] = capture_s
+    if run.cfg.profile:
+        out["profile"] = profiled(lambda: graph(run.ids), run.device)
+    graph = None  # the graph's memory pool goes back before the next row
+    free(run.device)
+    return out
 
 
 def sparse_row(run: Run, provider: str) -> dict:
     modes, label = split_modes(provider)
-    if "graph" in modes and run.device.type != "cuda":
-        raise Skip("CUDA graphs (graph:...) run on CUDA only")
+    if modes & {"graph", "whole"} and run.device.type != "cuda":
+        raise Skip("CUDA graphs (graph:..., whole:...) run on CUDA only")
     scfg = sparse_config(label, run.cfg.block_size)
     gates = run.gates if scfg.spec.needs_gate else None
     with sparsify(run.model, scfg, gates=gates, block_size=run.cfg.block_size,
                   cuda_graphs="graph" in modes, compile_selection="compile" in modes) as sp:
+        if "whole" in modes:
+            out = {**whole_graph(run), "path": "PrefillGraph",
+                   "achieved_density": sp.stats.achieved_density, "stats": sp.stats.as_dict()}
+            return {**out, "config": scfg.label,
+                    "gate": "untrained" if gates is not None else None}
         # a compiled selection compiles in its first call: warm up at least twice
         out = run.measure(max(run.cfg.warmup, 2) if "compile" in modes else None)
         if run.cfg.breakdown and "compile" not in modes:  # the timers would break the graph
@@ -618,7 +655,7 @@ def check_row(run: Run) -> dict:
 
 
 def row_kind(provider: str) -> str:
-    if provider in DENSE:
+    if provider in DENSE or provider.partition(":")[2] in DENSE:
         return "dense"
     head = provider.split("@")[0]
     return {"ideal": "ideal", "step": "step", "cstep": "step", "pstep": "step",
@@ -730,7 +767,7 @@ def markdown(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (shape, layers, S, p), r in sorted(rows.items(), key=lambda kv: kv[0][:3]):
-        if r["status"] != "ok" or row_kind(p) in ("dense", "step"):
+        if r["status"] != "ok" or row_kind(p) in ("dense", "step") or p.startswith("whole:"):
             continue
         bd = r.get("breakdown", {})
         part = lambda n, bd=bd: (  # noqa: E731
@@ -776,6 +813,26 @@ def markdown(records: list[dict]) -> str:
                 f"{fmt_ms(r['kernel_ms'])} | "
                 f"{'-' if eager is None else f'{eager:.0%}'} | "
                 f"{r['graph_overhead_share']:.0%} | {r['graph_vs_eager_max_abs_diff']:.1e} |")
+    wholes = [(key, r) for key, r in sorted(rows.items(), key=lambda kv: kv[0][:3])
+              if key[3].startswith("whole:") and r["status"] == "ok"]
+    if wholes:  # only where a record has such a row (runs since 12-08)
+        lines += [
+            "",
+            "## One CUDA graph of the whole forward (`PrefillGraph`)",
+            "",
+            "Captured once (warm-up and capture untimed), then replayed; the replay's logits "
+            "against an eager call of the same configuration. Device busy: the kernels' summed "
+            "time in one profiled replay (`--profile`).",
+            "",
+            "| shape | layers | S | provider | replay ms | capture s | device busy ms "
+            "| graph = eager (max abs diff) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (shape, layers, S, p), r in wholes:
+            busy = r.get("profile", {}).get("device_busy_ms")
+            lines.append(f"| {shape} | {layers} | {S} | {p} | {fmt_ms(r['ms'])} | "
+                         f"{r['capture_s']:.1f} | {fmt_ms(busy)} | "
+                         f"{r['graph_vs_eager_max_abs_diff']:.1e} |")
     checks = _latest(records, "check")
     if checks:
         lines += [

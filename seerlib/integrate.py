@@ -54,7 +54,8 @@ from seerlib.methods import (
 from seerlib.reference import causal_block_count, num_blocks
 from seerlib.select import Selection
 
-__all__ = ["Sparsified", "SparsityStats", "count_blocks", "graphed_gate_step", "sparsify"]
+__all__ = ["Sparsified", "SparsityStats", "active_handle", "count_blocks", "graphed_gate_step",
+           "sparsify"]
 
 
 class SparsityStats:
@@ -153,6 +154,11 @@ def _check_gates(gates, model, block_size: int) -> None:
 
 
 _ACTIVE = "_seerlib_sparsified"  # the model's attribute naming its enabled handle
+
+
+def active_handle(model: nn.Module) -> Sparsified | None:
+    """The `sparsify` handle enabled on `model`, or None."""
+    return getattr(model, _ACTIVE, None)
 
 
 class Sparsified:
@@ -256,6 +262,11 @@ class Sparsified:
             out = self._graphed(layer, query, key, value, q_pre, k_pre, weights, gate, scale,
                                 softcap)
             return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
+        if (cfg.method == "gate" and cfg.attention == "ops" and weights is None
+                and not self.record_masks and not self.compile_selection
+                and ops.kernel_path(query, cfg.block_size) and not _wants_grad(query, key, value)):
+            return self._gate_index(layer, query, key, value, q_pre, k_pre, gate, scale,
+                                    softcap), None
         layer_in = LayerInputs(query, key, value, cfg.block_size, scale=scale, gate=gate,
                                q_pre=q_pre, k_pre=k_pre, weights=weights, softcap=softcap)
         mask = self._block_mask(cfg, layer_in)
@@ -280,6 +291,24 @@ class Sparsified:
         if self.compile_selection:
             return compiled_layer_block_mask()(cfg, layer_in)
         return layer_block_mask(cfg, layer_in)
+
+    def _gate_index(self, layer, query, key, value, q_pre, k_pre, gate, scale, softcap):
+        """The "gate" layer on the kernel path with no (nb, nb) mask: the pooled features, the
+        logits, then top-k per row and the sync-free block index in one launch where the
+        selection allows it (`ops.select_index`), and the kernel writing a (B, S, Hq, d)
+        buffer. No host sync, so a whole forward of it can be one graph (`PrefillGraph`)."""
+        if gate is None or q_pre is None or k_pre is None:
+            raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+        B, Hq, S, _ = query.shape
+        b = self.config.block_size
+        logits = gate_logits(gate, *pooled_features(gate, q_pre, k_pre))
+        index = ops.select_index(logits, self.config.selection, S, b)
+        nb = num_blocks(S, b)
+        self.stats.add(layer, None, kept=index.counts.sum(), shape=(B, Hq, nb, nb))
+        out = _bshd_buffer(query)
+        ops.block_sparse_attention(query, key, value, index, b, scale=scale, softcap=softcap,
+                                   out=out.transpose(1, 2))
+        return out
 
     def _graphed_gate(self, layer, query, key, value, q_pre, k_pre, gate, scale, softcap):
         """`graphed_gate_step` for this layer, its kept count and mask recorded."""

@@ -137,3 +137,41 @@ def test_pooled_step_row_on_the_kernels_with_its_graph_called(monkeypatch):
     # the one-launch selection beside the mask path, the same attention
     assert r["select_index_fused"] and r["mask_path_graph_ms"] > 0
     assert r["mask_path_vs_fused_max_abs_diff"] < 1e-5
+
+
+def test_whole_forward_rows_on_a_cpu_with_the_graph_called(monkeypatch, tmp_path):
+    """The whole: rows' glue on a CPU: PrefillGraph replaced by a plain call of the model (its
+    capture needs a GPU; tests/test_prefill_graph.py tests it there): timing, the check against
+    eager logits, and their own markdown table; 'whole' takes no other mode."""
+    class Called:
+        def __init__(self, model, ids, *, warmup, **kwargs):
+            self.model, self.kwargs = model, kwargs
+
+        def __call__(self, ids):
+            with torch.no_grad():
+                return self.model(input_ids=ids, use_cache=False, **self.kwargs).logits
+
+    monkeypatch.setattr(bench, "PrefillGraph", Called)
+    cfg = bench.BenchConfig(shapes=("tiny",), seq_lens=(128,), device="cpu", dtype="fp32",
+                            reps=2)
+    model = bench.build_model("tiny", None, cfg, 128)
+    gates = GateSet.from_config(model.config, block_size=64)
+    ids = torch.randint(0, model.config.vocab_size, (1, 128))
+    run = bench.Run(cfg, torch.device("cpu"), model, gates, ids)
+    r = bench.whole_graph(run)
+    assert r["ms"] > 0 and r["graph_vs_eager_max_abs_diff"] == 0 and r["capture_s"] >= 0
+    with pytest.raises(ValueError, match="takes no other mode"):
+        bench.split_modes("whole+graph:gate@0.1")
+    assert bench.row_kind("whole:sdpa_cudnn") == "dense"
+    assert bench.row_kind("whole:gate@0.1") == "sparse"
+    stem = bench.main(["--device", "cpu", "--preset", "tiny", "--seq-lens", "128", "--reps", "1",
+                       "--providers", "sdpa", "whole:sdpa", "whole:gate@0.1", "--no-check",
+                       "--out", str(tmp_path), "--tag", "_w"])
+    rows = {x["provider"]: x for x in _records(stem)}
+    assert all(rows[p]["status"] == "skipped" and "CUDA" in rows[p]["reason"]
+               for p in ("whole:sdpa", "whole:gate@0.1"))
+    record = {**rows["sdpa"], **r, "provider": "whole:gate@0.1", "status": "ok"}
+    md = bench.markdown([rows["sdpa"], record])
+    assert "## One CUDA graph of the whole forward" in md
+    assert "| tiny | 2 | 128 | whole:gate@0.1 |" in md
+    assert "## One CUDA graph" not in bench.markdown([rows["sdpa"]])

@@ -346,3 +346,32 @@ def test_graphed_gate_step_gives_the_gate_methods_mask_and_attention(keep_mask, 
     got_qp, got_kp = graphs.statics(specs)
     torch.testing.assert_close(got_qp, qp, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got_kp, kp, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("label", ["gate@0.3", "gate+sink+local2@0.3", "recommended"])
+def test_gate_layers_on_the_kernel_path_index_without_a_mask(label, monkeypatch):
+    """On the kernel path (here the Triton kernels under the interpreter) a gate layer goes from
+    its logits straight to the block index (`ops.select_index`: one launch for top-k per row,
+    forced blocks included; select_blocks + the index for the preset's layer budget) unless the
+    masks are recorded: the logits and kept counts are the mask path's."""
+    from seerlib.tiny import tiny_family
+
+    model = tiny_family("llama")
+    ids = torch.randint(3, 101, (1, S), generator=torch.Generator().manual_seed(1))
+    gates = GateSet.from_config(model.config, block_size=B16)
+    cfg = (replace(PRESETS["recommended"].at(density=0.3), block_size=B16)
+           if label == "recommended" else parse_config(label, block_size=B16))
+    calls = []
+    select_index = ops.select_index
+    monkeypatch.setattr(ops, "select_index", lambda *a, **k: calls.append(1) or
+                        select_index(*a, **k))
+    runs = []
+    for record in (True, False):
+        with ops.use_backend("triton"), sparsify(model, cfg, gates=gates, block_size=B16,
+                                                 record_masks=record) as sp:
+            runs.append((_logits(model, ids), sp.stats.per_layer, len(sp.masks)))
+    (masked, masked_kept, n_masks), (indexed, indexed_kept, n_none) = runs
+    assert len(calls) == 3 and n_masks == 3 and n_none == 0  # one index per layer, no masks
+    assert indexed_kept == masked_kept
+    assert 0 < sum(k for k, _ in indexed_kept.values()) < sum(c for _, c in indexed_kept.values())
+    torch.testing.assert_close(indexed, masked, atol=1e-5, rtol=1e-5)
