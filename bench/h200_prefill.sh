@@ -62,10 +62,12 @@ for stage in "$@"; do
     whole)
       timeout 90 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_prefill_graph.py \
         2>&1 | tail -6 | tee "$OUT/gpu-tests-whole.txt" || true
+      saved=("${ROWS[@]}")  # the other stages keep their rows
       ROWS=(sdpa_cudnn whole:sdpa_cudnn gate@0.1 graph:gate@0.1 whole:gate@0.1 ideal@0.1)
       PREFILL_ARGS="--profile" prefill _whole smollm2 150 120 8192 32768
       ROWS=(sdpa_flash "${ROWS[@]}")
-      prefill _whole8b llama3-8b:8 150 100 32768 ;;
+      prefill _whole8b llama3-8b:8 150 100 32768
+      ROWS=("${saved[@]}") ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
