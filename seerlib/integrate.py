@@ -482,7 +482,9 @@ def sparsify(
         cuda_graphs: on CUDA with attention "ops", run each layer's selection and sparse attention
             as a CUDA graph, captured on a layer's first prefill of a shape and replayed after
             (`seerlib.graphs`): short prefills are bound by launch cost, which this removes.
-            Inputs are copied into static buffers shared by the layers.
+            Inputs are copied into static buffers shared by the layers. To take the rest of the
+            host's per-layer work away too, leave this off and capture the whole forward of a
+            fixed shape instead (`seerlib.prefill_graph.PrefillGraph`).
         compile_selection: run each layer's gate and selection through `torch.compile`
             (`seerlib.methods.compiled_layer_block_mask`): the same masks from a few fused kernels
             instead of some 50 small launches; the first prefill of each shape compiles (seconds).
