@@ -97,7 +97,7 @@ from _results import (  # noqa: E402
 # them up. A target that does not resolve makes its part "n/a" (listed in the record), not a crash.
 PATCH_TARGETS = (
     ("gate", "seerlib.ops", "pool_blocks"),  # the gate's block pooling (the kernel on CUDA)
-    ("gate", "seerlib.gate", "AttnGate.forward_pooled"),  # its projection, RoPE and logits
+    ("gate", "seerlib.gate", "AttnGate.block_scores"),  # its projection, RoPE and logits
     ("selection", "seerlib.methods", "select_blocks"),  # the gate / oracle methods' selection
     ("selection", "seerlib.patterns", "sink_window"),  # sink_window's mask, via methods.patterns
     ("index", "seerlib.kernels.block_sparse_attention", "build_block_index"),

@@ -237,6 +237,17 @@ class AttnGate(nn.Module):
         Returns:
             logits: (B, Hq, nb, nb) float32, -inf above the block diagonal.
         """
+        logits = self.block_scores(q_pooled, k_pooled).float()
+        above = ~causal_block_mask(logits.shape[-1], logits.device)
+        return logits.masked_fill_(above, float("-inf"))  # (B, Hq, nb, nb)
+
+    def block_scores(self, q_pooled: torch.Tensor, k_pooled: torch.Tensor) -> torch.Tensor:
+        """`forward_pooled`'s logits as a selection reads them: in the gate's dtype, with the
+        entries above the block diagonal left as computed (`select_blocks` and `ops.select_index`
+        ignore them), which saves a float copy and a fill over (B, Hq, nb, nb) per layer.
+
+        Args / shapes: as `forward_pooled`. Returns: (B, Hq, nb, nb) in the parameters' dtype.
+        """
         dt = self.k_proj.dtype
         q_pooled, k_pooled = q_pooled.to(dt), k_pooled.to(dt)
         group = self.num_heads // self.num_kv_heads
@@ -249,9 +260,7 @@ class AttnGate(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q, self.block_size), self.rope(k, self.block_size)
         # the scale on the small q side, so the (B, Hq, nb, nb) logits are written once
-        logits = torch.matmul(q * default_scale(self.d_gate), k.transpose(-1, -2)).float()
-        above = ~causal_block_mask(logits.shape[-1], logits.device)
-        return logits.masked_fill_(above, float("-inf"))  # (B, Hq, nb, nb)
+        return torch.matmul(q * default_scale(self.d_gate), k.transpose(-1, -2))
 
     def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor) -> torch.Tensor:
         """Block-causal gate logits.

@@ -203,10 +203,11 @@ def gate_logits(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor)
     Args:
         q_pooled: (B, Hq, nb, len(q_pool) * d); k_pooled: (B, Hkv, nb, len(k_pool) * d).
     Returns:
-        (B, Hq, nb, nb) float logits (`AttnGate.forward_pooled`).
+        (B, Hq, nb, nb) in the gate's dtype (`AttnGate.block_scores`): `forward_pooled`'s
+        logits on and below the block diagonal, the entries above it unspecified.
     """
     with torch.no_grad():
-        return gate.forward_pooled(q_pooled, k_pooled)
+        return gate.block_scores(q_pooled, k_pooled)
 
 
 def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,

@@ -93,11 +93,11 @@ def test_every_patch_target_resolves_and_is_restored():
     import seerlib.gate
     import seerlib.methods
 
-    before = (seerlib.gate.AttnGate.forward_pooled, seerlib.methods.select_blocks)
+    before = (seerlib.gate.AttnGate.block_scores, seerlib.methods.select_blocks)
     with bench.instrumented(torch.device("cpu")) as timer:
         assert not timer.missing and timer.present == set(bench.PARTS)
-        assert seerlib.gate.AttnGate.forward_pooled is not before[0]
-    assert (seerlib.gate.AttnGate.forward_pooled, seerlib.methods.select_blocks) == before
+        assert seerlib.gate.AttnGate.block_scores is not before[0]
+    assert (seerlib.gate.AttnGate.block_scores, seerlib.methods.select_blocks) == before
 
 
 def test_part_timer_subtracts_nested_calls():

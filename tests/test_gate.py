@@ -29,6 +29,24 @@ def test_shapes_and_block_causality(S):
     assert torch.isfinite(logits[..., ~above]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_scores_are_the_logits_a_selection_reads(dtype):
+    """`block_scores` (what selection takes) is `forward_pooled` on and below the block diagonal,
+    in the gate's dtype, with no -inf fill above it; the selections of both are the same."""
+    from seerlib.select import Selection, select_blocks
+
+    gate = GateSet.from_config(tiny_config(), block_size=16)[0].to(dtype)
+    qp, kp = gate.pool(*qk(S=97))
+    scores, logits = gate.block_scores(qp, kp), gate.forward_pooled(qp, kp)
+    nb = logits.shape[-1]
+    below = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert scores.dtype == dtype and logits.dtype == torch.float32
+    assert torch.equal(scores.float()[..., below], logits[..., below])
+    assert torch.isfinite(scores[..., ~below]).all()  # computed, not filled
+    sel = Selection(density=0.3)
+    assert torch.equal(select_blocks(scores, sel), select_blocks(logits, sel))
+
+
 def test_parameter_shapes_and_init():
     gates = GateSet.from_config(tiny_config(), block_size=16)
     assert len(gates) == 3
