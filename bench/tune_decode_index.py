@@ -44,7 +44,7 @@ WARPS = (4, 8)
 SPLITS = ("default", "whole", "quarter")  # logit_splits' choice, one program a row, W / 4 each
 
 
-def per_program(split: str, rows: int, width: int, device) -> int | None:
+def per_program(split: str, width: int) -> int | None:
     """blocks_per_program for a SPLITS entry (None: the kernel's own `logit_splits`)."""
     if split == "default":
         return None
@@ -79,7 +79,7 @@ def tune_case(cfg: bd.BenchConfig, device, attn_cfg, S: int, B: int, sparsity: f
             "cached_blocks": W, "preset": cfg.preset, "gate": bd.GATE_NOTE}
     records, want = [], None
     for v in variants(device):
-        per = per_program(v["split"], B * case.Hkv, W, device)
+        per = per_program(v["split"], W)
 
         def index(v=v, per=per):
             return fused.decode_gate_select(

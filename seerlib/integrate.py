@@ -43,6 +43,7 @@ from seerlib.io import config_hash
 from seerlib.methods import (
     LayerInputs,
     SparseConfig,
+    check_gate_inputs,
     compiled_gate_block_mask,
     compiled_layer_block_mask,
     gate_block_mask,
@@ -297,23 +298,18 @@ class Sparsified:
         logits, then top-k per row and the sync-free block index in one launch where the
         selection allows it (`ops.select_index`), and the kernel writing a (B, S, Hq, d)
         buffer. No host sync, so a whole forward of it can be one graph (`PrefillGraph`)."""
-        if gate is None or q_pre is None or k_pre is None:
-            raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+        check_gate_inputs(gate, q_pre, k_pre)
         B, Hq, S, _ = query.shape
         b = self.config.block_size
         logits = gate_logits(gate, *pooled_features(gate, q_pre, k_pre))
         index = ops.select_index(logits, self.config.selection, S, b)
         nb = num_blocks(S, b)
         self.stats.add(layer, None, kept=index.counts.sum(), shape=(B, Hq, nb, nb))
-        out = _bshd_buffer(query)
-        ops.block_sparse_attention(query, key, value, index, b, scale=scale, softcap=softcap,
-                                   out=out.transpose(1, 2))
-        return out
+        return _attend_index(query, key, value, index, b, scale, softcap)
 
     def _graphed_gate(self, layer, query, key, value, q_pre, k_pre, gate, scale, softcap):
         """`graphed_gate_step` for this layer, its kept count and mask recorded."""
-        if gate is None or q_pre is None or k_pre is None:
-            raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+        check_gate_inputs(gate, q_pre, k_pre)
         out, kept, mask = graphed_gate_step(
             self.graphs, layer, gate, self.config.selection, query, key, value, q_pre, k_pre,
             self.config.block_size, scale=scale, softcap=softcap,
@@ -408,10 +404,16 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
         return index, (mask if keep_mask else None), mask.tril().sum()
 
     index, mask, kept = graphs.replay((layer, "gate", S), step, [qp, kp])
+    return _attend_index(query, key, value, index, block_size, scale, softcap), kept, mask
+
+
+def _attend_index(query, key, value, index, block_size: int, scale: float, softcap):
+    """The kernel on a prepared block index, writing a new (B, S, Hq, d) buffer directly
+    (transformers' layout) for query (B, Hq, S, d), key, value (B, Hkv, S, d)."""
     out = _bshd_buffer(query)
     ops.block_sparse_attention(query, key, value, index, block_size, scale=scale,
                                softcap=softcap, out=out.transpose(1, 2))
-    return out, kept, mask
+    return out
 
 
 def count_blocks(mask: torch.Tensor) -> tuple[int, int]:

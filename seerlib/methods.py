@@ -47,6 +47,7 @@ __all__ = [
     "LayerInputs",
     "Method",
     "SparseConfig",
+    "check_gate_inputs",
     "gate_block_mask",
     "gate_logits",
     "ground_truth",
@@ -170,10 +171,15 @@ def dense(layer: LayerInputs, selection: Selection) -> torch.Tensor:
     return layer.all_causal()
 
 
+def check_gate_inputs(gate, q_pre, k_pre) -> None:
+    """Raise ValueError unless a "gate" layer has its gate and its pre-RoPE q_pre, k_pre."""
+    if gate is None or q_pre is None or k_pre is None:
+        raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+
+
 @register_method("gate", needs_gate=True)
 def gate(layer: LayerInputs, selection: Selection) -> torch.Tensor:
-    if layer.gate is None or layer.q_pre is None or layer.k_pre is None:
-        raise ValueError("method 'gate' needs the layer's gate and its pre-RoPE q_pre, k_pre")
+    check_gate_inputs(layer.gate, layer.q_pre, layer.k_pre)
     return gate_block_mask(layer.gate, *pooled_features(layer.gate, layer.q_pre, layer.k_pre),
                            selection)
 

@@ -306,7 +306,8 @@ def select_index(logits: torch.Tensor, selection: Selection, seq_len: int, block
     (`seerlib.kernels.prefill_select`), else those two.
 
     Args:
-        logits: (B, H, nb, nb) float block scores (gate logits; -inf above the diagonal).
+        logits: (B, H, nb, nb) float block scores (gate logits); entries above the block
+            diagonal are ignored.
         selection: a prefill Selection; seq_len: S; block_size: b.
     Returns:
         a `seerlib.kernels.BlockIndex` for `block_sparse_attention` on the kernel path.
