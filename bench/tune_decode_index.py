@@ -8,7 +8,9 @@ loop step (`chunk_c`, `chunk_n`), at 4 warps, one program per (batch, kv head) u
 splits a row's logits over programs (`blocks_per_program`). This times every combination of
 those options on the step's real inputs (the Llama-3-8B attention shape, an untrained decode gate
 on random keys, a token budget at 90% sparsity), each replayed as a CUDA graph, and checks that
-every variant's index equals the default's.
+every variant's index equals the default's. Then, in the same process, the whole step (index ->
+sparse decode kernel) with the default launch and with the fastest variant, each as a CUDA graph,
+beside SDPA's cuDNN decode on the same inputs: the step's speedup a tuned default would give.
 
     python bench/tune_decode_index.py --out $OUT                   # on the GPU, about a minute
     TRITON_INTERPRET=1 python bench/tune_decode_index.py --device cpu --preset tiny \\
@@ -28,6 +30,7 @@ import time
 
 import torch
 
+from seerlib import ops
 from seerlib.decode import parse_decode_config
 from seerlib.decode.select import most_blocks
 from seerlib.io import atomic_write_text
@@ -101,7 +104,42 @@ def tune_case(cfg: bd.BenchConfig, device, attn_cfg, S: int, B: int, sparsity: f
             want = (idx.clone(), cnt.clone())
         same = bool(torch.equal(idx, want[0]) and torch.equal(cnt, want[1]))
         records.append({**rec, "status": "ok", "ms": ms, "same_index": same})
+    if device.type == "cuda":
+        try:
+            records.append(step_record(case, records, base, gate, k_gate, position, nb, K, kw))
+        except Exception as e:  # noqa: BLE001 - the variants' timings stand without it
+            records.append({**base, "status": "failed", "kind": "step",
+                            "error": f"{type(e).__name__}: {e}"[:400]})
     return records
+
+
+def step_record(case, records, base, gate, k_gate, position, nb, K, kw) -> dict:
+    """The whole step with the default launch and with the fastest variant that gave the default's
+    index (each index -> kernel in one CUDA graph), the kernel alone and cuDNN's dense decode."""
+    ok = [r for r in records if r["status"] == "ok" and r["same_index"]]
+    if not ok:
+        return {**base, "status": "failed", "kind": "step", "error": "no variant ran"}
+    best = min(ok, key=lambda r: r["ms"])
+    q, k, v, b = case.q, case.k, case.v, case.b
+
+    def step(var):
+        idx, cnt = fused.decode_gate_select(
+            gate, q, k_gate, position, nb, max_blocks=K,
+            blocks_per_program=var["blocks_per_program"], chunk_c=var["chunk_c"],
+            chunk_n=var["chunk_n"], num_warps=var["num_warps"], **kw)[:2]
+        return ops.sparse_decode_attention(q, k, v, idx, cnt, b, backend="triton")
+
+    idx, cnt = fused.decode_gate_select(gate, q, k_gate, position, nb, max_blocks=K, **kw)[:2]
+    out = {**base, "status": "ok", "kind": "step", "best": label(best),
+           "step_default_ms": bd.graph_ms(case, lambda: step(ok[0]))[0],
+           "step_best_ms": bd.graph_ms(case, lambda: step(best))[0],
+           "kernel_ms": bd.graph_ms(case, lambda: ops.sparse_decode_attention(
+               q, k, v, idx, cnt, b, backend="triton"))[0],
+           "sdpa_cudnn_ms": bd.dense_row(case, "sdpa_cudnn")["ms"],
+           "cudnn_clock": "eager (as bench_decode's sdpa_cudnn row)"}
+    if ok[0] is not records[0]:
+        out["note"] = "the default launch failed or changed the index; step_default is the first ok"
+    return out
 
 
 def label(r: dict) -> str:
@@ -110,6 +148,8 @@ def label(r: dict) -> str:
 
 
 def markdown(records: list[dict]) -> str:
+    steps = [r for r in records if r.get("kind") == "step"]
+    records = [r for r in records if r.get("kind") != "step"]
     first = records[0] if records else {}
     clock = "µs in a CUDA graph (median)" if first.get("device") == "cuda" else "wall µs, eager"
     lines = [f"# The fused decode index, tuned: {first.get('gpu', '')}, {first.get('date', '')}",
@@ -139,6 +179,24 @@ def markdown(records: list[dict]) -> str:
         ok = sorted((r for r in records if (r["batch"], r["kv_len"]) == (B, S)
                      and r["status"] == "ok"), key=lambda r: r["ms"])
         lines += [f"| {B} | {S} | {label(r)} | {r['ms'] * 1e3:.1f} |" for r in ok[:5]]
+    if steps:
+        lines += ["", "The whole step (index -> sparse decode kernel, one CUDA graph) with the "
+                  "default launch and with the fastest variant, beside the kernel alone on the "
+                  "default's index and SDPA cuDNN's dense decode (eager, as in bench_decode); "
+                  "the gate's share is (step - kernel) / step:", "",
+                  "| batch | KV | step, default µs | step, best µs | kernel µs | cuDNN µs | "
+                  "cuDNN / step, default | cuDNN / step, best | gate share, best |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(steps, key=lambda r: (r["batch"], r["kv_len"])):
+            if r["status"] != "ok":
+                lines.append(f"| {r['batch']} | {r['kv_len']} | failed: {r['error']} |"
+                             " | | | | | |")
+                continue
+            d, t, kn, c = (r[x] for x in ("step_default_ms", "step_best_ms", "kernel_ms",
+                                          "sdpa_cudnn_ms"))
+            lines.append(f"| {r['batch']} | {r['kv_len']} | {d * 1e3:.1f} | {t * 1e3:.1f} | "
+                         f"{kn * 1e3:.1f} | {c * 1e3:.1f} | {c / d:.2f}× | {c / t:.2f}× | "
+                         f"{(t - kn) / t:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,11 +227,16 @@ def main(argv=None) -> str:
             records += mine
             write_json(f"{stem}.json", records)
             atomic_write_text(f"{stem}.md", markdown(records))
-            ok = [r for r in mine if r["status"] == "ok"]
+            tried = [r for r in mine if r.get("kind") != "step"]
+            ok = [r for r in tried if r["status"] == "ok"]
             best = min(ok, key=lambda r: r["ms"]) if ok else None
-            print(f"batch {B}, KV {S}: {len(ok)} of {len(mine)} variants ran; default "
+            print(f"batch {B}, KV {S}: {len(ok)} of {len(tried)} variants ran; default "
                   f"{ok[0]['ms'] * 1e3:.1f} µs, best {label(best)} {best['ms'] * 1e3:.1f} µs"
                   if ok else f"batch {B}, KV {S}: every variant failed", flush=True)
+            for r in (r for r in mine if r.get("kind") == "step"):
+                print(f"  step: {r['step_default_ms'] * 1e3:.1f} µs default, "
+                      f"{r['step_best_ms'] * 1e3:.1f} best, cuDNN {r['sdpa_cudnn_ms'] * 1e3:.1f}"
+                      if r["status"] == "ok" else f"  step failed: {r['error']}", flush=True)
     return stem
 
 

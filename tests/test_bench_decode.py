@@ -194,3 +194,9 @@ def test_tune_decode_index_on_a_cpu(tmp_path):
     md = Path(f"{stem}.md").read_text()
     assert "| 2 | 1024 |" in md and "| True |" in md
     assert len(tune.variants(torch.device("cuda"))) == 1 + 3 * 3 * 2 * 3
+    # the whole step's table (CUDA graphs only: a record as the GPU writes it)
+    step = {**records[0], "kind": "step", "status": "ok", "step_default_ms": 0.2,
+            "step_best_ms": 0.1, "kernel_ms": 0.08, "sdpa_cudnn_ms": 0.6}
+    md = tune.markdown([*records, step])
+    assert "| 2 | 1024 | 200.0 | 100.0 | 80.0 | 600.0 | 3.00× | 6.00× | 20% |" in md
+    assert md.count("| 2 | 1024 |") == Path(f"{stem}.md").read_text().count("| 2 | 1024 |") + 1
