@@ -26,6 +26,8 @@ Rows (`--providers`), all at the same shape and length in one process:
   graph (`seerlib.prefill_graph.PrefillGraph`) and replayed, sparse through `sparsify` or dense
   under that SDPA backend; the capture is untimed, the replay's logits are checked against an
   eager call (`graph_vs_eager_max_abs_diff`). No breakdown (a replay runs no Python).
+  `whole+compile:<label>`: so, with `compile_selection=True` (a gate layer's pooling and logits
+  compiled, its top-k and index one launch).
 - `compile:<label>`, `graph+compile:<label>`: with `compile_selection=True` (the gate and the
   selection through torch.compile, compiled in the warm-up); `cstep@0.1`: the layer step so.
 - `pstep@0.1`, `pcstep@0.1` (CUDA only): the layer step as `graph:gate` runs it
@@ -436,8 +438,9 @@ def split_modes(provider: str) -> tuple[set[str], str]:
     modes = set(head.split("+"))
     if not modes <= set(MODES):
         raise ValueError(f"unknown mode in {provider!r}; modes: {MODES}")
-    if "whole" in modes and len(modes) > 1:
-        raise ValueError(f"{provider!r}: 'whole' (one graph of the forward) takes no other mode")
+    if "whole" in modes and "graph" in modes:
+        raise ValueError(f"{provider!r}: 'whole' (one graph of the forward) takes no per-layer "
+                         "graphs; 'whole+compile' compiles the gate's logits inside it")
     return modes, label
 
 

@@ -12,7 +12,8 @@
 #   8b32    bench_prefill, Llama-3-8B's shape, 8 layers, 32k
 #   8b      bench_prefill, Llama-3-8B's shape, 4 layers, 8k and 128k
 #   whole   the whole forward as one CUDA graph (PrefillGraph): its GPU tests, then SmolLM2 at 8k
-#           and 32k and the 8B shape (8 layers) at 32k, sparse and dense, eager beside it
+#           and 32k and the 8B shape (8 layers) at 32k, sparse (gate logits eager or compiled)
+#           and dense, per-layer graphs beside it (about 8 minutes: a call of its own)
 # Usage on the device: bash bench/h200_prefill.sh STAGE [STAGE ...]   (results under $OUT);
 # `check smol 8b32` in one call, `8b` (or `tune`) in another
 # Then here: python bench/bench_prefill.py --merge <the prefill JSONs> --out bench/results
@@ -63,10 +64,12 @@ for stage in "$@"; do
       timeout 90 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_prefill_graph.py \
         2>&1 | tail -6 | tee "$OUT/gpu-tests-whole.txt" || true
       saved=("${ROWS[@]}")  # the other stages keep their rows
-      ROWS=(sdpa_cudnn whole:sdpa_cudnn gate@0.1 graph:gate@0.1 whole:gate@0.1 ideal@0.1)
-      PREFILL_ARGS="--profile" prefill _whole smollm2 150 120 8192 32768
-      ROWS=(sdpa_flash "${ROWS[@]}")
-      prefill _whole8b llama3-8b:8 150 100 32768
+      ROWS=(sdpa_cudnn whole:sdpa_cudnn graph:gate@0.1 whole:gate@0.1 whole+compile:gate@0.1
+            ideal@0.1 pstep@0.1 pcstep@0.1)
+      PREFILL_ARGS="--profile" prefill _whole smollm2 240 200 8192 32768
+      ROWS=(sdpa_flash sdpa_cudnn whole:sdpa_cudnn graph:gate@0.1 whole:gate@0.1
+            whole+compile:gate@0.1 ideal@0.1)
+      prefill _whole8b llama3-8b:8 140 110 32768
       ROWS=("${saved[@]}") ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -45,9 +45,12 @@ from seerlib.methods import (
     SparseConfig,
     check_gate_inputs,
     compiled_gate_block_mask,
+    compiled_gate_logits,
+    compiled_gate_scores,
     compiled_layer_block_mask,
     gate_block_mask,
     gate_logits,
+    gate_scores,
     layer_block_mask,
     pooled_features,
     resolve_config,
@@ -264,8 +267,9 @@ class Sparsified:
                                 softcap)
             return out.transpose(1, 2).contiguous(), None  # (B, S, Hq, d), a copy of the buffer
         if (cfg.method == "gate" and cfg.attention == "ops" and weights is None
-                and not self.record_masks and not self.compile_selection
-                and ops.kernel_path(query, cfg.block_size) and not _wants_grad(query, key, value)):
+                and not self.record_masks and ops.kernel_path(query, cfg.block_size)
+                and not _wants_grad(query, key, value)
+                and (not self.compile_selection or ops.select_index_fused(cfg.selection))):
             return self._gate_index(layer, query, key, value, q_pre, k_pre, gate, scale,
                                     softcap), None
         layer_in = LayerInputs(query, key, value, cfg.block_size, scale=scale, gate=gate,
@@ -297,11 +301,13 @@ class Sparsified:
         """The "gate" layer on the kernel path with no (nb, nb) mask: the pooled features, the
         logits, then top-k per row and the sync-free block index in one launch where the
         selection allows it (`ops.select_index`), and the kernel writing a (B, S, Hq, d)
-        buffer. No host sync, so a whole forward of it can be one graph (`PrefillGraph`)."""
+        buffer. No host sync, so a whole forward of it can be one graph (`PrefillGraph`).
+        Under `compile_selection` (a top-k selection only) the pooling and logits are compiled."""
         check_gate_inputs(gate, q_pre, k_pre)
         B, Hq, S, _ = query.shape
         b = self.config.block_size
-        logits = gate_logits(gate, *pooled_features(gate, q_pre, k_pre))
+        scores = compiled_gate_scores() if self.compile_selection else gate_scores
+        logits = scores(gate, q_pre, k_pre)
         index = ops.select_index(logits, self.config.selection, S, b)
         nb = num_blocks(S, b)
         self.stats.add(layer, None, kept=index.counts.sum(), shape=(B, Hq, nb, nb))
@@ -392,11 +398,12 @@ def graphed_gate_step(graphs: StepGraphs, layer, gate, selection, query, key, va
         ((B, key.shape[1], nb, len(gate.k_pool) * d), torch.float32, dev)])
     pooled_features(gate, q_pre, k_pre, out=(qp, kp))
     build = compiled_gate_block_mask() if compiled else gate_block_mask
+    logits_of = compiled_gate_logits() if compiled else gate_logits
     fused = not keep_mask and ops.select_index_fused(selection)
 
     def step(qp, kp):
         if fused:  # the logits, then the selection and index in one launch
-            index = ops.select_index(gate_logits(gate, qp, kp), selection, S, block_size)
+            index = ops.select_index(logits_of(gate, qp, kp), selection, S, block_size)
             return index, None, index.counts.sum()
         mask = build(gate, qp, kp, selection)
         index = ops.block_index(mask, S, block_size)
@@ -490,7 +497,11 @@ def sparsify(
         compile_selection: run each layer's gate and selection through `torch.compile`
             (`seerlib.methods.compiled_layer_block_mask`): the same masks from a few fused kernels
             instead of some 50 small launches; the first prefill of each shape compiles (seconds).
-            Combines with `cuda_graphs` (compiled before the capture, in its warm-up).
+            Combines with `cuda_graphs` (compiled before the capture, in its warm-up). A gate
+            layer on the kernel path with a top-k selection compiles only its pooling and logits
+            (`seerlib.methods.compiled_gate_scores`; graphed: `compiled_gate_logits`): the top-k
+            and index stay one launch (`ops.select_index`), and the layer stays capturable by
+            `PrefillGraph`.
     Returns:
         A `Sparsified` handle: a context manager, or `.enable()` for the permanent form.
     Raises:

@@ -50,6 +50,7 @@ __all__ = [
     "check_gate_inputs",
     "gate_block_mask",
     "gate_logits",
+    "gate_scores",
     "ground_truth",
     "layer_block_mask",
     "parse_config",
@@ -214,6 +215,13 @@ def gate_logits(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor)
     """
     with torch.no_grad():
         return gate.block_scores(q_pooled, k_pooled)
+
+
+def gate_scores(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor) -> torch.Tensor:
+    """`gate_logits` of the gate's pooled q_pre (B, Hq, S, d), k_pre (B, Hkv, S, d): the
+    (B, Hq, nb, nb) logits a gate layer's selection reads (entries above the block diagonal
+    unspecified)."""
+    return gate_logits(gate, *pooled_features(gate, q_pre, k_pre))
 
 
 def gate_block_mask(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor,
@@ -413,3 +421,19 @@ def compiled_gate_block_mask() -> Callable[..., torch.Tensor]:
     """`gate_block_mask` through `torch.compile` (inductor, static shapes), built once: what a
     graphed gate layer replays (`seerlib.integrate`), the same masks as eager (tested)."""
     return torch.compile(gate_block_mask, dynamic=False)
+
+
+@functools.cache
+def compiled_gate_logits() -> Callable[..., torch.Tensor]:
+    """`gate_logits` through `torch.compile` (inductor, static shapes), built once: the gate's
+    projections, block RoPE and logits in a few kernels instead of some fifteen, for a graphed
+    gate layer whose top-k and index are one launch (`ops.select_index`). The same logits as
+    eager up to rounding (tested)."""
+    return torch.compile(gate_logits, dynamic=False)
+
+
+@functools.cache
+def compiled_gate_scores() -> Callable[..., torch.Tensor]:
+    """`gate_scores` (pooling included) through `torch.compile`, built once: what an eager gate
+    layer on the kernel path runs under `compile_selection` before `ops.select_index`."""
+    return torch.compile(gate_scores, dynamic=False)

@@ -142,7 +142,7 @@ def test_pooled_step_row_on_the_kernels_with_its_graph_called(monkeypatch):
 def test_whole_forward_rows_on_a_cpu_with_the_graph_called(monkeypatch, tmp_path):
     """The whole: rows' glue on a CPU: PrefillGraph replaced by a plain call of the model (its
     capture needs a GPU; tests/test_prefill_graph.py tests it there): timing, the check against
-    eager logits, and their own markdown table; 'whole' takes no other mode."""
+    eager logits, and their own markdown table; 'whole' takes no per-layer graphs."""
     class Called:
         def __init__(self, model, ids, *, warmup, **kwargs):
             self.model, self.kwargs = model, kwargs
@@ -160,8 +160,9 @@ def test_whole_forward_rows_on_a_cpu_with_the_graph_called(monkeypatch, tmp_path
     run = bench.Run(cfg, torch.device("cpu"), model, gates, ids)
     r = bench.whole_graph(run)
     assert r["ms"] > 0 and r["graph_vs_eager_max_abs_diff"] == 0 and r["capture_s"] >= 0
-    with pytest.raises(ValueError, match="takes no other mode"):
+    with pytest.raises(ValueError, match="takes no per-layer graphs"):
         bench.split_modes("whole+graph:gate@0.1")
+    assert bench.split_modes("whole+compile:gate@0.1") == ({"whole", "compile"}, "gate@0.1")
     assert bench.row_kind("whole:sdpa_cudnn") == "dense"
     assert bench.row_kind("whole:gate@0.1") == "sparse"
     stem = bench.main(["--device", "cpu", "--preset", "tiny", "--seq-lens", "128", "--reps", "1",

@@ -243,3 +243,24 @@ def test_gate_block_mask_from_pooled_features_is_the_gate_method():
     assert torch.equal(gate_block_mask(gate, qp, kp, sel), want)
     out = torch.full_like(kp, float("nan"))
     assert ops.pool_blocks(k_pre, 16, gate.k_pool, out=out) is out and torch.equal(out, kp)
+
+
+@pytest.mark.slow
+def test_compiled_gate_scores_and_logits_are_the_eager_ones():
+    """`compiled_gate_scores` (pooling included) and `compiled_gate_logits` (inductor's C++
+    backend on a CPU) give the eager logits on and below the block diagonal, at a length that is
+    not a multiple of the block."""
+    from seerlib.gate import AttnGate
+
+    torch.manual_seed(0)
+    gate = AttnGate(4, 2, 16, block_size=16)
+    q, k, _ = qkv(S=97)
+    want = methods.gate_scores(gate, q, k)
+    nb = want.shape[-1]
+    below = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert want.shape == (1, 4, nb, nb) and nb == 7
+    got = methods.compiled_gate_scores()(gate, q, k)
+    torch.testing.assert_close(got[..., below], want[..., below], atol=1e-5, rtol=1e-5)
+    qp, kp = gate.pool(q, k)
+    got = methods.compiled_gate_logits()(gate, qp, kp)
+    torch.testing.assert_close(got[..., below], want[..., below], atol=1e-5, rtol=1e-5)

@@ -40,10 +40,12 @@ def test_a_sparsify_handle_that_cannot_be_captured_is_refused(option):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("label", [None, "gate@0.3", "gate+sink+local2@0.3"])
-def test_replays_give_the_eager_logits(label):
-    """Dense, or through sparsify's kernel path: the graph's logits for the capture's ids and for
-    new ids equal an eager call's, and the graph refuses ids of another shape."""
+@pytest.mark.parametrize("label, compiled", [(None, False), ("gate@0.3", False),
+                                             ("gate+sink+local2@0.3", False), ("gate@0.3", True)])
+def test_replays_give_the_eager_logits(label, compiled):
+    """Dense, or through sparsify's kernel path (its gate logits compiled or not): the graph's
+    logits for the capture's ids and for new ids equal an eager call's, and the graph refuses ids
+    of another shape."""
     model = tiny_family("llama").to("cuda", torch.bfloat16)
     gates = GateSet.from_config(model.config, block_size=B16).to("cuda", torch.bfloat16)
 
@@ -51,7 +53,8 @@ def test_replays_give_the_eager_logits(label):
         with torch.no_grad():
             return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
 
-    handle = (sparsify(model, label, gates=gates, block_size=B16) if label else None)
+    handle = (sparsify(model, label, gates=gates, block_size=B16, compile_selection=compiled)
+              if label else None)
     if handle is not None:
         handle.enable()
     try:
