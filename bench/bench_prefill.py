@@ -99,8 +99,10 @@ from _results import (  # noqa: E402
 # them up. A target that does not resolve makes its part "n/a" (listed in the record), not a crash.
 PATCH_TARGETS = (
     ("gate", "seerlib.ops", "pool_blocks"),  # the gate's block pooling (the kernel on CUDA)
-    ("gate", "seerlib.gate", "AttnGate.block_scores"),  # its projection, RoPE and logits
+    ("gate", "seerlib.ops", "gate_logits"),  # its projection, RoPE and logits (one launch)
+    ("gate", "seerlib.gate", "AttnGate.block_scores"),  # the same, the gate's torch ops
     ("selection", "seerlib.methods", "select_blocks"),  # the gate / oracle methods' selection
+    ("selection", "seerlib.ops", "select_index"),  # top-k and index in one launch (kernel path)
     ("selection", "seerlib.patterns", "sink_window"),  # sink_window's mask, via methods.patterns
     ("index", "seerlib.kernels.block_sparse_attention", "build_block_index"),
     ("kernel", "seerlib.kernels.block_sparse_attention", "block_sparse_attention"),  # ops, CUDA

@@ -210,11 +210,15 @@ def gate_logits(gate: nn.Module, q_pooled: torch.Tensor, k_pooled: torch.Tensor)
     Args:
         q_pooled: (B, Hq, nb, len(q_pool) * d); k_pooled: (B, Hkv, nb, len(k_pool) * d).
     Returns:
-        (B, Hq, nb, nb) in the gate's dtype (`AttnGate.block_scores`): `forward_pooled`'s
-        logits on and below the block diagonal, the entries above it unspecified.
+        (B, Hq, nb, nb): `forward_pooled`'s logits on and below the block diagonal, the entries
+        above it unspecified; from one launch on CUDA (`ops.gate_logits`, float32), else (and
+        inside torch.compile, which fuses them itself) the gate's own ops in its dtype
+        (`AttnGate.block_scores`).
     """
     with torch.no_grad():
-        return gate.block_scores(q_pooled, k_pooled)
+        if torch.compiler.is_compiling():
+            return gate.block_scores(q_pooled, k_pooled)
+        return ops.gate_logits(gate, q_pooled, k_pooled)
 
 
 def gate_scores(gate: nn.Module, q_pre: torch.Tensor, k_pre: torch.Tensor) -> torch.Tensor:

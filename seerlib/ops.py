@@ -48,6 +48,7 @@ __all__ = [
     "decode_select",
     "decode_gate_select",
     "pool_blocks",
+    "gate_logits",
     "kernel_path",
     "block_index",
     "select_index",
@@ -347,6 +348,30 @@ def pool_blocks(x, block_size: int, pool_ops, *, out: torch.Tensor | None = None
         raise ValueError(f"out must be {tuple(pooled.shape)} on {pooled.device}; got "
                          f"{tuple(out.shape)} on {out.device}")
     return out.copy_(pooled)
+
+
+def gate_logits(gate, q_pooled: torch.Tensor, k_pooled: torch.Tensor, *,
+                backend: str | None = None) -> torch.Tensor:
+    """A prefill gate's block logits for selection (no autograd): `AttnGate.block_scores`, in one
+    launch on the kernel path where the gate's rotary and d_gate allow it
+    (`seerlib.kernels.gate_logits.supported`), else the gate's own torch ops.
+
+    Args:
+        gate: a `seerlib.gate.AttnGate`.
+        q_pooled: (B, Hq, nb, len(q_pool) * d); k_pooled: (B, Hkv, nb, len(k_pool) * d).
+    Returns:
+        (B, Hq, nb, nb) logits on and below the block diagonal (float32 from the kernel, the
+        gate's dtype from torch); the entries above it unspecified.
+    """
+    name = get_backend(backend)
+    if name == "triton" or (name == "auto" and q_pooled.is_cuda):
+        from seerlib.kernels import gate_logits as fused  # lazy: imports triton
+
+        if fused.supported(gate):
+            with torch.no_grad():
+                return fused.gate_logits(gate, q_pooled, k_pooled)
+    with torch.no_grad():
+        return gate.block_scores(q_pooled, k_pooled)
 
 
 # ---------------------------------------------------------------- decode (SeerAttention-R)
