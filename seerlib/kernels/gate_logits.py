@@ -10,11 +10,13 @@ What it computes, per (batch, query head h, query block i, key block j <= i), as
    rotated at token j·b;
 3. their dot product, to (B, Hq, nb, nb) float32. Tiles above the diagonal are not written.
 
-How: one program per (query tile of BLOCK_M blocks, batch · head). The query tile is projected
-once, each rotary half on its own (two `tl.dot`s over chunks of the input channels), so the
-rotation needs no shuffle; then the program walks the key tiles up to its diagonal, projecting
-and rotating each (recomputed per query tile: len(k_pool)·d · d_gate multiply-adds a key block,
-small beside the logits) and writing BLOCK_M × BLOCK_N logits. The eager gate runs some fifteen
+How: one program per (query tile of BLOCK_M blocks, key tile of BLOCK_N blocks, batch · head),
+those wholly above the diagonal returning at once, so even SmolLM2's 9 heads at 8k fill the GPU
+(a 32k row of 512 blocks is 136 tiles a head at 32 × 32). Each program projects its query and
+key tiles, each rotary half on its own (two `tl.dot`s over chunks of the input channels), so the
+rotation needs no shuffle; the projections are recomputed per tile (len(k_pool)·d · d_gate
+multiply-adds a block, small beside one launch's latency), then it writes BLOCK_M × BLOCK_N
+logits. The eager gate runs some fifteen
 launches for this (repeat, two einsums, the rotary's cos / sin, rotate-half, cat, scale, matmul).
 Products run in the gate's dtype with float32 accumulation (bf16 gates: within bf16 rounding of
 the eager logits, which also round the rotated vectors; float32 gates: IEEE products).
@@ -91,7 +93,10 @@ def _gate_logits(
     IEEE: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
-    zh = tl.program_id(1)
+    n0 = tl.program_id(1) * BLOCK_N
+    if n0 > m0 + BLOCK_M - 1:  # a tile wholly above the block diagonal: not needed
+        return
+    zh = tl.program_id(2)
     z = zh // HQ
     h = zh % HQ
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -111,22 +116,20 @@ def _gate_logits(
     r1, r2 = r1.to(wdt), r2.to(wdt)
 
     k_base = KP + z.to(tl.int64) * skz + (h // GROUP).to(tl.int64) * skh
-    wk = WK + h.to(tl.int64) * swkh
     o_rows = OUT + z.to(tl.int64) * soz + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * som
-    hi = tl.minimum(m0 + BLOCK_M, NB)  # key blocks up to this tile's diagonal
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        ok_n = cols < hi
-        k1, k2 = _project(k_base, wk, cols, ok_n, skn, swkc, CK, CHUNK, HALF, BLOCK_N, IEEE)
-        k1, k2 = _rotate(k1, k2, cols, INVF, BLOCK, HALF, ROPE, rope_scale, 1.0)
-        k1, k2 = k1.to(wdt), k2.to(wdt)
-        if IEEE:
-            s = tl.dot(r1, tl.trans(k1), input_precision="ieee")
-            s += tl.dot(r2, tl.trans(k2), input_precision="ieee")
-        else:
-            s = tl.dot(r1, tl.trans(k1))
-            s += tl.dot(r2, tl.trans(k2))
-        tl.store(o_rows + cols[None, :], s, mask=ok_m[:, None] & ok_n[None, :])
+    cols = n0 + tl.arange(0, BLOCK_N)
+    ok_n = cols < NB
+    k1, k2 = _project(k_base, WK + h.to(tl.int64) * swkh, cols, ok_n, skn, swkc, CK, CHUNK, HALF,
+                      BLOCK_N, IEEE)
+    k1, k2 = _rotate(k1, k2, cols, INVF, BLOCK, HALF, ROPE, rope_scale, 1.0)
+    k1, k2 = k1.to(wdt), k2.to(wdt)
+    if IEEE:
+        s = tl.dot(r1, tl.trans(k1), input_precision="ieee")
+        s += tl.dot(r2, tl.trans(k2), input_precision="ieee")
+    else:
+        s = tl.dot(r1, tl.trans(k1))
+        s += tl.dot(r2, tl.trans(k2))
+    tl.store(o_rows + cols[None, :], s, mask=ok_m[:, None] & ok_n[None, :])
 
 
 def supported(gate) -> bool:
@@ -136,8 +139,8 @@ def supported(gate) -> bool:
     return fusable(gate) and dg >= 32 and not dg & (dg - 1)
 
 
-def gate_logits(gate, q_pooled: torch.Tensor, k_pooled: torch.Tensor, *, block_m: int = 64,
-                block_n: int = 64, chunk: int = 64, num_warps: int | None = None) -> torch.Tensor:
+def gate_logits(gate, q_pooled: torch.Tensor, k_pooled: torch.Tensor, *, block_m: int = 32,
+                block_n: int = 32, chunk: int = 64, num_warps: int | None = None) -> torch.Tensor:
     """The gate's block logits (`AttnGate.block_scores`) in one launch.
 
     Args:
@@ -185,7 +188,7 @@ def gate_logits(gate, q_pooled: torch.Tensor, k_pooled: torch.Tensor, *, block_m
     scaling = float(gate.rope.rotary.attention_scaling) if rope else 1.0
     wq_arg = wq if wq is not None else wk  # unread without a Q linear
     launch = {} if num_warps is None else {"num_warps": num_warps}
-    _gate_logits[(triton.cdiv(nb, block_m), B * Hq)](
+    _gate_logits[(triton.cdiv(nb, block_m), triton.cdiv(nb, block_n), B * Hq)](
         q_pooled, wq_arg, k_pooled, wk, invf, out,
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         wq_arg.stride(0), wq_arg.stride(1),
