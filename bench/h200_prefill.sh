@@ -11,6 +11,8 @@
 #   smol    bench_prefill, SmolLM2's shape at 8k and 32k
 #   8b32    bench_prefill, Llama-3-8B's shape, 8 layers, 32k
 #   8b      bench_prefill, Llama-3-8B's shape, 4 layers, 8k and 128k
+#   glogits the one-launch gate logits' tile shapes and warps beside the gate's torch ops
+#           (bench/tune_gate_logits.py, both shapes, 8k and 32k; about a minute)
 #   whole   the whole forward as one CUDA graph (PrefillGraph): its GPU tests, then SmolLM2 at 8k
 #           and 32k and the 8B shape (8 layers) at 32k, sparse (gate logits eager or compiled)
 #           and dense, per-layer graphs beside it (about 8 minutes: a call of its own)
@@ -38,7 +40,8 @@ for stage in "$@"; do
     check)
       python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, transformers.__version__)" | tee "$OUT/device.txt"
       # the new paths first: a cut at the time limit loses the older kernel tests, not these
-      timeout ${CHECK_TIMEOUT:-150} python3 -m pytest -q -rfE -p no:cacheprovider tests/test_graphs.py \
+      timeout ${CHECK_TIMEOUT:-150} python3 -m pytest -q -rfE -p no:cacheprovider \
+        tests/test_gate_logits_kernel.py tests/test_prefill_graph.py tests/test_graphs.py \
         tests/test_block_pool.py tests/test_prefill_select.py tests/test_decode_select.py \
         tests/test_decode_gate_select.py \
         tests/test_block_sparse_tma.py \
@@ -57,6 +60,9 @@ for stage in "$@"; do
           --sparsities 0 0.9 --out "$OUT" --tag "${TAG:-}" 2>&1 | cut -c1-200 | tail -25 || true
       done ;;
     # default limits so that `check smol 8b32` fits one 10-minute call (about 9 min at most)
+    glogits)
+      timeout ${TUNE_TIMEOUT:-150} python3 bench/tune_gate_logits.py --out "$OUT" --tag "${TAG:-}" \
+        2>&1 | tail -8 || true ;;
     smol) prefill _smol smollm2 280 220 8192 32768 ;;
     8b32) prefill _8b32 llama3-8b:8 150 90 32768 ;;
     8b) prefill _8b llama3-8b:4 540 420 8192 131072 ;;

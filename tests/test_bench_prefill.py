@@ -177,3 +177,25 @@ def test_whole_forward_rows_on_a_cpu_with_the_graph_called(monkeypatch, tmp_path
     assert "## One CUDA graph of the whole forward" in md
     assert "| tiny | 2 | 128 | whole:gate@0.1 |" in md
     assert "## One CUDA graph" not in bench.markdown([rows["sdpa"]])
+
+
+def test_tune_gate_logits_on_a_cpu(tmp_path):
+    """bench/tune_gate_logits.py at a tiny size under the interpreter: every variant runs and
+    equals the gate's logits, the torch peer and the gate step are timed, the tables name them."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "tune_gate_logits.py"
+    spec = importlib.util.spec_from_file_location("tune_gate_logits", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    stem = tune.main(["--device", "cpu", "--shapes", "tiny", "--seq-lens", "300", "--out",
+                      str(tmp_path)])
+    records = _records(stem)
+    variants = [r for r in records if r["kind"] == "variant"]
+    assert len(variants) == len(tune.variants(torch.device("cpu"))) == 3
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in variants)
+    assert all(r["max_abs_diff"] <= 1e-4 * max(1.0, r["ref_max_abs"]) for r in variants)
+    (step,) = [r for r in records if r["kind"] == "step"]
+    assert step["status"] == "ok", step.get("error")
+    assert step["torch_eager_ms"] > 0 and step["step_fused_ms"] > 0 and step["blocks"] == 5
+    md = Path(f"{stem}.md").read_text()
+    assert "| tiny | 300 |" in md and "step, fused logits µs" in md
+    assert len(tune.variants(torch.device("cuda"))) == 1 + 3 * 3 * 3
