@@ -144,3 +144,21 @@ def test_unsupported_gates_and_bad_inputs_are_named():
     if not ON_GPU:
         with pytest.raises(ValueError, match="runs on"):
             kern.gate_logits(gate, qp.to(torch.device("meta")), kp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_a_half_precision_gate_is_within_its_rounding(dtype):
+    """Products in the gate's dtype (tensor cores on a GPU; float16 under the interpreter, which
+    takes no bfloat16): within that dtype's rounding of the gate's float32 logits, and of its own
+    half-precision ones."""
+    gate = _gate(6, 3, 64, 16)
+    qp, kp = _pooled(gate, 1, 1025)
+    below = causal_block_mask(qp.shape[2], qp.device)
+    exact = gate.forward_pooled(qp, kp)[..., below]
+    half = gate.to(dtype)
+    got = kern.gate_logits(half, qp, kp)[..., below]
+    # a few units in the last place of the logits' scale (fp16 measured 5e-4 of it on a CPU)
+    tol = (2e-3 if dtype == torch.float16 else 1.6e-2) * max(1.0, float(exact.abs().max()))
+    assert got.dtype == torch.float32 and float((got - exact).abs().max()) <= tol
+    own = half.forward_pooled(qp, kp)[..., below]
+    assert float((got - own).abs().max()) <= tol

@@ -11,15 +11,15 @@ What it computes, per (batch, query head h, query block i, key block j <= i), as
 3. their dot product, to (B, Hq, nb, nb) float32. Tiles above the diagonal are not written.
 
 How: one program per (query tile of BLOCK_M blocks, key tile of BLOCK_N blocks, batch · head),
-those wholly above the diagonal returning at once, so even SmolLM2's 9 heads at 8k fill the GPU
-(a 32k row of 512 blocks is 136 tiles a head at 32 × 32). Each program projects its query and
-key tiles, each rotary half on its own (two `tl.dot`s over chunks of the input channels), so the
+those wholly above the diagonal returning at once, so even SmolLM2's 9 heads at 8k fill the GPU (a
+32k row of 512 blocks is 136 tiles a head at 32 × 32). Each program projects its query and key
+tiles, each rotary half on its own (two `tl.dot`s over chunks of the input channels), so the
 rotation needs no shuffle; the projections are recomputed per tile (len(k_pool)·d · d_gate
-multiply-adds a block, small beside one launch's latency), then it writes BLOCK_M × BLOCK_N
-logits. The eager gate runs some fifteen
-launches for this (repeat, two einsums, the rotary's cos / sin, rotate-half, cat, scale, matmul).
-Products run in the gate's dtype with float32 accumulation (bf16 gates: within bf16 rounding of
-the eager logits, which also round the rotated vectors; float32 gates: IEEE products).
+multiply-adds a block, small beside one launch's latency), then it writes BLOCK_M × BLOCK_N logits.
+The eager gate runs some fifteen launches for this (repeat, two einsums, the rotary's cos / sin,
+rotate-half, cat, scale, matmul). Products run in the gate's dtype with float32 accumulation (bf16
+gates: within bf16 rounding of the eager logits, which also round the rotated vectors; float32
+gates: IEEE products).
 
 Applies where the gate's rotary is the plain rotate-half one over all of d_gate
 (`seerlib.kernels.decode_gate_select.fusable`) and d_gate is a power of two >= 32;
@@ -133,8 +133,8 @@ def _gate_logits(
 
 
 def supported(gate) -> bool:
-    """Whether `gate_logits` computes this gate: a plain rotary (or none) over all of d_gate, a
-    power-of-two d_gate >= 32, and a Q branch that is a linear or d_gate wide."""
+    """Whether `gate_logits` computes this gate: a plain rotary (or none) over all of d_gate and a
+    power-of-two d_gate >= 32 (the logits' dot takes half of it, at least 16, a side)."""
     dg = gate.d_gate
     return fusable(gate) and dg >= 32 and not dg & (dg - 1)
 
