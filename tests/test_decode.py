@@ -340,6 +340,11 @@ def test_decode_quality_rows(model, gates):
     assert by["oracle@tok=4096"]["ppl"] == pytest.approx(by["dense"]["ppl"], rel=1e-4)
     assert by["oracle@tok=32"]["recall"] < 1.0
     assert "| gate |" in markdown({"quality": rows})
+    # recall per layer: every layer of the model, their mean the row's recall; none for dense
+    per = by["gate@tok=32"]["per_layer_recall"]
+    assert sorted(per) == [str(i) for i in range(model.config.num_hidden_layers)]
+    assert sum(per.values()) / len(per) == pytest.approx(by["gate@tok=32"]["recall"])
+    assert all(0 < r <= 1 for r in per.values()) and by["dense"]["per_layer_recall"] == {}
 
 
 def test_quality_table_keeps_forced_block_variants_apart():

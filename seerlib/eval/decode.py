@@ -64,13 +64,14 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
         on_row: called with each finished row.
     Returns:
         one dict per config: label, method, tokens (budget), length, windows, ppl, ppl_late,
-        nll, recall, kept_tokens, context_tokens, seconds.
+        nll, recall, kept_tokens, context_tokens, seconds, and per_layer_recall ({layer: mean
+        recall over the windows}, empty for dense: where a gate falls short of the oracle).
     """
     S = windows.shape[1]
     rows = []
     for cfg in configs:
         t0 = time.time()
-        nlls, stats = [], None
+        nlls, stats, layers = [], None, {}
         for w in range(windows.shape[0]):
             ids = windows[w : w + 1]
             if cfg.spec.sparse:
@@ -78,6 +79,8 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
                     nlls.append(_nll(model, ids).cpu())
                 st = tf.stats.as_dict()
                 stats = st if stats is None else {k: stats[k] + st[k] for k in st}
+                for layer, r in tf.stats.per_layer_recall.items():
+                    layers[layer] = layers.get(layer, 0.0) + r
             else:
                 nlls.append(_nll(model, ids).cpu())
         nll = torch.cat(nlls).double()  # (N, S - 1)
@@ -88,7 +91,8 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
                    nll=float(nll.mean()),
                    recall=stats["recall"] / n if stats else 1.0,
                    kept_tokens=stats["kept_tokens"] / n if stats else (S + S // 2 + 1) / 2,
-                   context_tokens=(S + S // 2 + 1) / 2, seconds=time.time() - t0)
+                   context_tokens=(S + S // 2 + 1) / 2, seconds=time.time() - t0,
+                   per_layer_recall={str(i): r / n for i, r in sorted(layers.items())})
         rows.append(row)
         if progress:
             print(f"S={S} {cfg.label}: ppl {row['ppl']:.3f} (late {row['ppl_late']:.3f}) recall "
