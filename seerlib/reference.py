@@ -501,10 +501,12 @@ def sparse_decode_attention(q, k, v, block_index, block_count, block_size: int, 
 
 
 def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
-                       softcap=None) -> torch.Tensor:
+                       softcap=None, pooling: str = "max") -> torch.Tensor:
     """The decode gate's ground truth (SeerAttention-R): for each query, its softmax attention
     over the keys, max-pooled over each key block's columns, then the max over the query heads
-    of each kv group, normalized to sum 1 over the key blocks.
+    of each kv group, normalized to sum 1 over the key blocks. pooling="mass" instead sums each
+    block's columns and averages the group's heads: the share of the group's attention mass in
+    each block, whose top-k is the selection of highest mean recall.
 
     Args:
         q: (B, Hq, Sq, d), queries at the last Sq positions of the keys (Sq = S: a causal
@@ -515,10 +517,13 @@ def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
         positions: (Sq,) int, the queries' positions among the keys (any subset of rows);
             default S - Sq .. S - 1.
         softcap: logit soft-cap c (logits -> c * tanh(logits / c)), or None.
+        pooling: "max" (the gate's target) or "mass".
     Returns:
         truth: (B, Hkv, Sq, nb) float32 (float64 for float64 inputs), nb = ceil(S / b); 0 for
         blocks wholly after the query.
     """
+    if pooling not in ("max", "mass"):
+        raise ValueError(f"pooling must be 'max' or 'mass'; got {pooling!r}")
     B, Hq, Sq, d = q.shape
     if k.dim() != 4 or k.shape[0] != B or k.shape[3] != d or k.shape[2] < Sq or Hq % k.shape[1]:
         raise ValueError(f"q must be (B, Hq, Sq, d) and k (B, Hkv, S, d) with S >= Sq and Hkv "
@@ -541,7 +546,8 @@ def decode_block_truth(q, k, block_size: int, scale=None, positions=None,
         seen = torch.arange(S, device=q.device)[None, :] <= positions[r0:r1, None]  # (R, S)
         s = s.masked_fill(~seen, float("-inf"))
         p = torch.nn.functional.pad(_safe_softmax(s), (0, nb * b - S))  # zeros never win a max
-        m = p.reshape(B, Hkv, group, r1 - r0, nb, b).amax(dim=(2, 5))  # (B, Hkv, R, nb)
+        p = p.reshape(B, Hkv, group, r1 - r0, nb, b)
+        m = p.amax(dim=(2, 5)) if pooling == "max" else p.sum(5).mean(2)  # (B, Hkv, R, nb)
         truth[:, :, r0:r1] = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
     return truth
 

@@ -68,6 +68,14 @@ def test_decode_references_agree_with_full_attention():
     every = torch.ones(B, Hkv, S, nb, dtype=torch.bool)
     out, mass = reference.row_sparse_attention(q, k, v, every, b, return_mass=True)
     assert torch.allclose(out, full) and torch.allclose(mass, torch.ones_like(mass))
+    # pooling="mass": each block's share of the attention, averaged over the group's heads
+    p = torch.softmax((q @ k.repeat_interleave(3, 1).transpose(-1, -2)) / d ** 0.5
+                      + torch.full((S, S), float("-inf"), dtype=q.dtype).triu(1), -1)
+    p = torch.nn.functional.pad(p, (0, nb * b - S)).view(B, Hkv, 3, S, nb, b)
+    want = p.sum(-1).mean(2)
+    assert torch.allclose(reference.decode_block_truth(q, k, b, pooling="mass"), want)
+    with pytest.raises(ValueError, match="pooling must be 'max' or 'mass'"):
+        reference.decode_block_truth(q, k, b, pooling="sum")
 
 
 @pytest.mark.parametrize("cap", [2.0, 50.0])
@@ -327,6 +335,21 @@ def test_distill_cli_decode_phase(tmp_path):
     assert isinstance(load_gates(out, tiny_model(), phase="decode"), DecodeGateSet)
     with pytest.raises(SystemExit):
         distill_main(args + ["--q-pool", "avg"])
+
+
+def test_the_mass_oracle_reads_the_most_attention_mass(model, gates):
+    """oracle_mass's top-k is the selection of highest mean recall: at the same budget it reads
+    at least the mass the max-pooled oracle and the gate read, on every layer."""
+    torch.manual_seed(8)
+    w = torch.randint(0, 211, (1, 128))
+    rows = {r["label"]: r for r in decode_quality(
+        model, w, decode_configs(["gate", "oracle", "oracle_mass"], [32], B16), gates,
+        progress=False)}
+    best = rows["oracle_mass@tok=32"]["per_layer_recall"]
+    for other in ("oracle@tok=32", "gate@tok=32"):
+        for layer, r in rows[other]["per_layer_recall"].items():
+            assert best[layer] >= r - 1e-6, (other, layer)
+    assert rows["oracle_mass@tok=32"]["recall"] > rows["gate@tok=32"]["recall"]
 
 
 def test_decode_quality_rows(model, gates):

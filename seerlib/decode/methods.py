@@ -17,6 +17,9 @@ names them, and `DecodeConfig` (method + Selection + block size) describes a dec
     any block-score predictor can do. Of the soft-capped attention on a model that caps its
     logits (Gemma2, `DecodeInputs.softcap`); Quest's bound needs no cap: c * tanh(x / c) is
     increasing, so it ranks the blocks alike.
+  - "oracle_mass": the blocks by the group's mean attention mass (`decode_block_truth(...,
+    pooling="mass")`): the selection of highest recall of attention mass; beside the max-pooled
+    oracle it shows whether ranking by peaks or by mass keeps what perplexity needs.
 - `DecodeConfig.label` ("gate+sink@tok=1024", "quest@tok=512", "dense") is read back by
   `parse_decode_config`.
 """
@@ -217,6 +220,12 @@ def sink_window(inputs: DecodeInputs) -> torch.Tensor:
 def oracle(inputs: DecodeInputs) -> torch.Tensor:
     return decode_block_truth(inputs.q, inputs.k, inputs.block_size, inputs.scale,
                               softcap=inputs.softcap).float()
+
+
+@register_decode_method("oracle_mass")
+def oracle_mass(inputs: DecodeInputs) -> torch.Tensor:
+    return decode_block_truth(inputs.q, inputs.k, inputs.block_size, inputs.scale,
+                              softcap=inputs.softcap, pooling="mass").float()
 
 
 def decode_scores(config: DecodeConfig, inputs: DecodeInputs) -> torch.Tensor:
