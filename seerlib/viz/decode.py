@@ -62,6 +62,7 @@ DECODE_STYLE = {
     "quest": ("Quest (block key bounds)", "#ff7f0e"),
     "sink_window": ("sink + window", METHOD_STYLE["sink_window"][1]),
     "oracle": ("oracle (true block scores)", METHOD_STYLE["oracle-max"][1]),
+    "oracle_mass": ("oracle (attention mass)", METHOD_STYLE["oracle-sum"][1]),
 }
 QUALITY_PREFIX = "decode-quality-"  # seerlib.eval.decode's result files
 SPEED_PREFIX = "decode-"  # bench/bench_decode.py's result files (decode-quality-* excluded)
