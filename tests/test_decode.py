@@ -368,6 +368,9 @@ def test_decode_quality_rows(model, gates):
     assert sorted(per) == [str(i) for i in range(model.config.num_hidden_layers)]
     assert sum(per.values()) / len(per) == pytest.approx(by["gate@tok=32"]["recall"])
     assert all(0 < r <= 1 for r in per.values()) and by["dense"]["per_layer_recall"] == {}
+    # the tail of recall lies under its mean, and at the whole budget it is 1 too
+    assert 0 < by["gate@tok=32"]["recall_p10"] < by["gate@tok=32"]["recall"]
+    assert by["oracle@tok=4096"]["recall_p10"] == pytest.approx(1.0)
 
 
 def test_quality_table_keeps_forced_block_variants_apart():

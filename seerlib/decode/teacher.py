@@ -50,22 +50,32 @@ class DecodeStats:
         kept_tokens: mean keys read per scored query (tokens of its kept blocks that it may see).
         context_tokens: mean keys a scored query could read (its position + 1).
         per_layer_recall: {layer: mean recall}.
+        recall_p10: the mean over layers of the 10th percentile of recall over a layer's
+            (query head, scored query) pairs: the tail that a mean hides.
     """
 
     def __init__(self):
         self._recall: dict[int, list] = {}
+        self._p10: list = []
         self._kept: list = []
         self._context: list = []
 
     def add(self, layer: int, mass: torch.Tensor, kept: torch.Tensor, context: torch.Tensor):
         self._recall.setdefault(layer, []).append(mass.double().mean())
+        flat = mass.double().flatten()  # kthvalue: no size limit, unlike torch.quantile
+        self._p10.append(flat.kthvalue(max(1, math.ceil(0.1 * flat.numel()))).values)
         self._kept.append(kept.double().mean())
         self._context.append(context.double().mean())
 
     def reset(self) -> None:
         self._recall.clear()
+        self._p10.clear()
         self._kept.clear()
         self._context.clear()
+
+    @property
+    def recall_p10(self) -> float:
+        return float(torch.stack(self._p10).mean()) if self._p10 else math.nan
 
     @property
     def per_layer_recall(self) -> dict[int, float]:
@@ -85,8 +95,8 @@ class DecodeStats:
         return float(torch.stack(self._context).mean()) if self._context else math.nan
 
     def as_dict(self) -> dict:
-        return {"recall": self.recall, "kept_tokens": self.kept_tokens,
-                "context_tokens": self.context_tokens}
+        return {"recall": self.recall, "recall_p10": self.recall_p10,
+                "kept_tokens": self.kept_tokens, "context_tokens": self.context_tokens}
 
 
 def kept_token_counts(keep: torch.Tensor, positions: torch.Tensor, block_size: int):

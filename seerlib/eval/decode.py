@@ -64,7 +64,8 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
         on_row: called with each finished row.
     Returns:
         one dict per config: label, method, tokens (budget), length, windows, ppl, ppl_late,
-        nll, recall, kept_tokens, context_tokens, seconds, and per_layer_recall ({layer: mean
+        nll, recall, recall_p10 (`DecodeStats.recall_p10`), kept_tokens, context_tokens,
+        seconds, and per_layer_recall ({layer: mean
         recall over the windows}, empty for dense: where a gate falls short of the oracle).
     """
     S = windows.shape[1]
@@ -90,6 +91,7 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
                    windows=n, ppl=math.exp(nll.mean()), ppl_late=math.exp(late.mean()),
                    nll=float(nll.mean()),
                    recall=stats["recall"] / n if stats else 1.0,
+                   recall_p10=stats["recall_p10"] / n if stats else 1.0,
                    kept_tokens=stats["kept_tokens"] / n if stats else (S + S // 2 + 1) / 2,
                    context_tokens=(S + S // 2 + 1) / 2, seconds=time.time() - t0,
                    per_layer_recall={str(i): r / n for i, r in sorted(layers.items())})
