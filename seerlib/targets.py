@@ -428,7 +428,8 @@ class WindowCache:
 
 @torch.no_grad()
 def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows: torch.Tensor,
-                           target: str = "exact", scale: float | None = None) -> dict[int, tuple]:
+                           target: str = "exact", scale: float | None = None,
+                           pooling: str = "max") -> dict[int, tuple]:
     """One frozen forward that keeps, per layer, what the decode gate trains on.
 
     Unlike the prefill targets, the decode target is per query row ((S, nb) per kv head, 16 times
@@ -444,11 +445,18 @@ def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows
             "kernel" (the attention *is* `ops.decode_pooled_attention`, which emits the target in
             the same pass: bf16 inputs on CUDA).
         scale: score scale when the model passes none (1 / sqrt(d)).
+        pooling: the target's pooling (`reference.decode_block_truth`): "max" (SeerAttention-R's)
+            or "mass" (each block's share of the group's attention; target "exact" only).
     Returns:
         {layer: (q_pre (B, Hq, R, d), k_pooled {op: (B, Hkv, nb, d)} for op in avg/max/min, both
         float32, truth (B, Hkv, R, nb) float32 row-normalized)}.
     """
     _check_target(target)
+    if pooling not in ("max", "mass"):
+        raise ValueError(f"pooling must be 'max' or 'mass'; got {pooling!r}")
+    if pooling == "mass" and target != "exact":
+        raise ValueError("the mass target is computed by the exact reference only: pass "
+                         "target='exact' (the kernel emits the max-pooled target)")
     pre: dict = {}
     out: dict[int, tuple] = {}
 
@@ -464,7 +472,7 @@ def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows
         q_rows = p["q_pre"][:, :, rows].float()
         if target == "exact":
             truth = decode_block_truth(query[:, :, rows], key, block_size, s, positions=rows,
-                                       softcap=cap)
+                                       softcap=cap, pooling=pooling)
             out[i] = (q_rows, pooled, truth)
             return default(module, query, key, value, attention_mask, **kwargs)
         kd = target_dtype(target, query.device, query.dtype)

@@ -337,6 +337,79 @@ def test_distill_cli_decode_phase(tmp_path):
         distill_main(args + ["--q-pool", "avg"])
 
 
+def test_the_mass_target_trains_and_is_recorded(model, tmp_path, capsys):
+    """--decode-target mass: the captured target is decode_block_truth's mass pooling, the run
+    lowers its loss, the file records it, and what cannot compute it is refused by name."""
+    from seerlib.io import read_metadata
+    from seerlib.targets import capture_decode_targets
+
+    torch.manual_seed(7)
+    ids = torch.randint(0, 211, (1, 64))
+    rows = torch.tensor([20, 40, 63])
+    got = capture_decode_targets(model, ids, B16, rows, "exact", pooling="mass")
+    qk = {}
+    from seerlib.capture import attention_override
+
+    def keep(module, query, key, value, attention_mask, *, default, **kw):
+        qk[module.layer_idx] = (query, key, kw.get("scaling"))
+        return default(module, query, key, value, attention_mask, **kw)
+
+    with torch.no_grad(), attention_override(model, keep):
+        model(input_ids=ids, use_cache=False)
+    for i, (q, k, sc) in qk.items():
+        want = reference.decode_block_truth(q[:, :, rows], k, B16, sc, positions=rows,
+                                            pooling="mass")
+        assert torch.allclose(got[i][2], want.float())
+    with pytest.raises(ValueError, match="exact reference only"):
+        capture_decode_targets(model, ids, B16, rows, "kernel", pooling="mass")
+
+    base = torch.randint(0, 211, (1, 64))
+    w = torch.cat([base.repeat(1, 4) for _ in range(4)])
+    cfg = DistillConfig(block_size=B16, steps=30, batch_size=2, lr=1e-2, warmup=2,
+                        recall_tokens=(32,))
+    d = DecodeDistiller(DecodeGateSet(model.config, block_size=B16), cfg=cfg, model=model,
+                        windows=w, rows=64, pooling="mass")
+    losses = [m["loss"] for m in d.steps()]
+    assert d.target == "exact" and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="pooling must be 'max', or 'mass' with target"):
+        DecodeDistiller(DecodeGateSet(model.config, block_size=B16), cfg=cfg, model=model,
+                        windows=w, rows=64, pooling="mass", target="kernel")._check_data()
+
+    out = tmp_path / "m.safetensors"
+    args = ["--model", "tiny-random-llama", "--phase", "decode", "--seq-len", "128",
+            "--block-size", "16", "--train-windows", "4", "--steps", "4", "--batch-size", "2",
+            "--rows", "16", "--out", str(out), "--quiet", "--checkpoint-every", "2"]
+    assert distill_main(args + ["--decode-target", "mass"]) == 0
+    meta = read_metadata(out)
+    assert meta["decode_target"] == "mass" and meta["target"] == "exact"
+    other = tmp_path / "x.safetensors"
+    refused = [(["--phase", "decode", "--decode-target", "mass", "--target", "kernel"],
+                "--target exact"),
+               (["--phase", "prefill", "--decode-target", "mass"], "decode-phase option")]
+    for extra, match in refused:
+        with pytest.raises(SystemExit):
+            distill_main(["--model", "tiny-random-llama", "--seq-len", "128", "--block-size",
+                          "16", "--steps", "1", "--out", str(other), "--quiet", *extra])
+        assert match in capsys.readouterr().err
+    assert not other.exists()
+
+
+def test_a_decode_checkpoint_resumes_only_with_its_target(model, tmp_path):
+    torch.manual_seed(3)
+    w = torch.randint(0, 211, (4, 64))
+    cfg = DistillConfig(block_size=B16, steps=4, batch_size=2, lr=1e-2, warmup=1)
+    d = DecodeDistiller(DecodeGateSet(model.config, block_size=B16), cfg=cfg, model=model,
+                        windows=w, rows=16, pooling="mass")
+    for m in d.steps():
+        if m["step"] == 2:
+            d.save_checkpoint(tmp_path / "c.safetensors")
+            break
+    again = DecodeDistiller(DecodeGateSet(model.config, block_size=B16), cfg=cfg, model=model,
+                            windows=w, rows=16, pooling="max", target="exact")
+    with pytest.raises(ValueError, match="pooling 'mass' \\(now 'max'\\)"):
+        again.load_checkpoint(tmp_path / "c.safetensors")
+
+
 def test_the_mass_oracle_reads_the_most_attention_mass(model, gates):
     """oracle_mass's top-k is the selection of highest mean recall: at the same budget it reads
     at least the mass the max-pooled oracle and the gate read, on every layer."""

@@ -163,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
                    "SeerAttention-R decode gate (targets computed in the loop, see --rows)")
     p.add_argument("--rows", type=int_at_least(1), default=1024,
                    help="decode phase: query rows per window sampled for the loss each step")
+    p.add_argument("--decode-target", default="max", choices=["max", "mass"],
+                   help="decode phase: the target's pooling, max (SeerAttention-R's) or mass "
+                   "(each block's share of the group's attention; computed exactly, --target "
+                   "exact)")
     p.add_argument("--q-pool", type=_pool_ops, default=None,
                    help="prefill phase: comma-separated ops of avg,max,min (default avg)")
     p.add_argument("--k-pool", type=_pool_ops, default=("max", "min", "avg"))
@@ -259,7 +263,8 @@ def _decode_distiller(args, cfg, model, model_name, tokenizer) -> DecodeDistille
     return DecodeDistiller(gates, cfg=cfg, device=args.device, model=model,
                            windows=_windows(args, model_name, tokenizer, "train",
                                             args.train_windows),
-                           eval_windows=ev, rows=args.rows, target=args.target)
+                           eval_windows=ev, rows=args.rows, target=args.target,
+                           pooling=args.decode_target)
 
 
 def _gated_layers(model) -> list[int] | None:
@@ -283,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device is None:
         args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if args.phase != "decode" and args.decode_target != "max":
+        parser.error("--decode-target is a decode-phase option")
     if args.target is None:
-        args.target = default_target(args.device)
+        args.target = "exact" if args.decode_target == "mass" else default_target(args.device)
+    if args.decode_target == "mass" and args.target != "exact":
+        parser.error("--decode-target mass is computed by the exact reference: use --target "
+                     "exact (or leave it out)")
     if world > 1 and not torch.distributed.is_initialized():
         backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
@@ -390,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 lr=cfg.lr,
                 world_size=world,
                 target=args.target,
-                **({"rows": args.rows} if args.phase == "decode" else {}),
+                **({"rows": args.rows, "decode_target": args.decode_target}
+                   if args.phase == "decode" else {}),
                 base_model_sha256=fingerprint,
                 command="python -m seerlib.distill "
                 + " ".join(argv if argv is not None else sys.argv[1:]),

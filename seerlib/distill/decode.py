@@ -75,6 +75,8 @@ class DecodeDistiller(Distiller):
         rows: query rows sampled per step for the loss (None: every row past the first quarter).
         target: "kernel" or "exact" (`seerlib.targets.capture_decode_targets`; default: kernel
             on CUDA, exact elsewhere).
+        pooling: the target's pooling, "max" (SeerAttention-R's) or "mass" (each block's share
+            of the group's attention mass; target "exact").
     `cfg.recall_tokens` are the token budgets of the reported recall.
     """
 
@@ -84,6 +86,7 @@ class DecodeDistiller(Distiller):
     eval_windows: torch.Tensor | None = None
     rows: int | None = 1024
     target: str | None = None
+    pooling: str = "max"
 
     def _check_data(self) -> None:
         if not isinstance(self.gates, DecodeGateSet):
@@ -95,12 +98,35 @@ class DecodeDistiller(Distiller):
         if self.cfg.block_size != self.gates.block_size:
             raise ValueError(f"block sizes differ: config {self.cfg.block_size}, gates "
                              f"{self.gates.block_size}")
-        self.target = self.target or default_target(self.device)
+        self.target = self.target or ("exact" if self.pooling == "mass"
+                                      else default_target(self.device))
+        if self.pooling not in ("max", "mass") or (self.pooling == "mass"
+                                                   and self.target != "exact"):
+            raise ValueError(f"pooling must be 'max', or 'mass' with target 'exact'; got pooling "
+                             f"{self.pooling!r}, target {self.target!r}")
         self.eval_cache = self.eval_windows  # Distiller.steps evaluates when it is set
         decode_target_rows(self.windows.shape[1], self.gates.block_size, self.rows, None)
 
     def _module(self) -> nn.Module:
         return _DecodeGates(self.gates)
+
+    def _target_options(self) -> dict:
+        return {"rows": self.rows, "target": self.target, "pooling": self.pooling}
+
+    def state(self) -> dict:
+        return {**super().state(), "decode": self._target_options()}
+
+    def load_checkpoint(self, path) -> dict:
+        """As `Distiller.load_checkpoint`, refusing a run whose decode target differs (rows,
+        target source, pooling; a checkpoint from before they were recorded is taken as is)."""
+        st = super().load_checkpoint(path)
+        saved, want = st.get("decode"), self._target_options()
+        if saved is not None and saved != want:
+            diff = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in want.items()
+                             if saved.get(k) != v)
+            raise ValueError(f"{path} was trained with another decode target: {diff}; resume "
+                             "with the same options")
+        return st
 
     def _num_windows(self) -> int:
         return len(self.windows)
@@ -110,7 +136,7 @@ class DecodeDistiller(Distiller):
 
     def _capture(self, ids: torch.Tensor, rows: torch.Tensor) -> dict:
         return capture_decode_targets(self.model, ids.to(self.device), self.gates.block_size,
-                                      rows.to(self.device), self.target)
+                                      rows.to(self.device), self.target, pooling=self.pooling)
 
     def _losses(self, batch: dict, logits: list[torch.Tensor], rows: torch.Tensor):
         b = self.gates.block_size

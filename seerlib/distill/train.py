@@ -325,6 +325,8 @@ class Distiller:
     def save_checkpoint(self, path) -> None:
         save_checkpoint(path, self.gates, self.optimizer, self.scheduler, self.state())
 
-    def load_checkpoint(self, path) -> None:
+    def load_checkpoint(self, path) -> dict:
+        """Restore the run from `save_checkpoint`'s file; returns its saved state."""
         st = load_checkpoint(path, self.gates, self.optimizer, self.scheduler)
         self.step, self.tokens_seen, self.history = st["step"], st["tokens_seen"], st["history"]
+        return st
