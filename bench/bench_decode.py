@@ -57,6 +57,7 @@ from seerlib.decode import DecodeGateSet, decode_index, parse_decode_config, sel
 from seerlib.decode.kcache import KCompressionCache
 from seerlib.decode.methods import DecodeInputs, decode_scores, step_index
 from seerlib.decode.select import most_blocks
+from seerlib.graphs import capture
 from seerlib.reference import num_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside it
@@ -321,15 +322,7 @@ def index_overlap(a: torch.Tensor, b: torch.Tensor, nb: int) -> float:
 def graph_ms(case: Case, fn):
     """(median ms of fn replayed as a CUDA graph, its captured output); the GPU time alone, with no
     launch cost on the host. Raises what capture raises."""
-    side = torch.cuda.Stream(case.device)
-    side.wait_stream(torch.cuda.current_stream(case.device))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture asks
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(case.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fn()
+    graph, captured = capture(fn, case.device, warmup=3)
     graph.replay()
     return case.time(graph.replay), captured
 

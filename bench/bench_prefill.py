@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from seerlib import ops
 from seerlib.capture import attention_override
 from seerlib.gate import GateSet
-from seerlib.graphs import StepGraphs
+from seerlib.graphs import StepGraphs, capture
 from seerlib.integrate import graphed_gate_step, sparsify
 from seerlib.methods import (
     LayerInputs,
@@ -568,15 +568,7 @@ def step_row(run: Run, provider: str) -> dict:
     if head in ("pstep", "pcstep"):
         return pooled_step(run, head, step, layer, scfg, reps, warm)
     eager = measure(step, dev, reps, warm)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture asks
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step, dev, warmup=3)
     replay = measure(graph.replay, dev, reps, warm)
     mask, kernel = kernel_alone(layer, scfg, dev, reps, warm)
     graph.replay()

@@ -21,21 +21,21 @@ import argparse
 import itertools
 import os
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 from transformers import LlamaConfig
 
 from seerlib import ops
 from seerlib.gate import GateSet
+from seerlib.graphs import capture
 from seerlib.io import atomic_write_text
 from seerlib.kernels import gate_logits as fused
 from seerlib.reference import causal_block_mask
 from seerlib.select import Selection
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside it
+import _decode_peers as peers  # noqa: E402
 from _results import resolve_device, run_meta, write_json  # noqa: E402
 
 SHAPES = {  # (Hq, Hkv, head dim, rope theta) of the prefill benchmark's shapes
@@ -62,27 +62,10 @@ def variants(device) -> list[dict]:
 
 def clock(fn, device) -> float:
     """Median ms of fn: replayed as a CUDA graph on CUDA (the GPU time, no launch cost on the
-    host), else the median wall clock of 3 eager calls."""
-    if device.type != "cuda":
-        fn()
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-    from triton.testing import do_bench  # lazy: CUDA runs only
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up (and any compile) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
+    host), else the median wall clock of 3 eager calls (`_decode_peers.time_ms`)."""
+    if device.type == "cuda":
+        fn = capture(fn, device, warmup=3)[0].replay  # warm-up (and any compile) off the capture
+    return peers.time_ms(fn, device, reps=50, warmup=10)
 
 
 def gate_inputs(shape: str, S: int, device, dtype, seed: int = 0):

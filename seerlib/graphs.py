@@ -13,6 +13,9 @@ of `fn(*statics)`; `run` is the two with the inputs copied in.
 
 `fn` must be capturable: no host syncs (`.item()`, `.tolist()`, data-dependent shapes) and no
 CPU tensors; seerlib's selection and its `sync_free` block index are written that way.
+
+`capture(fn, device, warmup)` is the one capture recipe (warm-up on a side stream, then the
+graph) that `StepGraphs`, `seerlib.prefill_graph.PrefillGraph` and the benchmarks share.
 """
 
 from __future__ import annotations
@@ -21,7 +24,29 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["StepGraphs"]
+__all__ = ["StepGraphs", "capture", "warm_up"]
+
+
+def warm_up(fn: Callable, device, times: int) -> None:
+    """Call fn() `times` times on a side stream and make the current stream wait for it: the
+    warm-up CUDA graph capture asks for (lazy initialization, Triton compiles, cuBLAS plans)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    current.wait_stream(side)
+
+
+def capture(fn: Callable, device, warmup: int = 0, pool=None):
+    """`warm_up(fn, device, warmup)`, then fn() captured as a CUDA graph (in memory pool `pool`).
+    Returns (the graph, what the captured call returned: tensors of the graph's memory)."""
+    warm_up(fn, device, warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        result = fn()
+    return graph, result
 
 
 class StepGraphs:
@@ -57,20 +82,10 @@ class StepGraphs:
         shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in statics)
         entry = self._graphs.get((key, shapes))
         if entry is None:
-            device = statics[0].device
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask
-                for _ in range(self.warmup):
-                    fn(*statics)
-            current.wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                result = fn(*statics)
-            entry = self._graphs[(key, shapes)] = (graph, result)
+            entry = self._graphs[(key, shapes)] = capture(
+                lambda: fn(*statics), statics[0].device, self.warmup, self._pool)
         graph, result = entry
         graph.replay()
         return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from seerlib.graphs import capture, warm_up
 from seerlib.integrate import active_handle
 
 __all__ = ["PrefillGraph"]
@@ -55,18 +56,10 @@ class PrefillGraph:
         self.model, self.kwargs = model, kwargs
         self.shape, self.device = tuple(input_ids.shape), input_ids.device
         self._ids = input_ids.detach().clone()
-        self.graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
         with torch.no_grad():
-            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask
-                for _ in range(warmup):
-                    self._forward()
-            current.wait_stream(side)
+            warm_up(self._forward, self.device, warmup)
             try:
-                with torch.cuda.graph(self.graph):
-                    self._logits = self._forward()
+                self.graph, self._logits = capture(self._forward, self.device)
             except Exception as e:  # noqa: BLE001 - said again with what to change
                 raise RuntimeError(
                     f"capturing the prefill as one CUDA graph failed ({type(e).__name__}: {e}); "
