@@ -55,6 +55,7 @@ __all__ = [
     "cache_folder",
     "capture_decode_targets",
     "capture_features",
+    "decode_target_source",
     "default_target",
     "model_fingerprint",
     "read_window",
@@ -83,6 +84,21 @@ def _check_target(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
     return target
+
+
+def decode_target_source(pooling: str, target: str | None, device) -> str:
+    """The source of a decode target of `pooling` ("max" or "mass"): `target`, or when None
+    "exact" for mass (the kernel emits the max-pooled target only) and `default_target(device)`
+    for max. ValueError for another pooling, an unknown target, or mass from the kernel."""
+    if pooling not in ("max", "mass"):
+        raise ValueError(f"pooling must be 'max' or 'mass'; got {pooling!r}")
+    if target is None:
+        return "exact" if pooling == "mass" else default_target(device)
+    if pooling == "mass" and _check_target(target) != "exact":
+        raise ValueError(f"the mass target is computed by the exact reference only: pooling "
+                         f"must be 'max', or 'mass' with target 'exact'; got pooling "
+                         f"{pooling!r}, target {target!r}")
+    return _check_target(target)
 
 
 def target_dtype(target: str, device, dtype: torch.dtype) -> torch.dtype:
@@ -451,12 +467,7 @@ def capture_decode_targets(model, input_ids: torch.Tensor, block_size: int, rows
         {layer: (q_pre (B, Hq, R, d), k_pooled {op: (B, Hkv, nb, d)} for op in avg/max/min, both
         float32, truth (B, Hkv, R, nb) float32 row-normalized)}.
     """
-    _check_target(target)
-    if pooling not in ("max", "mass"):
-        raise ValueError(f"pooling must be 'max' or 'mass'; got {pooling!r}")
-    if pooling == "mass" and target != "exact":
-        raise ValueError("the mass target is computed by the exact reference only: pass "
-                         "target='exact' (the kernel emits the max-pooled target)")
+    decode_target_source(pooling, target, input_ids.device)
     pre: dict = {}
     out: dict[int, tuple] = {}
 

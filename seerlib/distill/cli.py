@@ -33,7 +33,7 @@ from seerlib.targets import (
     WindowCache,
     build_cache,
     cache_folder,
-    default_target,
+    decode_target_source,
     model_fingerprint,
 )
 
@@ -290,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if args.phase != "decode" and args.decode_target != "max":
         parser.error("--decode-target is a decode-phase option")
-    if args.target is None:
-        args.target = "exact" if args.decode_target == "mass" else default_target(args.device)
-    if args.decode_target == "mass" and args.target != "exact":
-        parser.error("--decode-target mass is computed by the exact reference: use --target "
-                     "exact (or leave it out)")
+    try:
+        args.target = decode_target_source(args.decode_target, args.target, args.device)
+    except ValueError as e:
+        parser.error(f"--decode-target {args.decode_target}: {e}; use --target exact (or leave "
+                     "it out)")
     if world > 1 and not torch.distributed.is_initialized():
         backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):

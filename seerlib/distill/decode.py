@@ -24,7 +24,7 @@ from seerlib.decode.select import select_decode
 from seerlib.distill.train import Distiller
 from seerlib.metrics import kl_div
 from seerlib.select import Selection
-from seerlib.targets import capture_decode_targets, default_target
+from seerlib.targets import capture_decode_targets, decode_target_source
 
 __all__ = ["DecodeDistiller", "decode_target_rows"]
 
@@ -98,12 +98,7 @@ class DecodeDistiller(Distiller):
         if self.cfg.block_size != self.gates.block_size:
             raise ValueError(f"block sizes differ: config {self.cfg.block_size}, gates "
                              f"{self.gates.block_size}")
-        self.target = self.target or ("exact" if self.pooling == "mass"
-                                      else default_target(self.device))
-        if self.pooling not in ("max", "mass") or (self.pooling == "mass"
-                                                   and self.target != "exact"):
-            raise ValueError(f"pooling must be 'max', or 'mass' with target 'exact'; got pooling "
-                             f"{self.pooling!r}, target {self.target!r}")
+        self.target = decode_target_source(self.pooling, self.target, self.device)
         self.eval_cache = self.eval_windows  # Distiller.steps evaluates when it is set
         decode_target_rows(self.windows.shape[1], self.gates.block_size, self.rows, None)
 
