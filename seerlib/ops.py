@@ -364,13 +364,12 @@ def gate_logits(gate, q_pooled: torch.Tensor, k_pooled: torch.Tensor, *,
         gate's dtype from torch); the entries above it unspecified.
     """
     name = get_backend(backend)
-    if name == "triton" or (name == "auto" and q_pooled.is_cuda):
-        from seerlib.kernels import gate_logits as fused  # lazy: imports triton
-
-        if fused.supported(gate):
-            with torch.no_grad():
-                return fused.gate_logits(gate, q_pooled, k_pooled)
     with torch.no_grad():
+        if name == "triton" or (name == "auto" and q_pooled.is_cuda):
+            from seerlib.kernels import gate_logits as fused  # lazy: imports triton
+
+            if fused.supported(gate):
+                return fused.gate_logits(gate, q_pooled, k_pooled)
         return gate.block_scores(q_pooled, k_pooled)
 
 

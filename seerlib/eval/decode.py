@@ -65,8 +65,8 @@ def decode_quality(model, windows: torch.Tensor, configs, gates=None, on_row=Non
     Returns:
         one dict per config: label, method, tokens (budget), length, windows, ppl, ppl_late,
         nll, recall, recall_p10 (`DecodeStats.recall_p10`), kept_tokens, context_tokens,
-        seconds, and per_layer_recall ({layer: mean
-        recall over the windows}, empty for dense: where a gate falls short of the oracle).
+        seconds, and per_layer_recall ({layer: mean recall over the windows}, empty for dense:
+        where a gate falls short of the oracle).
     """
     S = windows.shape[1]
     rows = []
