@@ -135,6 +135,20 @@ class Results:
         atomic_write_text(self.stem + ".md", self.files.markdown(self.records))
 
 
+def tuned_cases(records: list[dict], fields: tuple[str, ...]) -> list[tuple]:
+    """A tuning script's variant records grouped by case: (case, its records, those that ran)
+    for each distinct value of `fields`, in sorted order. The default launch is the first that
+    ran (each script times it first), the best the fastest."""
+    def case(r):
+        return tuple(r[f] for f in fields)
+
+    out = []
+    for c in sorted({case(r) for r in records}):
+        mine = [r for r in records if case(r) == c]
+        out.append((c, mine, [r for r in mine if r["status"] == "ok"]))
+    return out
+
+
 def merge(paths, out_dir: str, files: ResultFiles, tag: str = "") -> str:
     """Combine result files into one pair, named from the first record's gpu and date; returns
     its stem. Of records with the same `files.key` fields the first (in the order of `paths`) is

@@ -40,7 +40,7 @@ from seerlib.reference import num_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside it
 import bench_decode as bd  # noqa: E402
-from _results import resolve_device, run_meta, write_json  # noqa: E402
+from _results import resolve_device, run_meta, tuned_cases, write_json  # noqa: E402
 
 CHUNKS = (32, 64, 128)
 WARPS = (4, 8)
@@ -161,10 +161,8 @@ def markdown(records: list[dict]) -> str:
              "(one program a row) or quarter (a row over four programs).", "",
              "| batch | KV | default µs | best variant | best µs | default / best | variants "
              "(failed) | all give the default's index |", "|---|---|---|---|---|---|---|---|"]
-    cases = sorted({(r["batch"], r["kv_len"]) for r in records})
-    for B, S in cases:
-        mine = [r for r in records if (r["batch"], r["kv_len"]) == (B, S)]
-        ok = [r for r in mine if r["status"] == "ok"]
+    cases = tuned_cases(records, ("batch", "kv_len"))
+    for (B, S), mine, ok in cases:
         if not ok:
             lines.append(f"| {B} | {S} | failed | | | | {len(mine)} ({len(mine)}) | |")
             continue
@@ -175,10 +173,9 @@ def markdown(records: list[dict]) -> str:
             f"{all(r['same_index'] for r in ok)} |")
     lines += ["", "The five fastest variants of each case:", "",
               "| batch | KV | variant | µs |", "|---|---|---|---|"]
-    for B, S in cases:
-        ok = sorted((r for r in records if (r["batch"], r["kv_len"]) == (B, S)
-                     and r["status"] == "ok"), key=lambda r: r["ms"])
-        lines += [f"| {B} | {S} | {label(r)} | {r['ms'] * 1e3:.1f} |" for r in ok[:5]]
+    for (B, S), _, ok in cases:
+        fastest = sorted(ok, key=lambda r: r["ms"])[:5]
+        lines += [f"| {B} | {S} | {label(r)} | {r['ms'] * 1e3:.1f} |" for r in fastest]
     if steps:
         lines += ["", "The whole step (index -> sparse decode kernel, one CUDA graph) with the "
                   "default launch and with the fastest variant, beside the kernel alone on the "

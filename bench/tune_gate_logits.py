@@ -36,7 +36,7 @@ from seerlib.select import Selection
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside it
 import _decode_peers as peers  # noqa: E402
-from _results import resolve_device, run_meta, write_json  # noqa: E402
+from _results import resolve_device, run_meta, tuned_cases, write_json  # noqa: E402
 
 SHAPES = {  # (Hq, Hkv, head dim, rope theta) of the prefill benchmark's shapes
     "smollm2": (9, 3, 64, 100000.0),
@@ -146,10 +146,7 @@ def markdown(records: list[dict]) -> str:
              "|kernel - gate.forward_pooled| on and below the diagonal.", "",
              "| shape | S | default µs | best variant | best µs | default / best | worst diff "
              "| variants (failed) |", "|---|---|---|---|---|---|---|---|"]
-    cases = sorted({(r["shape"], r["seq_len"]) for r in records})
-    for shape, S in cases:
-        mine = [r for r in records if (r["shape"], r["seq_len"]) == (shape, S)]
-        ok = [r for r in mine if r["status"] == "ok"]
+    for (shape, S), mine, ok in tuned_cases(records, ("shape", "seq_len")):
         if not ok:
             lines.append(f"| {shape} | {S} | failed | | | | | {len(mine)} ({len(mine)}) |")
             continue
